@@ -1,0 +1,159 @@
+"""A base model on disk: one safetensors file, or an HF index plus shards, plus its other files.
+
+Only headers and JSON are read here. The result says which tensor lives in which shard, in the
+order the output will be written, and which side files (config, tokenizer, ...) travel along.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from .errors import FormatError
+from .tensorfile import TensorEntry, TensorFile, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weights in other formats would sit beside the merged safetensors unmerged: never copy them.
+STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A base checkpoint. `shards` are in output order; `weight_map` maps tensor name -> shard file name."""
+
+    root: Path
+    shards: tuple[TensorFile, ...]
+    weight_map: dict[str, str]
+    index_name: str | None
+    index_metadata: dict
+    side_files: tuple[Path, ...]
+    skipped: tuple[str, ...]
+    config: dict | None
+
+    def entries(self) -> dict[str, TensorEntry]:
+        return {e.name: e for shard in self.shards for e in shard.entries}
+
+
+def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
+    """Open a model folder, an index file or a single `.safetensors` file, reading headers only.
+
+    Raises:
+        FormatError: missing files, an inconsistent index, or an invalid header.
+    """
+    path = Path(base)
+    if not path.exists():
+        raise FormatError(f"{path}: base model not found")
+    if path.is_file() and path.name.endswith(".safetensors"):
+        shard = read_header(path)
+        return _assemble(path.parent, (shard,), None, {}, side_files=False)
+    root, index_path = _locate(path)
+    if index_path is None:
+        shard = read_header(root / SINGLE_NAME if (root / SINGLE_NAME).is_file() else _only_safetensors(root))
+        return _assemble(root, (shard,), None, {}, side_files=True)
+    weight_map, metadata = _read_index(index_path)
+    shards = tuple(read_header(root / name) for name in sorted(set(weight_map.values())))
+    _check_index_matches(index_path, weight_map, shards)
+    return _assemble(root, shards, index_path.name, metadata, side_files=True)
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return path.parent, path
+        raise FormatError(f"{path}: expected a model folder, a .safetensors file or a .safetensors.index.json")
+    if (path / INDEX_NAME).is_file():
+        return path, path / INDEX_NAME
+    if (path / SINGLE_NAME).is_file():
+        return path, None
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return path, indexes[0]
+    return path, None
+
+
+def _only_safetensors(root: Path) -> Path:
+    files = sorted(root.glob("*.safetensors"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise FormatError(f"{root}: expected {SINGLE_NAME} or {INDEX_NAME}; safetensors files found: {found}")
+    return files[0]
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON object, turning every failure into a one-line FormatError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
+    index = read_json(index_path, "index")
+    weight_map, metadata = index.get("weight_map"), index.get("metadata", {})
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor -> shard file")
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{index_path}: 'metadata' must be an object, found {type(metadata).__name__}")
+    for tensor, shard in weight_map.items():
+        _check_shard_name(index_path, tensor, shard)
+    return dict(weight_map), dict(metadata)
+
+
+def _check_shard_name(index_path: Path, tensor: str, shard: object) -> None:
+    if not isinstance(shard, str):
+        raise FormatError(f"{index_path}: weight_map[{tensor!r}] must be a file name, found {shard!r}")
+    plain = PurePosixPath(shard).name == shard and PureWindowsPath(shard).name == shard
+    if not plain or shard in (".", "..") or not shard.endswith(".safetensors"):
+        raise FormatError(f"{index_path}: weight_map[{tensor!r}] = {shard!r} is not a plain "
+                          f".safetensors file name inside the model folder")
+    if not (index_path.parent / shard).is_file():
+        raise FormatError(f"{index_path}: weight_map[{tensor!r}] names {shard!r}, which does not exist")
+
+
+def _check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for e in shard.entries:
+            if e.name in seen:
+                raise FormatError(f"{shard.path}: tensor {e.name!r} is also stored in {seen[e.name]}")
+            seen[e.name] = shard.path.name
+            if weight_map.get(e.name) != shard.path.name:
+                raise FormatError(f"{index_path}: tensor {e.name!r} is stored in {shard.path.name} "
+                                  f"but the index says {weight_map.get(e.name)!r}")
+    missing = [t for t in weight_map if t not in seen]
+    if missing:
+        raise FormatError(f"{index_path}: tensor {missing[0]!r} is listed for {weight_map[missing[0]]} "
+                          f"but that shard does not contain it ({len(missing)} such tensors)")
+
+
+def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None, metadata: dict,
+              *, side_files: bool) -> Checkpoint:
+    weight_map = {e.name: s.path.name for s in shards for e in s.entries}
+    if len(weight_map) != sum(len(s.entries) for s in shards):
+        raise FormatError(f"{root}: a tensor name appears in more than one shard")
+    used = {s.path.name for s in shards} | {index_name}
+    files, skipped = _side_files(root, used) if side_files else ((), ())
+    config_path = root / "config.json"
+    config = read_json(config_path, "config.json") if config_path.is_file() else None
+    return Checkpoint(root, shards, weight_map, index_name, metadata, files, skipped, config)
+
+
+def _side_files(root: Path, used: set[str | None]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """Regular top-level files to copy (config, tokenizer, ...) and names deliberately left behind."""
+    keep, skip = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name in used or entry.name.startswith("."):
+            continue
+        if entry.is_file() and not entry.name.endswith(STALE_WEIGHT_SUFFIXES):
+            keep.append(entry)
+        else:
+            skip.append(entry.name + ("/" if entry.is_dir() else ""))
+    return tuple(keep), tuple(skip)

@@ -1,0 +1,93 @@
+"""`qwen-merge`: a thin shell over the library. User errors become one `error: ...` line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from .errors import QwenMergeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-merge", description="Merge a PEFT LoRA adapter into a "
+                                     "safetensors checkpoint, streaming shard by shard with bounded memory.")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
+    plan.add_argument("base", help="model folder or .safetensors file")
+    plan.add_argument("adapter", help="PEFT adapter folder")
+    plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
+    merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
+    merge.add_argument("base", help="model folder or .safetensors file")
+    merge.add_argument("adapter", help="PEFT adapter folder")
+    merge.add_argument("out", help="output folder (created; must not be inside an input)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    demo = sub.add_parser("demo", help="build a tiny Qwen3-shaped model and adapter, merge and check them")
+    demo.add_argument("--keep", metavar="DIR", help="build in DIR (must not exist) and keep the files")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    for p in (plan, merge, demo):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"plan": _plan, "merge": _merge, "demo": _demo}[args.command](args)
+    except QwenMergeError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written at the destination", file=sys.stderr)
+        return 130
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .merge import plan_merge
+
+    print(plan_merge(args.base, args.adapter).render(detail=args.detail))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_shards
+
+    start = time.perf_counter()
+    report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        print(f"merged {report.merged} tensors, copied {report.copied}; wrote {report.bytes_written / 1e9:.2f} GB "
+              f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.keep:
+        return _demo_in(Path(args.keep), args.quiet)
+    with tempfile.TemporaryDirectory(prefix="qwen-merge-demo-") as folder:
+        return _demo_in(Path(folder) / "demo", args.quiet)
+
+
+def _demo_in(folder: Path, quiet: bool) -> int:
+    from .demo import run_demo
+
+    start = time.perf_counter()
+    report, (merged, copied, off) = run_demo(folder, progress=not quiet)
+    plan = report.plan
+    print(f"built a {len(plan.shards)}-shard Qwen3-shaped bf16 model ({plan.total_size / 1e6:.2f} MB) and a "
+          f"LoRA adapter (r=8, alpha=16, {len(plan.adapter.pairs)} modules) in {folder}")
+    print(f"merged {report.merged} tensors, copied {report.copied} byte-for-byte into {report.output}")
+    print(f"checked against a direct recomputation W + (alpha/r)*B@A: {merged} merged tensors match "
+          f"({off} elements 1 ulp apart from GEMM order), {copied} untouched tensors byte-identical")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The arithmetic of a LoRA merge, one row block at a time. The only module that computes with torch.
+
+For rows i:j of W, PEFT's default merge (spec peft-semantics.md §3.8) computes
+    W'[i:j] = round_W( fp32(W[i:j]) + fl32( fl32(B[i:j] @ A) * fl32(s) ) )
+fp32 accumulation and one rounding to W's dtype. We keep exactly that order of operations (product, then
+scale, then add) so results are bit-identical to PEFT except where the fp32 GEMM sums in another order.
+When W is stored transposed (GPT-2 Conv1D), rows of W are columns of B @ A: W'[i:j] uses Aᵀ[i:j] @ Bᵀ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Factors:
+    """fp32 factors arranged so that rows i:j of the delta are `lhs[i:j] @ rhs`, scaled by `scale`."""
+
+    lhs: torch.Tensor
+    rhs: torch.Tensor
+    scale: float
+
+
+def as_tensor(buffer: bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over `buffer`'s bytes, without copying (the buffer must be writable and stay alive)."""
+    count = 1
+    for d in shape:
+        count *= d
+    if count == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype], count=count).view(shape)
+
+
+def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> Factors:
+    """Promote A (r, in) and B (out, r) to fp32, as PEFT's default autocast does, and orient them."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if transpose:
+        return Factors(a32.t().contiguous(), b32.t().contiguous(), scale)
+    return Factors(b32.contiguous(), a32.contiguous(), scale)
+
+
+def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:
+    """Return rows `row0 : row0 + len(w_rows)` of W + s·ΔW, in W's dtype (a new tensor)."""
+    rows = w_rows.shape[0]
+    delta = torch.matmul(factors.lhs[row0:row0 + rows], factors.rhs)  # fl32(B @ A), fp32 accumulation
+    delta.mul_(factors.scale)                                          # fl32(· fl32(s))
+    delta.add_(w_rows)                                                 # fp32(W) + Δ, exact promotion of W
+    return delta if w_rows.dtype == torch.float32 else delta.to(w_rows.dtype)  # the one rounding (RNE)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous tensor, without copying."""
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")

@@ -1,0 +1,26 @@
+"""The error hierarchy. Every error a user can cause is a QwenMergeError with a one-line message.
+
+Messages follow one shape: where (file, tensor), what was expected, what was found, and a hint.
+"""
+
+from __future__ import annotations
+
+
+class QwenMergeError(Exception):
+    """Base class of every error qwen_merge raises on bad input or a bad destination."""
+
+
+class FormatError(QwenMergeError):
+    """A base or adapter file is not a valid safetensors file, index or JSON document."""
+
+
+class AdapterError(QwenMergeError):
+    """The adapter is of a kind or configuration this version cannot merge correctly."""
+
+
+class MismatchError(QwenMergeError):
+    """The adapter does not fit the base: a key lands nowhere, or shapes or ranks disagree."""
+
+
+class OutputError(QwenMergeError):
+    """The destination cannot be used, or writing it failed."""

@@ -1,0 +1,154 @@
+"""The public entry points: plan a merge, run it into a folder, or stream the merged tensors.
+
+All three read the same plan; `merge_shards` and `iter_merged` consume the same piece stream
+(`stream.shard_pieces`), so a tensor written to disk and a tensor handed to an embedding tool are
+computed by the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .adapter import open_adapter
+from .checkpoint import open_checkpoint
+from .compute import TORCH_DTYPES, as_tensor
+from .errors import FormatError
+from .output import (check_destination, copy_side_file, publish, staging_folder, write_json,
+                     write_shard)
+from .plan import DEFAULT_BLOCK_BYTES, MergePlan, make_plan
+from .stream import MergedBlock, Piece, open_sources, read_exact, shard_pieces
+from .tensorfile import TensorEntry
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True, slots=True)
+class MergeReport:
+    """What `merge_shards` wrote: the folder, counts, bytes, the files in it, and the plan it followed."""
+
+    output: Path
+    merged: int
+    copied: int
+    bytes_written: int
+    files: tuple[str, ...]
+    plan: MergePlan
+
+
+def plan_merge(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergePlan:
+    """Check that `adapter` fits `base` and describe the merge, reading only headers and JSON.
+
+    Args:
+        base: a model folder (`model.safetensors`, or an index plus shards) or one `.safetensors` file.
+        adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`).
+        block_bytes: fp32 bytes of a row block; bounds the working memory of each merged tensor.
+
+    Returns:
+        The `MergePlan`; `plan.render()` is the human-readable report `qwen-merge plan` prints.
+
+    Raises:
+        FormatError, AdapterError, MismatchError: the inputs cannot be merged; nothing was written.
+
+    Example:
+        >>> plan = plan_merge("Qwen3-0.6B", "my-lora")          # doctest: +SKIP
+        >>> print(len(plan.merges), "merged,", plan.copied, "copied")  # doctest: +SKIP
+        196 merged, 115 copied
+    """
+    return make_plan(open_checkpoint(base), open_adapter(adapter), block_bytes=block_bytes)
+
+
+def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
+                 progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeReport:
+    """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
+
+    The output has the base's shard names and tensor-to-shard assignment, an index (when the base has
+    one) and the base's side files (config, tokenizer, ...). It is built in a temporary folder beside
+    `output` and moved into place only when complete; on any error nothing appears at `output`.
+
+    Args:
+        base: a model folder or one `.safetensors` file.
+        adapter: a PEFT LoRA folder.
+        output: the folder to create. It must not be, contain or lie inside an input.
+        overwrite: replace `output` if it is a non-empty folder.
+        progress: show a progress bar (by bytes) on stderr.
+        block_bytes: fp32 bytes of a row block; bounds the working memory of each merged tensor.
+
+    Raises:
+        FormatError, AdapterError, MismatchError: the inputs cannot be merged (found before writing).
+        OutputError: the destination is unsafe, or writing failed.
+
+    Example:
+        >>> report = merge_shards("Qwen3-0.6B", "my-lora", "Qwen3-0.6B-merged")  # doctest: +SKIP
+        >>> report.merged, report.copied                                          # doctest: +SKIP
+        (196, 115)
+    """
+    plan = plan_merge(base, adapter, block_bytes=block_bytes)
+    dest = Path(output)
+    check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
+    with staging_folder(dest) as temp:
+        written = _write_folder(plan, temp, progress)
+        publish(temp, dest)
+    files = tuple(sorted(p.name for p in dest.iterdir()))
+    return MergeReport(dest, len(plan.merges), plan.copied, written, files, plan)
+
+
+def iter_merged(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, tensor)` for every tensor of the merged checkpoint, in checkpoint order.
+
+    Tensors are merged on the fly; only the tensor being yielded is held, so a converter (GGUF, ...)
+    can consume a model larger than memory. The plan is checked before the first tensor is yielded.
+
+    Example:
+        >>> for name, tensor in iter_merged("Qwen3-0.6B", "my-lora"):  # doctest: +SKIP
+        ...     writer.add_tensor(name, tensor)
+    """
+    plan = plan_merge(base, adapter, block_bytes=block_bytes)
+    return _iter_plan(plan)
+
+
+def _iter_plan(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    for shard in plan.shards:
+        with open_sources(shard, plan.adapter.file.path) as (src, ada):
+            for entry, pieces in shard_pieces(shard, src, ada, plan.adapter.file.data_offset):
+                yield entry.name, _assemble(entry, pieces, src, shard.source.path)
+
+
+def _assemble(entry: TensorEntry, pieces: Iterator[Piece], src: int, path: Path) -> torch.Tensor:
+    if entry.dtype not in TORCH_DTYPES:
+        raise FormatError(f"{path}: tensor {entry.name!r} has dtype {entry.dtype}, which torch cannot hold")
+    buffer = bytearray(entry.nbytes)
+    as_bytes = as_tensor(buffer, "U8", (entry.nbytes,))
+    for piece in pieces:
+        if isinstance(piece, MergedBlock):
+            data = piece.rows.contiguous().view(torch.uint8).reshape(-1)
+            as_bytes[piece.offset:piece.offset + data.numel()].copy_(data)
+        else:
+            read_exact(src, buffer, piece.offset, path)
+    return as_tensor(buffer, entry.dtype, entry.shape)
+
+
+def _write_folder(plan: MergePlan, folder: Path, progress: bool) -> int:
+    total = sum(s.size for s in plan.shards)
+    written = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
+        for shard in plan.shards:
+            with open_sources(shard, plan.adapter.file.path) as (src, ada):
+                pieces = (p for _, ps in shard_pieces(shard, src, ada, plan.adapter.file.data_offset) for p in ps)
+                bar.update(len(shard.header))
+                written += write_shard(folder / shard.name, shard.header, src, pieces, bar.update)
+    for side in plan.base.side_files:
+        written += copy_side_file(side, folder)
+    if plan.base.index_name:
+        written += write_json(folder / plan.base.index_name, plan.index_document())
+    return written
+
+
+def _inputs(base: PathLike, adapter: PathLike) -> list[Path]:
+    base_path = Path(base)
+    return [base_path, Path(adapter)]

@@ -1,0 +1,162 @@
+"""The destination: refuse unsafe ones, build the output in a temporary folder beside it, write shard files
+from a stream of pieces, and move the folder into place only when everything is complete and synced.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .compute import tensor_bytes
+from .errors import OutputError
+from .stream import MergedBlock, Piece, RawSpan
+
+COPY_CHUNK = 64 << 20
+
+
+def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
+    """Refuse a destination that is, contains or lies inside an input, a file, or a non-empty folder."""
+    target = dest.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            how = "is" if target == source else "lies inside" if source in target.parents else "contains"
+            raise OutputError(f"{dest}: destination {how} the input {path}; choose a separate folder")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{dest}: destination exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputError(f"{dest}: destination folder is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+@contextmanager
+def staging_folder(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside `dest`, removed again if the block does not complete."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qwen-merge-", dir=dest.parent))
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot create a folder beside the destination: {e.strerror or e}") from None
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def publish(temp: Path, dest: Path) -> None:
+    """Move the finished folder to `dest`, replacing an existing one only after the new one is complete."""
+    _fsync_dir(temp)
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qwen-merge-old-", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    os.replace(temp, dest)
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
+                on_bytes: Callable[[int], None]) -> int:
+    """Write a shard: header, then each piece at its place. Unchanged spans are coalesced and copied
+    in the kernel. Returns the file size, checked against what the header promised."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, memoryview(header), 0, path)
+        pos, pending = len(header), None  # pending: (source offset, length) of unchanged bytes not yet copied
+        for piece in pieces:
+            if isinstance(piece, RawSpan):
+                if pending and pending[0] + pending[1] == piece.offset:
+                    pending = (pending[0], pending[1] + piece.length)
+                    continue
+                pos += _flush(fd, src, pending, pos, path, on_bytes)
+                pending = (piece.offset, piece.length)
+            else:
+                pos += _flush(fd, src, pending, pos, path, on_bytes)
+                pending = None
+                pos += _write_block(fd, piece, pos, path, on_bytes)
+        pos += _flush(fd, src, pending, pos, path, on_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return pos
+
+
+def _flush(fd: int, src: int, pending: tuple[int, int] | None, pos: int, path: Path,
+           on_bytes: Callable[[int], None]) -> int:
+    if not pending:
+        return 0
+    offset, length = pending
+    done = 0
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        done += _copy_range(src, fd, offset + done, pos + done, n, path)
+        on_bytes(n)
+    return length
+
+
+def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, path: Path) -> int:
+    """Copy n bytes in the kernel (reflink where the filesystem offers it), else through a buffer."""
+    done = 0
+    try:
+        while done < n:
+            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
+            if got == 0:
+                raise OutputError(f"{path}: source ended early while copying at byte {src_off + done}")
+            done += got
+        return done
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            raise _write_error(path, e) from None
+    data = os.pread(src, n - done, src_off + done)
+    _write_all(dst, memoryview(data), dst_off + done, path)
+    return n
+
+
+def _write_block(fd: int, block: MergedBlock, pos: int, path: Path, on_bytes: Callable[[int], None]) -> int:
+    data = tensor_bytes(block.rows)
+    _write_all(fd, data, pos, path)
+    on_bytes(len(data))
+    return len(data)
+
+
+def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
+def _write_error(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"{path}: write failed: {e.strerror or e}")
+
+
+def write_json(path: Path, value: dict) -> int:
+    """Write JSON the way transformers does (indent 2, trailing newline); returns the byte count."""
+    data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data)
+
+
+def copy_side_file(source: Path, folder: Path) -> int:
+    shutil.copyfile(source, folder / source.name)
+    return source.stat().st_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,165 @@
+"""The safetensors format, and nothing else: parse and validate a header, encode one.
+
+A file is `u64 LE N` + `N` bytes of JSON + the data buffer. Tensors are described by coordinates only
+(`TensorEntry`); reading bytes is the caller's job. Validation follows the Rust reference reader
+(spec format-io.md §1.3) and is stricter in one place: duplicate JSON keys are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FormatError
+
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """Where one tensor lives: offsets are relative to the start of the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one leading-dimension row (the whole tensor for 0-d and 1-d tensors)."""
+        if len(self.shape) < 2 or self.shape[0] == 0:
+            return self.nbytes
+        return self.nbytes // self.shape[0]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorFile:
+    """A parsed safetensors file: entries in data order, plus where the data buffer starts."""
+
+    path: Path
+    entries: tuple[TensorEntry, ...]
+    metadata: dict[str, str] | None
+    data_offset: int
+    size: int
+
+    def entry_map(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
+
+def read_header(path: str | os.PathLike) -> TensorFile:
+    """Parse and validate the header of a safetensors file, reading only the header bytes.
+
+    Raises:
+        FormatError: with one line naming the file and the rule it breaks.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise FormatError(f"{path}: not a safetensors file: {size} bytes, the 8-byte header length is missing")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"{path}: header length {n} exceeds the format limit of {MAX_HEADER_BYTES} bytes")
+            if 8 + n > size:
+                raise FormatError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    header = _decode_json(path, raw)
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
+    entries = sorted((_parse_entry(path, k, v) for k, v in header.items()), key=lambda e: (e.start, e.end))
+    _check_tiling(path, entries, size - 8 - n)
+    return TensorFile(path, tuple(entries), metadata, 8 + n, size)
+
+
+def _decode_json(path: Path, raw: bytes) -> dict:
+    def no_duplicates(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise FormatError(f"{path}: header names tensor {dup!r} twice")
+        return dict(pairs)
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: header is not UTF-8 (byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: header is not valid JSON: {e.msg} at char {e.pos}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
+    return header
+
+
+def _check_metadata(path: Path, meta: object) -> dict[str, str] | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings, found {json.dumps(meta)[:80]}")
+    return dict(meta)
+
+
+def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise FormatError(f"{where}: entry must be an object, found {type(info).__name__}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise FormatError(f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise FormatError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise FormatError(f"{where}: shape {shape} of {dtype} needs {bits / 8:g} bytes "
+                          f"but data_offsets span {offsets[1] - offsets[0]}")
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_tiling(path: Path, entries: list[TensorEntry], data_len: int) -> None:
+    cursor = 0
+    for e in entries:
+        if e.start != cursor:
+            what = "overlaps the previous tensor" if e.start < cursor else f"leaves a hole at byte {cursor}"
+            raise FormatError(f"{path}: tensor {e.name!r} at data offset {e.start} {what}")
+        cursor = e.end
+    if cursor != data_len:
+        how = "is truncated" if cursor > data_len else "has trailing bytes"
+        raise FormatError(f"{path}: file {how}: tensors cover {cursor} data bytes, the file holds {data_len}")
+
+
+def encode_header(entries: list[TensorEntry] | tuple[TensorEntry, ...], metadata: dict[str, str],
+                  pad_to: int = 0) -> bytes:
+    """Encode `u64 N` + JSON header, space-padded to `pad_to` bytes when it fits, else to a multiple of 8.
+
+    Entries keep the given order and offsets; `__metadata__` comes first, as the reference writer does.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # Matching the source's header length keeps every data offset, so untouched spans stay aligned
+    # with the source (reflink-friendly); otherwise pad to 8 as the reference writer does.
+    length = pad_to if pad_to >= len(raw) else len(raw) + (-len(raw) % 8)
+    return struct.pack("<Q", length) + raw.ljust(length, b" ")
