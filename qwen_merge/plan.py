@@ -21,10 +21,10 @@ from .tensorfile import DTYPE_BITS, FLOAT_DTYPES, TensorEntry, TensorFile, encod
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out) (spec §3.2).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
-DEFAULT_BLOCK_BYTES = 32 << 20  # fp32 bytes of W per row block
+DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
-RUNTIME_BYTES = 330 << 20
-PIPELINE_DEPTH = 2  # row blocks alive at once: one being computed, one being written
+RUNTIME_BYTES = 256 << 20
+RING_SIZE = 3  # merged row blocks alive at once: being written, queued, being computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +151,15 @@ def _in_data_order(shard: ShardPlan) -> list[PlannedMerge]:
 
 
 def _predict_peak(merges: tuple[PlannedMerge, ...], entries: dict[str, TensorEntry]) -> int:
-    """Runtime + the largest merge's working set: factors in fp32 plus PIPELINE_DEPTH row blocks."""
+    """Runtime + the largest merge's working set (stream.merged_blocks): the factors, raw and in fp32;
+    a read buffer and an fp32 copy of W per block; RING_SIZE fp32 deltas and rounded outputs."""
     worst = 0
     for m in merges:
         w = entries[m.name]
-        row_elems = math.prod(w.shape[1:])
         itemsize = DTYPE_BITS[w.dtype] // 8
-        factors = 4 * (math.prod(m.pair.a.shape) + math.prod(m.pair.b.shape))
-        block = m.block_rows * row_elems * (2 * itemsize + 2 * 4)  # read buffer, W fp32, delta fp32, rounded
-        worst = max(worst, 2 * factors + PIPELINE_DEPTH * block)
+        factors = 3 * 4 * (math.prod(m.pair.a.shape) + math.prod(m.pair.b.shape))
+        per_row = math.prod(w.shape[1:]) * (itemsize + 4 + RING_SIZE * (4 + itemsize))
+        worst = max(worst, factors + m.block_rows * per_row)
     return RUNTIME_BYTES + worst
 
 

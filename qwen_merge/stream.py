@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .compute import Factors, as_tensor, make_factors, merge_rows
+from .compute import Factors, as_tensor, block_buffers, make_factors, merge_rows
 from .errors import FormatError
-from .plan import PlannedMerge, ShardPlan
+from .plan import RING_SIZE, PlannedMerge, ShardPlan
 from .tensorfile import TensorEntry
 
 
@@ -31,7 +31,10 @@ class RawSpan:
 
 @dataclass(frozen=True, slots=True)
 class MergedBlock:
-    """Merged rows of a tensor; `offset` is the byte offset of the first row inside the tensor."""
+    """Merged rows of a tensor; `offset` is the byte offset of the first row inside the tensor.
+
+    `rows` views a buffer that is reused: it is valid until the stream is advanced RING_SIZE - 1 more times.
+    """
 
     offset: int
     rows: torch.Tensor
@@ -82,12 +85,15 @@ def merged_blocks(entry: TensorEntry, merge: PlannedMerge, src: int, base: int, 
     factors = _load_factors(merge, ada, ada_base)
     rows_total, row_bytes = entry.shape[0], entry.row_bytes
     buffer = bytearray(merge.block_rows * row_bytes)
-    for row0 in range(0, rows_total, merge.block_rows):
+    first = block_buffers(merge.block_rows, entry.shape[1:], entry.dtype)
+    ring = [first] + [block_buffers(merge.block_rows, entry.shape[1:], entry.dtype, first.w32)
+                      for _ in range(RING_SIZE - 1)]
+    for i, row0 in enumerate(range(0, rows_total, merge.block_rows)):
         rows = min(merge.block_rows, rows_total - row0)
         view = memoryview(buffer)[: rows * row_bytes]
         read_exact(src, view, base + entry.start + row0 * row_bytes, path)
         w_rows = as_tensor(view, entry.dtype, (rows, *entry.shape[1:]))
-        yield MergedBlock(row0 * row_bytes, merge_rows(w_rows, factors, row0))
+        yield MergedBlock(row0 * row_bytes, merge_rows(w_rows, factors, row0, ring[i % RING_SIZE]))
 
 
 def _load_factors(merge: PlannedMerge, ada: int, ada_base: int) -> Factors:
