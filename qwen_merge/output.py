@@ -10,12 +10,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from .compute import tensor_bytes
 from .errors import OutputError
-from .stream import MergedBlock, Piece, RawSpan
+from .stream import Piece, RawSpan
 
 COPY_CHUNK = 64 << 20
 
@@ -65,40 +67,62 @@ def publish(temp: Path, dest: Path) -> None:
 def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
                 on_bytes: Callable[[int], None]) -> int:
     """Write a shard: header, then each piece at its place. Unchanged spans are coalesced and copied
-    in the kernel. Returns the file size, checked against what the header promised."""
+    in the kernel. Writes run on one background thread while the next piece is computed; only one
+    write is in flight, which is what lets `stream` reuse a block's buffer two blocks later.
+    Returns the file size."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, memoryview(header), 0, path)
-        pos, pending = len(header), None  # pending: (source offset, length) of unchanged bytes not yet copied
-        for piece in pieces:
-            if isinstance(piece, RawSpan):
-                if pending and pending[0] + pending[1] == piece.offset:
-                    pending = (pending[0], pending[1] + piece.length)
-                    continue
-                pos += _flush(fd, src, pending, pos, path, on_bytes)
-                pending = (piece.offset, piece.length)
-            else:
-                pos += _flush(fd, src, pending, pos, path, on_bytes)
-                pending = None
-                pos += _write_block(fd, piece, pos, path, on_bytes)
-        pos += _flush(fd, src, pending, pos, path, on_bytes)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-write") as pool:
+            in_flight: list[Future] = []
+
+            def submit(job: Callable[[], None]) -> None:
+                if in_flight:
+                    in_flight.pop().result()  # re-raises a failed write here, before more work is done
+                in_flight.append(pool.submit(job))
+
+            size = _write_pieces(fd, header, src, pieces, path, submit, on_bytes)
+            if in_flight:
+                in_flight.pop().result()
         os.fsync(fd)
     finally:
         os.close(fd)
+    return size
+
+
+def _write_pieces(fd: int, header: bytes, src: int, pieces: Iterable[Piece], path: Path,
+                  submit: Callable[[Callable[[], None]], None], on_bytes: Callable[[int], None]) -> int:
+    _write_all(fd, memoryview(header), 0, path)
+    pos, pending = len(header), None  # pending: (source offset, length) of unchanged bytes not yet copied
+
+    def flush() -> None:
+        nonlocal pos
+        if pending:
+            submit(partial(_copy_span, src, fd, pending[0], pos, pending[1], path, on_bytes))
+            pos += pending[1]
+
+    for piece in pieces:
+        if isinstance(piece, RawSpan):
+            if pending and pending[0] + pending[1] == piece.offset:
+                pending = (pending[0], pending[1] + piece.length)
+                continue
+            flush()
+            pending = (piece.offset, piece.length)
+        else:
+            flush()
+            pending = None
+            data = tensor_bytes(piece.rows)
+            submit(partial(_write_block, fd, data, pos, path, on_bytes))
+            pos += len(data)
+    flush()
     return pos
 
 
-def _flush(fd: int, src: int, pending: tuple[int, int] | None, pos: int, path: Path,
-           on_bytes: Callable[[int], None]) -> int:
-    if not pending:
-        return 0
-    offset, length = pending
-    done = 0
-    while done < length:
+def _copy_span(src: int, fd: int, offset: int, pos: int, length: int, path: Path,
+               on_bytes: Callable[[int], None]) -> None:
+    for done in range(0, length, COPY_CHUNK):
         n = min(COPY_CHUNK, length - done)
-        done += _copy_range(src, fd, offset + done, pos + done, n, path)
+        _copy_range(src, fd, offset + done, pos + done, n, path)
         on_bytes(n)
-    return length
 
 
 def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, path: Path) -> int:
@@ -119,11 +143,9 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, path: Pa
     return n
 
 
-def _write_block(fd: int, block: MergedBlock, pos: int, path: Path, on_bytes: Callable[[int], None]) -> int:
-    data = tensor_bytes(block.rows)
+def _write_block(fd: int, data: memoryview, pos: int, path: Path, on_bytes: Callable[[int], None]) -> None:
     _write_all(fd, data, pos, path)
     on_bytes(len(data))
-    return len(data)
 
 
 def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:

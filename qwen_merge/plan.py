@@ -24,7 +24,7 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
 RUNTIME_BYTES = 256 << 20
-RING_SIZE = 3  # merged row blocks alive at once: being written, queued, being computed
+RING_SIZE = 2  # merged row blocks alive at once: one being written while the next is computed
 
 
 @dataclass(frozen=True, slots=True)

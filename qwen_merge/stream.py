@@ -33,7 +33,7 @@ class RawSpan:
 class MergedBlock:
     """Merged rows of a tensor; `offset` is the byte offset of the first row inside the tensor.
 
-    `rows` views a buffer that is reused: it is valid until the stream is advanced RING_SIZE - 1 more times.
+    `rows` views a buffer that is reused: it stays valid while the next block is computed, not longer.
     """
 
     offset: int
