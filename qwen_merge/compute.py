@@ -79,7 +79,7 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
     """Rows `row0 : row0 + len(w_rows)` of W + s·ΔW in W's dtype, as a view of `buffers`."""
     rows = w_rows.shape[0]
     delta = buffers.delta[:rows]
-    torch.matmul(factors.lhs[row0:row0 + rows], factors.rhs, out=delta)  # fl32(B @ A), fp32 accumulation
+    torch.mm(factors.lhs[row0:row0 + rows], factors.rhs, out=delta)      # fl32(B @ A), fp32 accumulation
     if factors.scale != 1.0:
         delta.mul_(factors.scale)                                        # fl32(· fl32(s))
     if buffers.rounded is None:
