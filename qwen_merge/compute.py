@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block: a few of these fit in L2 together
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
@@ -57,35 +58,62 @@ def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool
 
 @dataclass(frozen=True, slots=True)
 class BlockBuffers:
-    """Preallocated working memory for one row block. Every op below writes into these buffers: mixed-dtype
-    ops (`add_` of a bf16 operand, `add(out=bf16)`) allocate hidden fp32 temporaries per call instead, and
-    those grow the heap (measured: +16 MiB per 16 MiB block)."""
+    """Working memory for one row block: fp32 scratch for a cache-sized sub-block, and the output block.
+
+    Every op in `merge_rows` writes into these buffers. Mixed-dtype ops (`add_` of a bf16 operand,
+    `add(out=bf16)`) would allocate hidden fp32 temporaries per call, and those grow the heap (measured:
+    +16 MiB per 16 MiB block)."""
 
     w32: torch.Tensor
     delta: torch.Tensor
-    rounded: torch.Tensor | None
+    out: torch.Tensor
 
 
-def block_buffers(block_rows: int, row_shape: tuple[int, ...], dtype: str, w32: torch.Tensor | None = None
-                  ) -> BlockBuffers:
-    """Buffers for blocks of `block_rows` rows; pass `w32` to share the fp32 copy of W between sets."""
-    shape = (block_rows, *row_shape)
-    w32 = torch.empty(shape, dtype=torch.float32) if w32 is None and dtype != "F32" else w32
-    rounded = None if dtype == "F32" else torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-    return BlockBuffers(w32, torch.empty(shape, dtype=torch.float32), rounded)
+class Workspace:
+    """Byte buffers reused by every tensor of a run, so their pages are faulted in once, not per tensor.
+
+    Output buffers rotate through `ring` slots with a counter that runs across tensors: the block handed
+    out last stays untouched while the next one is computed (a writer thread may still be writing it).
+    """
+
+    def __init__(self, ring: int) -> None:
+        self._ring, self._counter, self._buffers = ring, 0, {}
+
+    def raw(self, role: str, nbytes: int) -> memoryview:
+        buffer = self._buffers.get(role)
+        if buffer is None or len(buffer) < nbytes:
+            buffer = self._buffers[role] = bytearray(nbytes)  # an old buffer lives on in any tensor viewing it
+        return memoryview(buffer)[:nbytes]
+
+    def tensor(self, role: str, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        return as_tensor(self.raw(role, nbytes), dtype, shape)
+
+    def next_block(self, rows: int, row_shape: tuple[int, ...], dtype: str) -> BlockBuffers:
+        slot, self._counter = self._counter % self._ring, self._counter + 1
+        sub = (max(1, min(rows, SUB_BLOCK_BYTES // (4 * math.prod(row_shape) or 1))), *row_shape)
+        return BlockBuffers(self.tensor("w32", "F32", sub), self.tensor("delta", "F32", sub),
+                            self.tensor(f"out{slot}", dtype, (rows, *row_shape)))
 
 
 def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
-    """Rows `row0 : row0 + len(w_rows)` of W + s·ΔW in W's dtype, as a view of `buffers`."""
-    rows = w_rows.shape[0]
-    delta = buffers.delta[:rows]
-    torch.mm(factors.lhs[row0:row0 + rows], factors.rhs, out=delta)      # fl32(B @ A), fp32 accumulation
-    if factors.scale != 1.0:
-        delta.mul_(factors.scale)                                        # fl32(· fl32(s))
-    if buffers.rounded is None:
-        return delta.add_(w_rows)                                        # fp32 W: W + Δ
-    delta.add_(buffers.w32[:rows].copy_(w_rows))                         # fp32(W) + Δ, W promoted exactly
-    return buffers.rounded[:rows].copy_(delta)                           # the one rounding (RNE)
+    """Rows `row0 : row0 + len(w_rows)` of W + s·ΔW in W's dtype, written into `buffers.out`.
+
+    The block is computed in sub-blocks that fit the CPU cache: every fp32 pass then stays in L2, which
+    measured twice as fast as whole-block passes (2.4 vs 1.2 GB/s of bf16 on one core)."""
+    step = buffers.delta.shape[0]
+    for i in range(0, w_rows.shape[0], step):
+        w, out = w_rows[i:i + step], buffers.out[i:i + step]
+        delta = buffers.delta[:w.shape[0]]
+        torch.mm(factors.lhs[row0 + i:row0 + i + w.shape[0]], factors.rhs, out=delta)  # fl32(B @ A)
+        if factors.scale != 1.0:
+            delta.mul_(factors.scale)                                      # fl32(· fl32(s))
+        if w.dtype == torch.float32:
+            torch.add(w, delta, out=out)                                   # fp32 W: W + Δ
+        else:
+            delta.add_(buffers.w32[:w.shape[0]].copy_(w))                  # fp32(W) + Δ, W promoted exactly
+            out.copy_(delta)                                               # the one rounding (RNE)
+    return buffers.out
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

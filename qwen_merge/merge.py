@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,10 @@ from .adapter import open_adapter
 from .checkpoint import open_checkpoint
 from .compute import TORCH_DTYPES, as_tensor
 from .errors import FormatError
-from .output import (check_destination, copy_side_file, publish, staging_folder, write_json,
+from .output import (check_destination, copy_side_file, fsync_file, publish, staging_folder, write_json,
                      write_shard)
 from .plan import DEFAULT_BLOCK_BYTES, MergePlan, make_plan
-from .stream import MergedBlock, Piece, open_sources, read_exact, shard_pieces
+from .stream import MergedBlock, Piece, new_workspace, open_sources, read_exact, shard_pieces
 from .tensorfile import TensorEntry
 
 PathLike = str | os.PathLike
@@ -113,9 +115,10 @@ def iter_merged(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT
 
 
 def _iter_plan(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    workspace = new_workspace()
     for shard in plan.shards:
         with open_sources(shard, plan.adapter.file.path) as (src, ada):
-            for entry, pieces in shard_pieces(shard, src, ada, plan.adapter.file.data_offset):
+            for entry, pieces in shard_pieces(shard, src, ada, plan.adapter.file.data_offset, workspace):
                 yield entry.name, _assemble(entry, pieces, src, shard.source.path)
 
 
@@ -134,19 +137,40 @@ def _assemble(entry: TensorEntry, pieces: Iterator[Piece], src: int, path: Path)
 
 
 def _write_folder(plan: MergePlan, folder: Path, progress: bool) -> int:
+    """Write every shard; each is fsynced on a background thread while the next one is merged."""
     total = sum(s.size for s in plan.shards)
-    written = 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
+    written, workspace = 0, new_workspace()
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-fsync") as syncer, \
+            _compute_threads(1):
+        syncs = []
         for shard in plan.shards:
             with open_sources(shard, plan.adapter.file.path) as (src, ada):
-                pieces = (p for _, ps in shard_pieces(shard, src, ada, plan.adapter.file.data_offset) for p in ps)
+                stream = shard_pieces(shard, src, ada, plan.adapter.file.data_offset, workspace)
+                pieces = (p for _, ps in stream for p in ps)
                 bar.update(len(shard.header))
                 written += write_shard(folder / shard.name, shard.header, src, pieces, bar.update)
+            syncs.append(syncer.submit(fsync_file, folder / shard.name))
+        for done in syncs:
+            done.result()
     for side in plan.base.side_files:
         written += copy_side_file(side, folder)
     if plan.base.index_name:
         written += write_json(folder / plan.base.index_name, plan.index_document())
     return written
+
+
+@contextmanager
+def _compute_threads(n: int) -> Iterator[None]:
+    """Run torch on `n` threads for the duration. With 2 cores, one computes while the writer thread
+    copies into the page cache; letting torch's OpenMP team spin on both cores as well made the merge
+    3x slower (its threads wait on each other whenever the writer preempts one)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _inputs(base: PathLike, adapter: PathLike) -> list[Path]:

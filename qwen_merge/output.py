@@ -69,7 +69,7 @@ def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
     """Write a shard: header, then each piece at its place. Unchanged spans are coalesced and copied
     in the kernel. Writes run on one background thread while the next piece is computed; only one
     write is in flight, which is what lets `stream` reuse a block's buffer two blocks later.
-    Returns the file size."""
+    Returns the file size. The data is not yet synced: call `fsync_file` before publishing."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-write") as pool:
@@ -83,7 +83,6 @@ def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
             size = _write_pieces(fd, header, src, pieces, path, submit, on_bytes)
             if in_flight:
                 in_flight.pop().result()
-        os.fsync(fd)
     finally:
         os.close(fd)
     return size
@@ -174,6 +173,17 @@ def write_json(path: Path, value: dict) -> int:
 def copy_side_file(source: Path, folder: Path) -> int:
     shutil.copyfile(source, folder / source.name)
     return source.stat().st_size
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (Linux syncs a file's data through any descriptor of it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

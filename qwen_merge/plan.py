@@ -151,15 +151,16 @@ def _in_data_order(shard: ShardPlan) -> list[PlannedMerge]:
 
 
 def _predict_peak(merges: tuple[PlannedMerge, ...], entries: dict[str, TensorEntry]) -> int:
-    """Runtime + the largest merge's working set (stream.merged_blocks): the factors, raw and in fp32;
-    a read buffer and an fp32 copy of W per block; RING_SIZE fp32 deltas and rounded outputs."""
+    """Runtime + the largest merge's working set (compute.Workspace): the factors, raw and in fp32; a read
+    buffer and RING_SIZE output buffers per row block; two fp32 sub-block scratch buffers (<= 2 x 1 MiB
+    unless one row is larger)."""
     worst = 0
     for m in merges:
         w = entries[m.name]
-        itemsize = DTYPE_BITS[w.dtype] // 8
+        row_elems = math.prod(w.shape[1:])
         factors = 3 * 4 * (math.prod(m.pair.a.shape) + math.prod(m.pair.b.shape))
-        per_row = math.prod(w.shape[1:]) * (itemsize + 4 + RING_SIZE * (4 + itemsize))
-        worst = max(worst, factors + m.block_rows * per_row)
+        scratch = 2 * max(1 << 20, 4 * row_elems)
+        worst = max(worst, factors + (1 + RING_SIZE) * m.block_rows * w.row_bytes + scratch)
     return RUNTIME_BYTES + worst
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compute import Factors, as_tensor, block_buffers, make_factors, merge_rows
+from .compute import Factors, Workspace, as_tensor, make_factors, merge_rows
 from .errors import FormatError
 from .plan import RING_SIZE, PlannedMerge, ShardPlan
 from .tensorfile import TensorEntry
@@ -67,33 +67,37 @@ def open_sources(shard: ShardPlan, adapter_path: os.PathLike) -> Iterator[tuple[
         os.close(src)
 
 
-def shard_pieces(shard: ShardPlan, src: int, ada: int, adapter_data_offset: int
+def shard_pieces(shard: ShardPlan, src: int, ada: int, adapter_data_offset: int, workspace: Workspace
                  ) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
-    """For each tensor of the shard in data order: the entry and an iterator over its pieces."""
+    """For each tensor of the shard in data order: the entry and an iterator over its pieces.
+
+    `workspace` (one per run, `new_workspace()`) holds the reused block buffers."""
     base = shard.source.data_offset
     for entry in shard.source.entries:
         merge = shard.merges.get(entry.name)
         if merge is None:
             yield entry, iter((RawSpan(base + entry.start, entry.nbytes),))
         else:
-            yield entry, merged_blocks(entry, merge, src, base, ada, adapter_data_offset, shard.source.path)
+            yield entry, merged_blocks(entry, merge, src, base, ada, adapter_data_offset, shard.source.path,
+                                       workspace)
+
+
+def new_workspace() -> Workspace:
+    return Workspace(RING_SIZE)
 
 
 def merged_blocks(entry: TensorEntry, merge: PlannedMerge, src: int, base: int, ada: int, ada_base: int,
-                  path: object) -> Iterator[MergedBlock]:
+                  path: object, workspace: Workspace) -> Iterator[MergedBlock]:
     """Merge one tensor in row blocks: read rows of W, add the scaled delta, yield the rounded rows."""
     factors = _load_factors(merge, ada, ada_base)
-    rows_total, row_bytes = entry.shape[0], entry.row_bytes
-    buffer = bytearray(merge.block_rows * row_bytes)
-    first = block_buffers(merge.block_rows, entry.shape[1:], entry.dtype)
-    ring = [first] + [block_buffers(merge.block_rows, entry.shape[1:], entry.dtype, first.w32)
-                      for _ in range(RING_SIZE - 1)]
-    for i, row0 in enumerate(range(0, rows_total, merge.block_rows)):
+    rows_total, row_bytes, row_shape = entry.shape[0], entry.row_bytes, entry.shape[1:]
+    for row0 in range(0, rows_total, merge.block_rows):
         rows = min(merge.block_rows, rows_total - row0)
-        view = memoryview(buffer)[: rows * row_bytes]
+        view = workspace.raw("read", rows * row_bytes)
         read_exact(src, view, base + entry.start + row0 * row_bytes, path)
-        w_rows = as_tensor(view, entry.dtype, (rows, *entry.shape[1:]))
-        yield MergedBlock(row0 * row_bytes, merge_rows(w_rows, factors, row0, ring[i % RING_SIZE]))
+        w_rows = as_tensor(view, entry.dtype, (rows, *row_shape))
+        buffers = workspace.next_block(rows, row_shape, entry.dtype)
+        yield MergedBlock(row0 * row_bytes, merge_rows(w_rows, factors, row0, buffers))
 
 
 def _load_factors(merge: PlannedMerge, ada: int, ada_base: int) -> Factors:
