@@ -1,9 +1,11 @@
-"""A PEFT LoRA adapter on disk: its config and the (A, B) pair of every adapted module, headers only.
+"""A PEFT LoRA adapter on disk, headers only: its config, and every tensor sorted into what it does —
+LoRA factors (Linear or Embedding, with DoRA magnitude and LoRA bias), full replacement tensors
+(modules_to_save, trained biases, saved embedding copies), trainable-token rows, or redundant copies.
 
-Anything in the adapter that this version cannot merge exactly is refused here, naming the key or the
-config field — an adapter tensor is never skipped. Scaling follows PEFT (spec peft-semantics.md §2):
-`s = alpha_M / r_M` (or `/ sqrt(r_M)` with rsLoRA), with per-module `rank_pattern` / `alpha_pattern`
-resolved by PEFT >= 0.15's `get_pattern_key`.
+Anything this version cannot merge exactly is refused here, naming the key or the config field — an
+adapter tensor is never skipped. Scaling follows PEFT (spec peft-semantics.md §2): `s = alpha_M / r_M`
+(or `/ sqrt(r_M)` with rsLoRA), with per-module `rank_pattern` / `alpha_pattern` resolved by PEFT >= 0.15's
+`get_pattern_key`. Names here are in-model names (the prefix `base_model.model.` removed).
 """
 
 from __future__ import annotations
@@ -26,54 +28,77 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 # Config fields whose presence changes what a merge must compute; each is refused until supported.
 UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora) is not supported yet",
     "target_parameters": "target_parameters (LoRA on nn.Parameter, e.g. fused MoE experts) is not supported yet",
-    "layer_replication": "layer_replication is not supported yet (PEFT's own merge of it is wrong, spec E6)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices) are not supported yet",
-    "use_qalora": "QALoRA cannot be merged (PEFT refuses it too)",
-    "alora_invocation_tokens": "aLoRA is token-selective and cannot be merged",
-    "arrow_config": "Arrow routing cannot be merged",
+    "layer_replication": "layer_replication is not supported yet: PEFT's own merge of it is wrong (spec E6); "
+                         "merge into a base whose layers were replicated first",
+    "use_qalora": "QALoRA cannot be merged (PEFT refuses it too); merge into the unquantized base instead",
+    "alora_invocation_tokens": "aLoRA is applied only after its invocation tokens and cannot be merged; "
+                               "serve it as an adapter",
+    "arrow_config": "Arrow routes between adapters per token and cannot be merged; serve it as an adapter",
     "use_bdlora": "BD-LoRA block-diagonal factors are not supported yet",
     "kasa_config": "KaSA rewrites the base weights and is not supported",
     "monteclora_config": "MonteCLoRA has its own merge and is not supported",
 }
-
-# Adapter key suffixes that are not plain Linear LoRA factors, with the reason each is refused.
-UNSUPPORTED_KEYS = (
-    (".lora_embedding_A", "embedding LoRA factor (lora_embedding_A/B)"),
-    (".lora_embedding_B", "embedding LoRA factor (lora_embedding_A/B)"),
-    (".lora_magnitude_vector", "DoRA magnitude vector"),
-    (".lora_B.bias", "LoRA bias (lora_bias=True)"),
-    (".trainable_tokens_delta", "trainable-tokens delta"),
-    (".base_layer.weight", "full copy of a base weight (saved embedding layer)"),
-    (".base_layer.bias", "trained bias (bias='all' or 'lora_only')"),
-)
+# Key suffixes (after the module path) and what they are.
+FACTOR_SUFFIXES = {
+    ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": (None, "magnitude"), ".lora_B.bias": (None, "bias"),
+}
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+# Saved full tensors whose key is not the base tensor's name: suffix -> suffix of the base tensor.
+REPLACEMENT_SUFFIXES = {".token_adapter.base_layer.weight": ".weight", ".base_layer.weight": ".weight",
+                        ".base_layer.bias": ".bias"}
+REDUNDANT_INFIXES = (".original_module.", ".modules_to_save.")
 
 
 @dataclass(frozen=True, slots=True)
 class LoraPair:
-    """The factors of one adapted module `module` (an in-model path such as `model.layers.0.mlp.up_proj`)."""
+    """The factors of one adapted module `module` (an in-model path such as `model.layers.0.mlp.up_proj`).
+
+    `kind` is "linear" (A (r, in), B (out, r)) or "embedding" (A (r, V), B (d, r), delta transposed);
+    `magnitude` is DoRA's trained magnitude, `bias` the LoRA bias (`lora_bias=True`)."""
 
     module: str
+    kind: str
     a: TensorEntry
     b: TensorEntry
     rank: int
     alpha: float
     scale: float
+    magnitude: TensorEntry | None = None
+    bias: TensorEntry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRows:
+    """Trainable tokens: rows `indices` of `module`.weight are replaced by the rows of `values`."""
+
+    module: str
+    indices: tuple[int, ...]
+    values: TensorEntry
 
 
 @dataclass(frozen=True, slots=True)
 class Adapter:
-    """A parsed adapter: its folder, config, safetensors header and one LoraPair per adapted module."""
+    """A parsed adapter. `replacements` maps in-model tensor names to the adapter tensor that replaces
+    them wholesale; `redundant` lists keys that only duplicate a replacement (PEFT saves both)."""
 
     root: Path
     config: dict
     file: TensorFile
     pairs: tuple[LoraPair, ...]
+    replacements: dict[str, TensorEntry]
+    tokens: tuple[TokenRows, ...]
+    redundant: tuple[str, ...]
 
 
-def open_adapter(adapter: str | os.PathLike) -> Adapter:
+def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | None = None) -> Adapter:
     """Read `adapter_config.json` and the header of `adapter_model.safetensors`; no tensor data.
+
+    Args:
+        adapter: the adapter folder.
+        weights: read tensors from this safetensors file instead (used for a converted pickle).
 
     Raises:
         AdapterError: unsupported adapter kind, config field or tensor.
@@ -89,19 +114,28 @@ def open_adapter(adapter: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{root}: {CONFIG_NAME} is missing; it holds the rank and alpha the merge needs")
     config = read_json(root / CONFIG_NAME, CONFIG_NAME)
     _check_config(root / CONFIG_NAME, config)
-    file = read_header(_weights_path(root))
-    return Adapter(root, config, file, _pairs(file, config))
+    file = read_header(weights if weights is not None else weights_path(root))
+    return _sort_tensors(root, config, file)
 
 
-def _weights_path(root: Path) -> Path:
+def weights_path(root: Path) -> Path:
+    """The adapter's safetensors file; a pickle is named in the error, never opened."""
     path = root / WEIGHTS_NAME
     if path.is_file():
         return path
-    pickles = [n for n in PICKLE_NAMES if (root / n).is_file()]
-    if pickles:
-        raise AdapterError(f"{root / pickles[0]}: adapter weights are a pickle, which is never loaded; convert "
-                           f"them to {WEIGHTS_NAME} (PeftModel.from_pretrained(...).save_pretrained(...))")
+    pickle = pickle_path(root)
+    if pickle is not None:
+        raise AdapterError(f"{pickle}: adapter weights are a pickle, which is not loaded unless you allow it "
+                           f"(allow_pickle=True / --allow-pickle, read with torch.load(weights_only=True)); "
+                           f"or convert them to {WEIGHTS_NAME}")
     raise AdapterError(f"{root}: {WEIGHTS_NAME} is missing")
+
+
+def pickle_path(root: Path) -> Path | None:
+    """The pickled adapter weights, when the folder has them and no safetensors file."""
+    if (root / WEIGHTS_NAME).is_file():
+        return None
+    return next((root / n for n in PICKLE_NAMES if (root / n).is_file()), None)
 
 
 def _check_config(path: Path, config: dict) -> None:
@@ -147,39 +181,68 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
     return rank, alpha, scale
 
 
-def _pairs(file: TensorFile, config: dict) -> tuple[LoraPair, ...]:
+def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
     factors: dict[str, dict[str, TensorEntry]] = {}
+    kinds: dict[str, str] = {}
+    replacements, tokens, redundant = {}, {}, []
     for entry in file.entries:
-        module, which = _classify(file.path, entry.name)
-        factors.setdefault(module, {})[which] = entry
-    return tuple(_pair(file.path, module, parts, config) for module, parts in factors.items())
+        if not entry.name.startswith(PREFIX):
+            raise AdapterError(f"{file.path}: tensor {entry.name!r} does not start with {PREFIX!r}; "
+                               f"not a PEFT adapter key")
+        key = entry.name[len(PREFIX):]
+        factor = next(((key[:-len(sfx)], kr) for sfx, kr in FACTOR_SUFFIXES.items() if key.endswith(sfx)), None)
+        if factor is not None:
+            module, (kind, role) = factor
+            _check_lora_key(file.path, entry.name, module)
+            factors.setdefault(module, {})[role] = entry
+            if kind:
+                kinds[module] = kind
+        elif key.endswith(TOKENS_SUFFIX):
+            tokens[key[:-len(TOKENS_SUFFIX)]] = entry
+        elif any(infix in key for infix in REDUNDANT_INFIXES):
+            redundant.append(entry.name)
+        else:
+            sfx = next((s for s in REPLACEMENT_SUFFIXES if key.endswith(s)), None)
+            target = key[:-len(sfx)] + REPLACEMENT_SUFFIXES[sfx] if sfx else key
+            if target in replacements:
+                raise AdapterError(f"{file.path}: tensors {replacements[target].name!r} and {entry.name!r} "
+                                   f"both replace {target!r}")
+            replacements[target] = entry
+    pairs = tuple(_pair(file.path, m, parts, kinds.get(m), config) for m, parts in factors.items())
+    token_rows = tuple(_token_rows(file.path, m, e, config) for m, e in tokens.items())
+    _check_redundant(file.path, redundant, replacements)
+    return Adapter(root, config, file, pairs, replacements, token_rows, tuple(redundant))
 
 
-def _classify(path: Path, key: str) -> tuple[str, str]:
-    """Split `base_model.model.<M>.lora_A.weight` into (M, "A"); refuse every other kind of key."""
-    if not key.startswith(PREFIX):
-        raise AdapterError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT adapter key")
-    for suffix, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-        if key.endswith(suffix):
-            return key[len(PREFIX):-len(suffix)], which
-    for suffix, what in UNSUPPORTED_KEYS:
-        if key.endswith(suffix) or f"{suffix}." in key:
-            raise AdapterError(f"{path}: tensor {key!r} is a {what}, which this version does not merge yet")
-    raise AdapterError(f"{path}: tensor {key!r} is a full replacement tensor (modules_to_save, bias='all' or a "
-                       f"resized vocabulary), which this version does not merge yet")
+def _check_lora_key(path: Path, key: str, module: str) -> None:
+    if ".lora_" in module or module.endswith(".base_layer") and ".lora_" in key:
+        raise AdapterError(f"{path}: tensor {key!r} is a nested LoRA factor (target_parameters or a stacked "
+                           f"adapter), which this version does not merge")
 
 
-def _pair(path: Path, module: str, parts: dict[str, TensorEntry], config: dict) -> LoraPair:
-    if set(parts) != {"A", "B"}:
-        have, lack = next(iter(parts)), "B" if "A" in parts else "A"
-        raise AdapterError(f"{path}: {PREFIX}{module}.lora_{have}.weight has no lora_{lack}.weight partner")
+def _check_redundant(path: Path, redundant: list[str], replacements: dict[str, TensorEntry]) -> None:
+    """`<N>.original_module.*` / `<N>.modules_to_save.*` are only copies PEFT writes beside `<N>.*`."""
+    for key in redundant:
+        plain = key[len(PREFIX):]
+        for infix in REDUNDANT_INFIXES:
+            plain = plain.replace(infix, ".")
+        if plain not in replacements and ".original_module." not in key:
+            raise AdapterError(f"{path}: tensor {key!r} is a modules_to_save copy without the plain "
+                               f"{PREFIX}{plain!r} tensor PEFT saves beside it; cannot tell which to use")
+
+
+def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | None, config: dict) -> LoraPair:
+    if "A" not in parts or "B" not in parts:
+        have = next(iter(parts.values())).name
+        raise AdapterError(f"{path}: {have!r} has no lora_A/lora_B partner for module {module!r}")
     a, b = parts["A"], parts["B"]
-    for e in (a, b):
-        if e.dtype not in FLOAT_DTYPES:
+    for e in (a, b, parts.get("magnitude"), parts.get("bias")):
+        if e is not None and e.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{path}: tensor {e.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
+    for e in (a, b):
         if len(e.shape) != 2:
-            raise AdapterError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}; only 2-D (Linear) LoRA "
-                               f"factors are supported, convolution LoRA is not")
+            raise AdapterError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}; only 2-D (Linear and "
+                               f"Embedding) LoRA factors are supported, convolution LoRA is not")
     if a.shape[0] != b.shape[1]:
         raise MismatchError(f"{path}: module {module!r}: lora_A {list(a.shape)} has rank {a.shape[0]} but "
                             f"lora_B {list(b.shape)} has rank {b.shape[1]}")
@@ -187,4 +250,61 @@ def _pair(path: Path, module: str, parts: dict[str, TensorEntry], config: dict) 
     if a.shape[0] != rank:
         raise MismatchError(f"{path}: module {module!r}: tensors have rank {a.shape[0]} but the config says "
                             f"r={rank} (r / rank_pattern); the scale alpha/r would be wrong")
-    return LoraPair(module, a, b, rank, float(alpha), scale)
+    if "bias" in parts and kind == "embedding":
+        raise AdapterError(f"{path}: {parts['bias'].name!r}: a LoRA bias on an embedding does not exist in PEFT")
+    if "bias" in parts and "magnitude" in parts:
+        raise AdapterError(f"{path}: module {module!r} has both DoRA and a LoRA bias, which PEFT cannot merge")
+    return LoraPair(module, kind or "linear", a, b, rank, float(alpha), scale, parts.get("magnitude"),
+                    parts.get("bias"))
+
+
+def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> TokenRows:
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        keys = [k for k in spec if module == k or module.endswith("." + k)]
+        indices = spec[keys[0]] if len(keys) == 1 else None
+    else:
+        indices = spec
+    where = f"{path.parent / CONFIG_NAME}: trainable_token_indices for {module!r}"
+    if not isinstance(indices, list) or not all(type(i) is int for i in indices):
+        raise AdapterError(f"{where}: expected a list of token ids, found {indices!r}")
+    dup = next((i for i in indices if indices.count(i) > 1), None)
+    if dup is not None:
+        raise AdapterError(f"{where}: token id {dup} is listed twice; PEFT's row copy would be nondeterministic")
+    if len(values.shape) != 2 or values.shape[0] != len(indices):
+        raise MismatchError(f"{path}: {values.name!r} has shape {list(values.shape)} but the config lists "
+                            f"{len(indices)} token ids")
+    return TokenRows(module, tuple(indices), values)
+
+
+def targets_module(config: dict, module: str) -> bool:
+    """Whether PEFT would inject LoRA into `module` under this config (spec §2.3 matchers)."""
+    if _matches(config.get("exclude_modules"), module) or _matches(config.get("modules_to_save"), module):
+        return False
+    target = config.get("target_modules")
+    if target == "all-linear":
+        hit = not module.endswith(("lm_head", "embed_tokens", "wte", "wpe"))
+    else:
+        hit = _matches(target, module)
+    layers = config.get("layers_to_transform")
+    if hit and layers is not None:
+        index = _layer_index(module, config.get("layers_pattern"))
+        hit = index is not None and index in (layers if isinstance(layers, list) else [layers])
+    return hit
+
+
+def _matches(spec: object, module: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    if isinstance(spec, list):
+        return any(module == t or module.endswith("." + t) for t in spec)
+    return False
+
+
+def _layer_index(module: str, pattern: object) -> int | None:
+    patterns = pattern if isinstance(pattern, list) else [pattern] if pattern else [r"[^.]+"]
+    for p in patterns:
+        found = re.search(rf"\.{p}\.(\d+)\.", "." + module)
+        if found:
+            return int(found.group(1))
+    return None

@@ -4,11 +4,15 @@ For rows i:j of W, PEFT's default merge (spec peft-semantics.md §3.8) computes
     W'[i:j] = round_W( fp32(W[i:j]) + fl32( fl32(B[i:j] @ A) * fl32(s) ) )
 fp32 accumulation and one rounding to W's dtype. We keep exactly that order of operations (product, then
 scale, then add) so results are bit-identical to PEFT except where the fp32 GEMM sums in another order.
-When W is stored transposed (GPT-2 Conv1D), rows of W are columns of B @ A: W'[i:j] uses Aᵀ[i:j] @ Bᵀ.
+When W is stored transposed (GPT-2 Conv1D, and every embedding), rows of W are columns of B @ A:
+W'[i:j] uses Aᵀ[i:j] @ Bᵀ. DoRA then scales V = W + ΔW by m / ‖V‖ per output row or, for transposed
+layouts, per column (spec §4); `rounding="peft"` rounds ΔW to W's dtype before the add, as PEFT's
+embedding merge does (spec §3.3).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,11 +29,25 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True, slots=True)
 class Factors:
-    """fp32 factors arranged so that rows i:j of the delta are `lhs[i:j] @ rhs`, scaled by `scale`."""
+    """fp32 factors arranged so that rows i:j of the delta are `lhs[i:j] @ rhs`, scaled by `scale`.
+
+    `round_delta`: round ΔW to W's dtype before adding it (PEFT's double rounding). `magnitude`: DoRA's m;
+    with `col_norm` set (transposed layouts) it scales columns by m / col_norm, else rows by m / ‖row‖."""
 
     lhs: torch.Tensor
     rhs: torch.Tensor
     scale: float
+    round_delta: bool = False
+    magnitude: torch.Tensor | None = None
+    col_norm: torch.Tensor | None = None
+
+
+class ZeroNormError(ArithmeticError):
+    """DoRA's ‖W + ΔW‖ is zero for row (or column) `index`: the merged weight would be NaN."""
+
+    def __init__(self, index: int, axis: str) -> None:
+        super().__init__(index, axis)
+        self.index, self.axis = index, axis
 
 
 def as_tensor(buffer: bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -42,7 +60,8 @@ def as_tensor(buffer: bytearray | memoryview, dtype: str, shape: tuple[int, ...]
     return torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype], count=count).view(shape)
 
 
-def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> Factors:
+def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool, *, round_delta: bool = False,
+                 magnitude: torch.Tensor | None = None) -> Factors:
     """Promote A (r, in) and B (out, r) to fp32, as PEFT's default autocast does, and orient them.
 
     A power-of-two scale (alpha/r = 2 is the common case) is folded into the small left factor: scaling
@@ -51,9 +70,10 @@ def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool
     """
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
     lhs, rhs = (a32.t(), b32.t()) if transpose else (b32, a32)
+    m32 = None if magnitude is None else magnitude.to(torch.float32)
     if math.frexp(scale)[0] == 0.5:
-        return Factors((lhs * scale).contiguous(), rhs.contiguous(), 1.0)
-    return Factors(lhs.contiguous(), rhs.contiguous(), scale)
+        lhs, scale = lhs * scale, 1.0
+    return Factors(lhs.contiguous(), rhs.contiguous(), scale, round_delta, m32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,23 +117,79 @@ class Workspace:
 
 
 def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
-    """Rows `row0 : row0 + len(w_rows)` of W + s·ΔW in W's dtype, written into `buffers.out`.
+    """Rows `row0 : row0 + len(w_rows)` of the merged tensor in W's dtype, written into `buffers.out`.
 
     The block is computed in sub-blocks that fit the CPU cache: every fp32 pass then stays in L2, which
-    measured twice as fast as whole-block passes (2.4 vs 1.2 GB/s of bf16 on one core)."""
+    measured twice as fast as whole-block passes (2.4 vs 1.2 GB/s of bf16 on one core).
+
+    Raises:
+        ZeroNormError: DoRA's norm of a row is zero.
+    """
     step = buffers.delta.shape[0]
     for i in range(0, w_rows.shape[0], step):
         w, out = w_rows[i:i + step], buffers.out[i:i + step]
-        delta = buffers.delta[:w.shape[0]]
-        torch.mm(factors.lhs[row0 + i:row0 + i + w.shape[0]], factors.rhs, out=delta)  # fl32(B @ A)
-        if factors.scale != 1.0:
-            delta.mul_(factors.scale)                                      # fl32(· fl32(s))
-        if w.dtype == torch.float32:
-            torch.add(w, delta, out=out)                                   # fp32 W: W + Δ
-        else:
-            delta.add_(buffers.w32[:w.shape[0]].copy_(w))                  # fp32(W) + Δ, W promoted exactly
-            out.copy_(delta)                                               # the one rounding (RNE)
+        v = _w_plus_delta(w, factors, row0 + i, buffers, out)
+        if factors.magnitude is not None:
+            v.mul_(_dora_factor(v, factors, row0 + i))
+        out.copy_(v)                                                       # the one rounding (RNE)
     return buffers.out
+
+
+def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers, out: torch.Tensor
+                  ) -> torch.Tensor:
+    """V = fp32(W) + fl32(fl32(lhs @ rhs) · s) for the rows of `w`, in the fp32 scratch buffer."""
+    delta = buffers.delta[:w.shape[0]]
+    torch.mm(factors.lhs[row0:row0 + w.shape[0]], factors.rhs, out=delta)  # fl32(B @ A), fp32 accumulation
+    if factors.scale != 1.0:
+        delta.mul_(factors.scale)                                          # fl32(· fl32(s))
+    if factors.round_delta:
+        delta.copy_(out.copy_(delta))                                      # PEFT: W + rnd_W(ΔW)
+    if w.dtype == torch.float32:
+        return delta.add_(w)
+    return delta.add_(buffers.w32[:w.shape[0]].copy_(w))                   # fp32(W) + Δ, W promoted exactly
+
+
+def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:
+    """m / ‖V‖, shaped to broadcast over V: per row, or per column when `col_norm` was precomputed."""
+    if factors.col_norm is not None:
+        return factors.magnitude / factors.col_norm
+    norm = torch.linalg.norm(v, dim=1)
+    zero = torch.nonzero(norm == 0)
+    if len(zero):
+        raise ZeroNormError(row0 + int(zero[0]), "row")
+    return (factors.magnitude[row0:row0 + v.shape[0]] / norm).view(-1, 1)
+
+
+def column_sumsq(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
+    """Σ over these rows of V², per column, in fp64: DoRA's first pass for column norms."""
+    step, total = buffers.delta.shape[0], torch.zeros(w_rows.shape[1], dtype=torch.float64)
+    for i in range(0, w_rows.shape[0], step):
+        v = _w_plus_delta(w_rows[i:i + step], factors, row0 + i, buffers, buffers.out[i:i + step])
+        total += torch.linalg.vector_norm(v, dim=0, dtype=torch.float64).square_()
+    return total
+
+
+def finish_column_norms(sumsq: torch.Tensor, factors: Factors) -> Factors:
+    """Attach ‖V[:, j]‖ (fp32) to the factors for the second pass.
+
+    Raises:
+        ZeroNormError: a column's norm is zero.
+    """
+    zero = torch.nonzero(sumsq == 0)
+    if len(zero):
+        raise ZeroNormError(int(zero[0]), "column")
+    return dataclasses.replace(factors, col_norm=sumsq.sqrt_().to(torch.float32))
+
+
+def add_vector(w_rows: torch.Tensor, vector: torch.Tensor, buffers: BlockBuffers) -> torch.Tensor:
+    """rnd_W(fp32(W) + vector) for a 1-row block (a bias and its scaled LoRA bias)."""
+    v = buffers.delta[:1].copy_(w_rows).add_(vector)
+    return buffers.out.copy_(v)
+
+
+def cast_rows(w_rows: torch.Tensor, buffers: BlockBuffers) -> torch.Tensor:
+    """The rows converted to the output dtype (one rounding), or copied when the dtype is the same."""
+    return buffers.out.copy_(w_rows)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -8,9 +8,10 @@ computed by the same code.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from .compute import TORCH_DTYPES, as_tensor
 from .errors import FormatError
 from .output import (check_destination, copy_side_file, fsync_file, publish, staging_folder, write_json,
                      write_shard)
+from .pickled import unpickle_adapter
 from .plan import DEFAULT_BLOCK_BYTES, MergePlan, make_plan
-from .stream import MergedBlock, Piece, new_workspace, open_sources, read_exact, shard_pieces
+from .stream import MergedBlock, Piece, new_workspace, open_files, read_exact, shard_pieces
 from .tensorfile import TensorEntry
 
 PathLike = str | os.PathLike
@@ -42,13 +44,20 @@ class MergeReport:
     plan: MergePlan
 
 
-def plan_merge(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergePlan:
+def plan_merge(base: PathLike, adapter: PathLike, *, rounding: str = "single",
+               key_map: dict[str, str] | None = None, allow_pickle: bool = False,
+               block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergePlan:
     """Check that `adapter` fits `base` and describe the merge, reading only headers and JSON.
 
     Args:
         base: a model folder (`model.safetensors`, or an index plus shards) or one `.safetensors` file.
         adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`).
-        block_bytes: fp32 bytes of a row block; bounds the working memory of each merged tensor.
+        rounding: "single" (fp32 accumulation, one rounding) or "peft" (PEFT's double rounding where
+            PEFT rounds twice: embedding LoRA), for byte-identical PEFT output.
+        key_map: prefix renames from adapter (in-model) names to base (on-disk) names, e.g.
+            {"model.language_model.": "model."}; the common VLM renames are detected without it.
+        allow_pickle: read a pickled `adapter_model.bin` with `torch.load(weights_only=True)`.
+        block_bytes: fp32 bytes of a row block; bounds the working memory of each tensor.
 
     Returns:
         The `MergePlan`; `plan.render()` is the human-readable report `qwen-merge plan` prints.
@@ -61,11 +70,13 @@ def plan_merge(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT_
         >>> print(len(plan.merges), "merged,", plan.copied, "copied")  # doctest: +SKIP
         196 merged, 115 copied
     """
-    return make_plan(open_checkpoint(base), open_adapter(adapter), block_bytes=block_bytes)
+    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes) as plan:
+        return plan
 
 
 def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
-                 progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeReport:
+                 progress: bool = True, rounding: str = "single", key_map: dict[str, str] | None = None,
+                 allow_pickle: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
     The output has the base's shard names and tensor-to-shard assignment, an index (when the base has
@@ -78,7 +89,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         output: the folder to create. It must not be, contain or lie inside an input.
         overwrite: replace `output` if it is a non-empty folder.
         progress: show a progress bar (by bytes) on stderr.
-        block_bytes: fp32 bytes of a row block; bounds the working memory of each merged tensor.
+        rounding, key_map, allow_pickle, block_bytes: as for `plan_merge`.
 
     Raises:
         FormatError, AdapterError, MismatchError: the inputs cannot be merged (found before writing).
@@ -89,40 +100,53 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         >>> report.merged, report.copied                                          # doctest: +SKIP
         (196, 115)
     """
-    plan = plan_merge(base, adapter, block_bytes=block_bytes)
     dest = Path(output)
-    check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
-    with staging_folder(dest) as temp:
-        written = _write_folder(plan, temp, progress)
-        publish(temp, dest)
+    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes) as plan:
+        check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
+        with staging_folder(dest) as temp:
+            written = _write_folder(plan, temp, progress)
+            publish(temp, dest)
     files = tuple(sorted(p.name for p in dest.iterdir()))
     return MergeReport(dest, len(plan.merges), plan.copied, written, files, plan)
 
 
-def iter_merged(base: PathLike, adapter: PathLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged(base: PathLike, adapter: PathLike, *, rounding: str = "single",
+                key_map: dict[str, str] | None = None, allow_pickle: bool = False,
+                block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every tensor of the merged checkpoint, in checkpoint order.
 
     Tensors are merged on the fly; only the tensor being yielded is held, so a converter (GGUF, ...)
     can consume a model larger than memory. The plan is checked before the first tensor is yielded.
+    Options are those of `plan_merge`.
 
     Example:
         >>> for name, tensor in iter_merged("Qwen3-0.6B", "my-lora"):  # doctest: +SKIP
         ...     writer.add_tensor(name, tensor)
     """
-    plan = plan_merge(base, adapter, block_bytes=block_bytes)
-    return _iter_plan(plan)
+    stack = ExitStack()  # holds a converted pickle until the iteration ends
+    plan = stack.enter_context(_planned(base, adapter, rounding, key_map, allow_pickle, block_bytes))
+    return _iter_plan(plan, stack)  # planned now, so errors surface before the first tensor is asked for
 
 
-def _iter_plan(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+@contextmanager
+def _planned(base: PathLike, adapter: PathLike, rounding: str, key_map: dict[str, str] | None,
+             allow_pickle: bool, block_bytes: int) -> Iterator[MergePlan]:
+    """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime."""
+    with tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
+        weights = unpickle_adapter(Path(adapter), Path(scratch)) if allow_pickle else None
+        checkpoint, parsed = open_checkpoint(base), open_adapter(adapter, weights=weights)
+        yield make_plan(checkpoint, parsed, block_bytes=block_bytes, rounding=rounding, key_map=key_map)
+
+
+def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     workspace = new_workspace()
-    for shard in plan.shards:
-        with open_sources(shard, plan.adapter.file.path) as (src, ada):
-            for entry, pieces in shard_pieces(shard, src, ada, plan.adapter.file.data_offset, workspace):
-                yield entry.name, _assemble(entry, pieces, src, shard.source.path)
+    with stack, open_files(plan.adapter.file) as files:
+        for shard in plan.shards:
+            for entry, pieces in shard_pieces(shard, files, workspace):
+                yield entry.name, _assemble(entry, pieces, shard.source.path)
 
 
-def _assemble(entry: TensorEntry, pieces: Iterator[Piece], src: int, path: Path) -> torch.Tensor:
+def _assemble(entry: TensorEntry, pieces: Iterator[Piece], path: Path) -> torch.Tensor:
     if entry.dtype not in TORCH_DTYPES:
         raise FormatError(f"{path}: tensor {entry.name!r} has dtype {entry.dtype}, which torch cannot hold")
     buffer = bytearray(entry.nbytes)
@@ -132,7 +156,7 @@ def _assemble(entry: TensorEntry, pieces: Iterator[Piece], src: int, path: Path)
             data = piece.rows.contiguous().view(torch.uint8).reshape(-1)
             as_bytes[piece.offset:piece.offset + data.numel()].copy_(data)
         else:
-            read_exact(src, buffer, piece.offset, path)
+            read_exact(piece.fd, buffer, piece.offset, path)
     return as_tensor(buffer, entry.dtype, entry.shape)
 
 
@@ -144,17 +168,19 @@ def _write_folder(plan: MergePlan, folder: Path, progress: bool) -> int:
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-fsync") as syncer, \
             _compute_threads(1):
         syncs = []
-        for shard in plan.shards:
-            with open_sources(shard, plan.adapter.file.path) as (src, ada):
-                stream = shard_pieces(shard, src, ada, plan.adapter.file.data_offset, workspace)
-                pieces = (p for _, ps in stream for p in ps)
+        with open_files(plan.adapter.file) as files:
+            for shard in plan.shards:
+                pieces = (p for _, ps in shard_pieces(shard, files, workspace) for p in ps)
                 bar.update(len(shard.header))
-                written += write_shard(folder / shard.name, shard.header, src, pieces, bar.update)
-            syncs.append(syncer.submit(fsync_file, folder / shard.name))
+                written += write_shard(folder / shard.name, shard.header, pieces, bar.update)
+                syncs.append(syncer.submit(fsync_file, folder / shard.name))
         for done in syncs:
             done.result()
     for side in plan.base.side_files:
-        written += copy_side_file(side, folder)
+        if side.name == "config.json" and plan.config is not None:
+            written += write_json(folder / side.name, plan.config)
+        else:
+            written += copy_side_file(side, folder)
     if plan.base.index_name:
         written += write_json(folder / plan.base.index_name, plan.index_document())
     return written

@@ -64,7 +64,7 @@ def publish(temp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
+def write_shard(path: Path, header: bytes, pieces: Iterable[Piece],
                 on_bytes: Callable[[int], None]) -> int:
     """Write a shard: header, then each piece at its place. Unchanged spans are coalesced and copied
     in the kernel. Writes run on one background thread while the next piece is computed; only one
@@ -80,7 +80,7 @@ def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
                     in_flight.pop().result()  # re-raises a failed write here, before more work is done
                 in_flight.append(pool.submit(job))
 
-            size = _write_pieces(fd, header, src, pieces, path, submit, on_bytes)
+            size = _write_pieces(fd, header, pieces, path, submit, on_bytes)
             if in_flight:
                 in_flight.pop().result()
     finally:
@@ -88,24 +88,24 @@ def write_shard(path: Path, header: bytes, src: int, pieces: Iterable[Piece],
     return size
 
 
-def _write_pieces(fd: int, header: bytes, src: int, pieces: Iterable[Piece], path: Path,
+def _write_pieces(fd: int, header: bytes, pieces: Iterable[Piece], path: Path,
                   submit: Callable[[Callable[[], None]], None], on_bytes: Callable[[int], None]) -> int:
     _write_all(fd, memoryview(header), 0, path)
-    pos, pending = len(header), None  # pending: (source offset, length) of unchanged bytes not yet copied
+    pos, pending = len(header), None  # pending: a RawSpan of unchanged bytes not yet copied
 
     def flush() -> None:
         nonlocal pos
         if pending:
-            submit(partial(_copy_span, src, fd, pending[0], pos, pending[1], path, on_bytes))
-            pos += pending[1]
+            submit(partial(_copy_span, pending.fd, fd, pending.offset, pos, pending.length, path, on_bytes))
+            pos += pending.length
 
     for piece in pieces:
         if isinstance(piece, RawSpan):
-            if pending and pending[0] + pending[1] == piece.offset:
-                pending = (pending[0], pending[1] + piece.length)
+            if pending and pending.fd == piece.fd and pending.offset + pending.length == piece.offset:
+                pending = RawSpan(piece.fd, pending.offset, pending.length + piece.length)
                 continue
             flush()
-            pending = (piece.offset, piece.length)
+            pending = piece
         else:
             flush()
             pending = None

@@ -7,16 +7,17 @@ Every adapter module must land on exactly one base tensor with fitting shapes, o
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter import PREFIX, Adapter, LoraPair
+from . import ties
+from .adapter import PREFIX, Adapter, LoraPair, TokenRows, targets_module
 from .checkpoint import Checkpoint
-from .errors import MismatchError
+from .errors import AdapterError, MismatchError
+from .names import NameMap, resolve_names
 from .tensorfile import DTYPE_BITS, FLOAT_DTYPES, TensorEntry, TensorFile, encode_header
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out) (spec §3.2).
@@ -25,142 +26,380 @@ DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
 RUNTIME_BYTES = 256 << 20
 RING_SIZE = 2  # merged row blocks alive at once: one being written while the next is computed
+ROUNDINGS = ("single", "peft")
 
 
 @dataclass(frozen=True, slots=True)
-class PlannedMerge:
-    """One base tensor `name` that receives `scale * B @ A` (transposed when `transpose`)."""
+class Operand:
+    """An input tensor: which file (a base shard or the adapter) and where in it."""
+
+    file: TensorFile
+    entry: TensorEntry
+    in_adapter: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TensorOp:
+    """How one output tensor is made when it is not a byte copy of the base tensor of the same name.
+
+    Start from `source` (the base tensor, another base tensor for a new untied lm_head, or an adapter
+    tensor that replaces it), round it to `dtype` if it is stored in another one, add the LoRA delta of
+    `pair` (to the weight, or to the bias when `part == "bias"`; with DoRA when the pair has a
+    magnitude), then overwrite the `tokens` rows."""
 
     name: str
     shard: str
-    pair: LoraPair
-    transpose: bool
+    dtype: str
+    shape: tuple[int, ...]
+    source: Operand
     block_rows: int
+    pair: LoraPair | None = None
+    part: str = "weight"
+    transpose: bool = False
+    tokens: TokenRows | None = None
+    rounding: str = "single"
 
     @property
-    def rank(self) -> int:
-        return self.pair.rank
+    def rank(self) -> int | None:
+        return self.pair.rank if self.pair else None
 
     @property
-    def scale(self) -> float:
-        return self.pair.scale
+    def scale(self) -> float | None:
+        return self.pair.scale if self.pair else None
+
+    @property
+    def is_raw_copy(self) -> bool:
+        """Bytes can be copied as they are from the source (a same-dtype replacement)."""
+        return self.pair is None and self.tokens is None and self.source.entry.dtype == self.dtype
+
+
+PlannedMerge = TensorOp  # the name the first release exported
 
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """One output file: the source shard, its output name and header, and the merges inside it."""
+    """One output file: its name, the base shard it is made from, its entries (with output offsets) and
+    header, and the ops of the tensors that are not byte copies of the base."""
 
-    source: TensorFile
     name: str
+    source: TensorFile
+    entries: tuple[TensorEntry, ...]
     header: bytes
-    merges: dict[str, PlannedMerge]
+    ops: dict[str, TensorOp]
 
     @property
     def size(self) -> int:
-        return len(self.header) + (self.source.size - self.source.data_offset)
+        return len(self.header) + (self.entries[-1].end if self.entries else 0)
 
 
 @dataclass(frozen=True, slots=True)
 class MergePlan:
-    """The complete, validated plan of a merge. Produced by `plan_merge`, executed by `merge_shards`."""
+    """The complete, validated plan of a merge. Produced by `plan_merge`, executed by `merge_shards`.
+
+    `merges` are the tensors that receive a LoRA delta; `ops` every tensor that is not a byte copy;
+    `config` the output config.json when it must differ from the base's (vocab size, tying), else None;
+    `renames` the prefix renames applied to adapter names; `tie` what was decided for tied embeddings."""
 
     base: Checkpoint
     adapter: Adapter
     shards: tuple[ShardPlan, ...]
-    merges: tuple[PlannedMerge, ...]
+    ops: tuple[TensorOp, ...]
     copied: int
-    output_bytes: int
-    predicted_peak_bytes: int
+    config: dict | None
+    renames: tuple[tuple[str, str], ...]
+    tie: str | None
+    rounding: str
+    output_bytes: int = 0
+    predicted_peak_bytes: int = 0
+
+    @property
+    def merges(self) -> tuple[TensorOp, ...]:
+        return tuple(op for op in self.ops if op.pair is not None)
 
     @property
     def total_size(self) -> int:
         """Tensor payload bytes, as the HF index's `metadata.total_size` counts them."""
-        return sum(s.source.size - s.source.data_offset for s in self.shards)
+        return sum(s.entries[-1].end for s in self.shards if s.entries)
 
     def index_document(self) -> dict:
         """The HF index of the output: the base's metadata with `total_size`, and the full weight map."""
         metadata = {**self.base.index_metadata, "total_size": self.total_size}
-        return {"metadata": metadata, "weight_map": dict(self.base.weight_map)}
+        return {"metadata": metadata, "weight_map": {e.name: s.name for s in self.shards for e in s.entries}}
 
     def render(self, detail: bool = False) -> str:
         """A human-readable report: what happens to each tensor, totals, and predicted peak memory."""
         return "\n".join(_render_lines(self, detail))
 
 
-def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergePlan:
-    """Map every adapter pair to its base tensor, check shapes and dtypes, and lay out the output.
+@dataclass(frozen=True, slots=True)
+class _Intent:
+    """What the adapter asks of one on-disk tensor."""
+
+    replacement: TensorEntry | None = None
+    pair: LoraPair | None = None
+    part: str = "weight"
+    tokens: TokenRows | None = None
+
+
+def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
+              rounding: str = "single", key_map: dict[str, str] | None = None) -> MergePlan:
+    """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
+    embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
     Raises:
-        MismatchError: a module lands on no base tensor, or shapes/dtypes do not fit.
+        MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
+        AdapterError: the config asks for something the file cannot provide.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     entries = base.entries()
-    model_type = (base.config or {}).get("model_type")
-    merges = [_plan_merge(pair, entries, base.weight_map, model_type, adapter.file.path, block_bytes)
-              for pair in adapter.pairs]
-    by_shard: dict[str, dict[str, PlannedMerge]] = {s.path.name: {} for s in base.shards}
-    for m in merges:
-        by_shard[m.shard][m.name] = m
-    shards = tuple(_shard_plan(s, by_shard[s.path.name]) for s in base.shards)
-    merges_in_order = tuple(m for s in shards for m in _in_data_order(s))
-    plan = MergePlan(base=base, adapter=adapter, shards=shards, merges=merges_in_order,
-                     copied=len(entries) - len(merges), output_bytes=0,
-                     predicted_peak_bytes=_predict_peak(merges_in_order, entries))
-    index = len(json.dumps(plan.index_document(), indent=2)) + 1 if base.index_name else 0
-    side = sum(p.stat().st_size for p in base.side_files)
-    return dataclasses.replace(plan, output_bytes=sum(s.size for s in shards) + side + index)
+    tie_info = ties.TieInfo.of(base.config, entries)
+    wanted = _wanted(adapter)
+    names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create, describe=wanted.get)
+    intents = _intents(adapter, names)
+    _check_untrained_targets(adapter, names, entries)
+    recipes = {n: ties.Recipe(_source(base, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
+    recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
+                                      lambda name: _source(base, adapter, name, _Intent()))
+    ctx = _Context(base, adapter, entries, block_bytes, rounding)
+    ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
+    config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
+    shards = _layout(base, ops, added)
+    plan = MergePlan(base, adapter, shards, tuple(op for s in shards for op in _ops_in_order(s)),
+                     copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
+                     renames=names.renames, tie=tie, rounding=rounding)
+    return dataclasses.replace(plan, output_bytes=_output_bytes(plan),
+                               predicted_peak_bytes=_predict_peak(plan.ops))
 
 
-def _plan_merge(pair: LoraPair, entries: dict[str, TensorEntry], weight_map: dict[str, str],
-                model_type: str | None, adapter_path: Path, block_bytes: int) -> PlannedMerge:
-    target = f"{pair.module}.weight"
-    w = entries.get(target)
-    if w is None:
-        near = difflib.get_close_matches(target, entries, n=3, cutoff=0.5)
-        hint = f"nearest base tensors: {', '.join(near)}" if near else "no base tensor has a similar name"
-        raise MismatchError(f"{adapter_path}: {PREFIX}{pair.module}.lora_A.weight targets {target!r}, which is "
-                            f"not in the base model ({hint})")
-    if w.dtype not in FLOAT_DTYPES:
-        raise MismatchError(f"{target}: base dtype {w.dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
-    transpose = _orientation(pair, w, model_type)
-    rows = w.shape[0] if w.shape else 1
-    row_f32 = 4 * math.prod(w.shape[1:])
-    return PlannedMerge(target, weight_map[target], pair, transpose, max(1, min(rows, block_bytes // max(row_f32, 1))))
+def _wanted(adapter: Adapter) -> dict[str, str]:
+    """In-model target name -> the adapter key behind it (for messages)."""
+    wanted = {t: PREFIX + e.name[len(PREFIX):] for t, e in adapter.replacements.items()}
+    for pair in adapter.pairs:
+        wanted[f"{pair.module}.weight"] = pair.a.name
+        if pair.bias is not None:
+            wanted[f"{pair.module}.bias"] = pair.bias.name
+    for rows in adapter.tokens:
+        wanted[f"{rows.module}.weight"] = rows.values.name
+    return wanted
 
 
-def _orientation(pair: LoraPair, w: TensorEntry, model_type: str | None) -> bool:
-    """True when the delta must be transposed: W is stored (in, out), as GPT-2's Conv1D does."""
+def _intents(adapter: Adapter, names: NameMap) -> dict[str, _Intent]:
+    intents: dict[str, _Intent] = {}
+
+    def add(target: str, key: str, **fields) -> None:
+        name = names(target)
+        current = intents.get(name, _Intent())
+        for field in fields:
+            if getattr(current, field) is not None:
+                raise AdapterError(f"{adapter.file.path}: {key!r} and another tensor both set the {field} of {name!r}")
+        intents[name] = dataclasses.replace(current, **fields)
+
+    for target, entry in adapter.replacements.items():
+        add(target, entry.name, replacement=entry)
+    for pair in adapter.pairs:
+        add(f"{pair.module}.weight", pair.a.name, pair=pair)
+        if pair.bias is not None:
+            add(f"{pair.module}.bias", pair.bias.name, pair=pair, part="bias")
+    for rows in adapter.tokens:
+        add(f"{rows.module}.weight", rows.values.name, tokens=rows)
+    for name, intent in intents.items():
+        if intent.pair is not None and intent.tokens is not None:
+            raise AdapterError(f"{adapter.file.path}: {name!r} has both a LoRA delta and trainable tokens; "
+                               f"PEFT does not combine them on one module")
+    return intents
+
+
+def _source(base: Checkpoint, adapter: Adapter, name: str, intent: _Intent) -> Operand | None:
+    if intent.replacement is not None:
+        return Operand(adapter.file, intent.replacement, True)
+    shard = base.weight_map.get(name)
+    if shard is None:
+        return None
+    file = next(s for s in base.shards if s.path.name == shard)
+    return Operand(file, file.entry_map()[name], False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    base: Checkpoint
+    adapter: Adapter
+    entries: dict[str, TensorEntry]
+    block_bytes: int
+    rounding: str
+
+    def op(self, name: str, recipe: ties.Recipe) -> TensorOp:
+        source = recipe.source
+        existing = self.entries.get(name)
+        dtype = (existing or source.entry).dtype
+        _check_replacement(name, existing, source, dtype)
+        shape = source.entry.shape
+        rows = shape[0] if shape else 1
+        row_f32 = 4 * math.prod(shape[1:])
+        block_rows = max(1, min(rows, self.block_bytes // max(row_f32, 1)))
+        shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
+        op = TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, False,
+                      recipe.tokens, self.rounding)
+        if recipe.pair is not None:
+            op = dataclasses.replace(op, transpose=_check_pair(op, (self.base.config or {}).get("model_type")))
+        if recipe.tokens is not None:
+            _check_tokens(op)
+        return op
+
+
+def _check_replacement(name: str, existing: TensorEntry | None, source: Operand, dtype: str) -> None:
+    if not source.in_adapter or existing is None:
+        return
+    entry = source.entry
+    if entry.dtype != dtype and not (entry.dtype in FLOAT_DTYPES and dtype in FLOAT_DTYPES):
+        raise MismatchError(f"{name}: adapter tensor {entry.name!r} is {entry.dtype} but the base tensor is "
+                            f"{dtype}; only float tensors can be converted")
+    if len(entry.shape) != len(existing.shape) or entry.shape[1:] != existing.shape[1:]:
+        raise MismatchError(f"{name}: adapter tensor {entry.name!r} has shape {list(entry.shape)}, the base has "
+                            f"{list(existing.shape)}; only the row count (vocabulary) may change")
+
+
+def _check_pair(op: TensorOp, model_type: str | None) -> bool:
+    """Check the factors fit the tensor; return whether the delta is transposed."""
+    pair, shape = op.pair, op.shape
+    if op.dtype not in FLOAT_DTYPES:
+        raise MismatchError(f"{op.name}: base dtype {op.dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
+    if op.part == "bias":
+        if shape != (pair.b.shape[0],) or pair.bias.shape != (pair.b.shape[0],):
+            raise MismatchError(f"{op.name}: bias shape {list(shape)} does not fit {pair.bias.name!r} "
+                                f"{list(pair.bias.shape)}")
+        return False
     out, inp = pair.b.shape[0], pair.a.shape[1]
-    straight, transposed = w.shape == (out, inp), w.shape == (inp, out)
-    if straight and transposed:  # square: shapes cannot tell, the architecture does (PEFT forces it per module)
-        return model_type in CONV1D_MODEL_TYPES
-    if straight or transposed:
-        return transposed
-    raise MismatchError(f"{w.name}: base shape {list(w.shape)} does not fit lora_B {list(pair.b.shape)} @ "
-                        f"lora_A {list(pair.a.shape)} (expected [{out}, {inp}]); is the adapter for another model?")
+    straight, transposed = shape == (out, inp), shape == (inp, out)
+    if pair.kind == "embedding":
+        straight = False
+    elif straight and transposed:  # square: shapes cannot tell, the architecture does (PEFT forces it per module)
+        straight = model_type not in CONV1D_MODEL_TYPES
+    if not (straight or transposed):
+        want = [inp, out] if pair.kind == "embedding" else [out, inp]
+        raise MismatchError(f"{op.name}: shape {list(shape)} does not fit lora_B {list(pair.b.shape)} @ lora_A "
+                            f"{list(pair.a.shape)} (expected {want}); is the adapter for another model?")
+    if pair.magnitude is not None:
+        size = shape[1] if not straight else shape[0]
+        if pair.magnitude.shape != (size,):
+            raise MismatchError(f"{op.name}: DoRA magnitude {pair.magnitude.name!r} has shape "
+                                f"{list(pair.magnitude.shape)}, expected [{size}]")
+    return not straight
 
 
-def _shard_plan(source: TensorFile, merges: dict[str, PlannedMerge]) -> ShardPlan:
-    metadata = dict(source.metadata or {})
-    metadata["format"] = "pt"
-    header = encode_header(source.entries, metadata, pad_to=source.data_offset - 8)
-    return ShardPlan(source, source.path.name, header, merges)
+def _check_tokens(op: TensorOp) -> None:
+    rows, shape = op.tokens, op.shape
+    bad = next((i for i in rows.indices if not 0 <= i < shape[0]), None)
+    if bad is not None:
+        raise MismatchError(f"{op.name}: trainable token id {bad} is outside the {shape[0]} rows of the tensor")
+    if len(shape) != 2 or rows.values.shape[1:] != shape[1:]:
+        raise MismatchError(f"{op.name}: {rows.values.name!r} has shape {list(rows.values.shape)}, rows of "
+                            f"{list(shape[1:])} expected")
 
 
-def _in_data_order(shard: ShardPlan) -> list[PlannedMerge]:
-    return [shard.merges[e.name] for e in shard.source.entries if e.name in shard.merges]
+def _check_untrained_targets(adapter: Adapter, names: NameMap, entries: dict[str, TensorEntry]) -> None:
+    """PEFT injects by config: a targeted module without tensors in the file keeps its initialisation,
+    which is a non-zero delta with init_lora_weights=false or DoRA (spec E1). Refuse those."""
+    config = adapter.config
+    if config.get("init_lora_weights", True) is not False and not config.get("use_dora"):
+        return
+    have = {names(f"{p.module}.weight") for p in adapter.pairs}
+    targeted = [n for n, e in entries.items() if n.endswith(".weight") and len(e.shape) == 2
+                and targets_module(config, n[:-len(".weight")])]
+    missing = [n for n in targeted if n not in have]
+    if missing:
+        why = "init_lora_weights=false" if config.get("init_lora_weights", True) is False else "use_dora=true"
+        raise AdapterError(f"{adapter.root / 'adapter_config.json'}: target_modules covers "
+                           f"{missing[0][:-len('.weight')]!r} ({len(missing)} such modules) but the file has no "
+                           f"factors for it; with {why} PEFT would add a random or non-zero delta there")
 
 
-def _predict_peak(merges: tuple[PlannedMerge, ...], entries: dict[str, TensorEntry]) -> int:
-    """Runtime + the largest merge's working set (compute.Workspace): the factors, raw and in fp32; a read
-    buffer and RING_SIZE output buffers per row block; two fp32 sub-block scratch buffers (<= 2 x 1 MiB
-    unless one row is larger)."""
+def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str, TensorEntry],
+                   tie_info: ties.TieInfo, untied: bool) -> dict | None:
+    config = base.config
+    if config is None:
+        return None
+    updates: dict[str, object] = {}
+    embed = ops.get(tie_info.embed) if tie_info.embed else None
+    head = ops.get(tie_info.head) if tie_info.head else None
+    if embed is not None and head is not None and embed.shape[0] != head.shape[0]:
+        raise MismatchError(f"the merged {tie_info.embed} has {embed.shape[0]} rows but {tie_info.head} has "
+                            f"{head.shape[0]}; the adapter resized one and not the other (spec E3)")
+    if embed is not None and head is None and tie_info.head in entries and not tie_info.tied \
+            and entries[tie_info.head].shape[0] != embed.shape[0]:
+        raise MismatchError(f"the adapter resizes {tie_info.embed} to {embed.shape[0]} rows but carries no "
+                            f"{tie_info.head} (it has {entries[tie_info.head].shape[0]}); PEFT does not save a "
+                            f"resized lm_head with embedding LoRA (spec E3) — add it with modules_to_save")
+    if embed is not None and config.get("vocab_size") not in (None, embed.shape[0]):
+        updates["vocab_size"] = embed.shape[0]
+    if untied:
+        updates["tie_word_embeddings"] = False
+    if not updates:
+        return None
+    return _apply_config(config, updates)
+
+
+def _apply_config(config: dict, updates: dict) -> dict:
+    new = {**config, **updates}
+    if isinstance(config.get("text_config"), dict):
+        new["text_config"] = {**config["text_config"], **updates}
+    return new
+
+
+def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str]) -> tuple[ShardPlan, ...]:
+    """Output shards: the base's names and tensor assignment, new tensors placed after `added[name]`."""
+    shards = []
+    for source in base.shards:
+        names = [e.name for e in source.entries]
+        for new, after in added.items():
+            if after in names:
+                names.insert(names.index(after) + 1, new)
+        shard_ops = {n: ops[n] for n in names if n in ops}
+        unchanged = all(op.shape == source.entry_map()[n].shape and op.dtype == source.entry_map()[n].dtype
+                        for n, op in shard_ops.items() if n in source.entry_map()) and len(names) == len(source.entries)
+        entries = source.entries if unchanged else _pack(names, shard_ops, source.entry_map())
+        metadata = {**(source.metadata or {}), "format": "pt"}
+        header = encode_header(entries, metadata, pad_to=source.data_offset - 8 if unchanged else 0)
+        shards.append(ShardPlan(source.path.name, source, tuple(entries), header, shard_ops))
+    return tuple(shards)
+
+
+def _pack(names: list[str], ops: dict[str, TensorOp], base: dict[str, TensorEntry]) -> list[TensorEntry]:
+    """New offsets, in the reference writer's order (largest element first, then name) so every tensor
+    stays aligned to its element size."""
+    specs = [(n, ops[n].dtype, ops[n].shape) if n in ops else (n, base[n].dtype, base[n].shape) for n in names]
+    specs.sort(key=lambda s: (-DTYPE_BITS[s[1]], s[0]))
+    entries, offset = [], 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        entries.append(TensorEntry(name, dtype, tuple(shape), offset, offset + size))
+        offset += size
+    return entries
+
+
+def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
+    return [shard.ops[e.name] for e in shard.entries if e.name in shard.ops]
+
+
+def _output_bytes(plan: MergePlan) -> int:
+    index = len(json.dumps(plan.index_document(), indent=2)) + 1 if plan.base.index_name else 0
+    side = sum(p.stat().st_size for p in plan.base.side_files)
+    return sum(s.size for s in plan.shards) + side + index
+
+
+def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
+    """Runtime + the largest op's working set (compute.Workspace): the factors, raw and in fp32; a read
+    buffer and RING_SIZE output buffers per row block; fp32 sub-block scratch (2 x 1 MiB unless one row is
+    larger); token rows, and DoRA's norms."""
     worst = 0
-    for m in merges:
-        w = entries[m.name]
-        row_elems = math.prod(w.shape[1:])
-        factors = 3 * 4 * (math.prod(m.pair.a.shape) + math.prod(m.pair.b.shape))
-        scratch = 2 * max(1 << 20, 4 * row_elems)
-        worst = max(worst, factors + (1 + RING_SIZE) * m.block_rows * w.row_bytes + scratch)
+    for op in ops:
+        row_elems = math.prod(op.shape[1:])
+        row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
+        extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
+        extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
+        extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
+        scratch = 3 * max(1 << 20, 4 * row_elems)
+        worst = max(worst, extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch)
     return RUNTIME_BYTES + worst
 
 
@@ -168,25 +407,57 @@ def _render_lines(plan: MergePlan, detail: bool):
     base, adapter = plan.base, plan.adapter
     n_tensors = sum(len(s.source.entries) for s in plan.shards)
     yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {_gb(plan.total_size)})"
-    yield (f"adapter: {adapter.root}  (LoRA r={adapter.config['r']} alpha={adapter.config['lora_alpha']}"
+    dora = " DoRA" if adapter.config.get("use_dora") else ""
+    yield (f"adapter: {adapter.root}  (LoRA{dora} r={adapter.config['r']} alpha={adapter.config['lora_alpha']}"
            f"{' rsLoRA' if adapter.config.get('use_rslora') else ''}, {len(adapter.pairs)} modules)")
+    for old, new in plan.renames:
+        yield f"rename:  adapter names {old}* -> base names {new}*"
     for shard in plan.shards:
-        for e in shard.source.entries:
-            m = shard.merges.get(e.name)
-            if m is not None:
-                t = " transposed" if m.transpose else ""
-                yield f"  merge  {e.name}  r={m.rank} scale={m.scale:.6g}{t}  [{shard.name}]"
+        for e in shard.entries:
+            op = shard.ops.get(e.name)
+            if op is not None:
+                yield f"  {_describe(op)}  [{shard.name}]"
             elif detail:
-                yield f"  copy   {e.name}  [{shard.name}]"
+                yield f"  copy     {e.name}  [{shard.name}]"
     groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
     summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
     yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
+    others = len(plan.ops) - len(plan.merges)
+    if others:
+        yield f"other:   {others} tensors replaced, converted or with token rows set"
     yield f"copied:  {plan.copied} tensors byte-for-byte"
+    if plan.tie:
+        yield f"tied embeddings: {plan.tie}"
+    if plan.config is not None:
+        changed = {k: v for k, v in plan.config.items() if (base.config or {}).get(k) != v and k != "text_config"}
+        yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
+    if plan.rounding != "single":
+        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA)"
     files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0)
     yield f"output:  {_gb(plan.output_bytes)} in {files} files ({', '.join(p.name for p in base.side_files) or 'no side files'})"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
+    if adapter.redundant:
+        yield f"ignored: {len(adapter.redundant)} adapter tensors that duplicate modules_to_save copies"
     yield f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.0f} MiB"
+
+
+def _describe(op: TensorOp) -> str:
+    parts = []
+    if op.source.in_adapter:
+        parts.append(f"from {op.source.entry.name}")
+    elif op.source.entry.name != op.name:
+        parts.append(f"from {op.source.entry.name}")
+    if op.source.entry.dtype != op.dtype:
+        parts.append(f"{op.source.entry.dtype}->{op.dtype}")
+    if op.pair is not None:
+        what = "dora" if op.pair.magnitude is not None else "bias" if op.part == "bias" else op.pair.kind
+        t = " transposed" if op.transpose and op.pair.kind != "embedding" else ""
+        parts.append(f"{what} r={op.rank} scale={op.scale:.6g}{t}")
+    if op.tokens is not None:
+        parts.append(f"{len(op.tokens.indices)} token rows")
+    verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
+    return f"{verb} {op.name}  " + ", ".join(parts)
 
 
 def _gb(n: int) -> str:

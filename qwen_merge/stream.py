@@ -8,6 +8,7 @@ never mapped, so resident memory stays bounded by the row block whatever the sha
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,23 +16,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .compute import Factors, Workspace, as_tensor, make_factors, merge_rows
-from .errors import FormatError
-from .plan import RING_SIZE, PlannedMerge, ShardPlan
-from .tensorfile import TensorEntry
+from .compute import (TORCH_DTYPES, Factors, Workspace, ZeroNormError, add_vector, as_tensor, cast_rows,
+                      column_sumsq, finish_column_norms, make_factors, merge_rows)
+from .errors import FormatError, MismatchError
+from .plan import RING_SIZE, ShardPlan, TensorOp
+from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 
 @dataclass(frozen=True, slots=True)
 class RawSpan:
-    """`length` unchanged bytes at absolute `offset` of the source shard."""
+    """`length` unchanged bytes at absolute `offset` of the file open as `fd` (a base shard or the adapter)."""
 
+    fd: int
     offset: int
     length: int
 
 
 @dataclass(frozen=True, slots=True)
 class MergedBlock:
-    """Merged rows of a tensor; `offset` is the byte offset of the first row inside the tensor.
+    """Computed rows of a tensor; `offset` is the byte offset of the first row inside the tensor.
 
     `rows` views a buffer that is reused: it stays valid while the next block is computed, not longer.
     """
@@ -53,57 +56,135 @@ def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: objec
         done += got
 
 
+class Files:
+    """Read-only descriptors of the input files, opened on first use and closed together."""
+
+    def __init__(self, adapter: TensorFile) -> None:
+        self.adapter, self._fds = adapter, {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 @contextmanager
-def open_sources(shard: ShardPlan, adapter_path: os.PathLike) -> Iterator[tuple[int, int]]:
-    """File descriptors of a source shard and of the adapter weights, closed afterwards."""
-    src = os.open(shard.source.path, os.O_RDONLY)
+def open_files(adapter: TensorFile) -> Iterator[Files]:
+    """Descriptors for one run; `adapter` is the adapter's weights file, where small tensors come from."""
+    files = Files(adapter)
     try:
-        ada = os.open(adapter_path, os.O_RDONLY)
-        try:
-            yield src, ada
-        finally:
-            os.close(ada)
+        yield files
     finally:
-        os.close(src)
-
-
-def shard_pieces(shard: ShardPlan, src: int, ada: int, adapter_data_offset: int, workspace: Workspace
-                 ) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
-    """For each tensor of the shard in data order: the entry and an iterator over its pieces.
-
-    `workspace` (one per run, `new_workspace()`) holds the reused block buffers."""
-    base = shard.source.data_offset
-    for entry in shard.source.entries:
-        merge = shard.merges.get(entry.name)
-        if merge is None:
-            yield entry, iter((RawSpan(base + entry.start, entry.nbytes),))
-        else:
-            yield entry, merged_blocks(entry, merge, src, base, ada, adapter_data_offset, shard.source.path,
-                                       workspace)
+        files.close()
 
 
 def new_workspace() -> Workspace:
     return Workspace(RING_SIZE)
 
 
-def merged_blocks(entry: TensorEntry, merge: PlannedMerge, src: int, base: int, ada: int, ada_base: int,
-                  path: object, workspace: Workspace) -> Iterator[MergedBlock]:
-    """Merge one tensor in row blocks: read rows of W, add the scaled delta, yield the rounded rows."""
-    factors = _load_factors(merge, ada, ada_base)
-    rows_total, row_bytes, row_shape = entry.shape[0], entry.row_bytes, entry.shape[1:]
-    for row0 in range(0, rows_total, merge.block_rows):
-        rows = min(merge.block_rows, rows_total - row0)
-        view = workspace.raw("read", rows * row_bytes)
-        read_exact(src, view, base + entry.start + row0 * row_bytes, path)
-        w_rows = as_tensor(view, entry.dtype, (rows, *row_shape))
-        buffers = workspace.next_block(rows, row_shape, entry.dtype)
-        yield MergedBlock(row0 * row_bytes, merge_rows(w_rows, factors, row0, buffers))
+def shard_pieces(shard: ShardPlan, files: Files, workspace: Workspace) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
+    """For each output tensor of the shard, in output order: its entry and an iterator over its pieces."""
+    base = shard.source.entry_map()
+    for entry in shard.entries:
+        op = shard.ops.get(entry.name)
+        if op is None:
+            yield entry, iter((_span(files, shard.source, base[entry.name]),))
+        elif op.is_raw_copy:
+            yield entry, iter((_span(files, op.source.file, op.source.entry),))
+        else:
+            yield entry, op_blocks(op, files, workspace)
 
 
-def _load_factors(merge: PlannedMerge, ada: int, ada_base: int) -> Factors:
-    def load(e: TensorEntry) -> torch.Tensor:
-        buffer = bytearray(e.nbytes)
-        read_exact(ada, buffer, ada_base + e.start, "adapter weights")
-        return as_tensor(buffer, e.dtype, e.shape)
+def _span(files: Files, file: TensorFile, entry: TensorEntry) -> RawSpan:
+    return RawSpan(files.fd(file.path), file.data_offset + entry.start, entry.nbytes)
 
-    return make_factors(load(merge.pair.a), load(merge.pair.b), merge.pair.scale, merge.transpose)
+
+def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[MergedBlock]:
+    """Compute one tensor in row blocks: read rows of the source, round them to the output dtype if needed,
+    add the delta (and DoRA), overwrite token rows; yield each finished block."""
+    shape = op.shape if len(op.shape) >= 2 else (1, max(math.prod(op.shape), 1))
+    reader = _RowReader(op, files, workspace, shape)
+    if op.pair is not None and op.part == "bias":
+        vector = _load(files, op.pair.bias, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
+        yield MergedBlock(0, add_vector(reader.rows(0, 1), vector, workspace.next_block(1, shape[1:], op.dtype)))
+        return
+    factors = _factors(op, files, reader) if op.pair is not None else None
+    tokens = _tokens(op, files)
+    out_row_bytes = math.prod(shape[1:]) * DTYPE_BITS[op.dtype] // 8
+    for row0 in range(0, shape[0], op.block_rows):
+        rows = min(op.block_rows, shape[0] - row0)
+        w_rows, buffers = reader.rows(row0, rows), workspace.next_block(rows, shape[1:], op.dtype)
+        block = cast_rows(w_rows, buffers) if factors is None else _merge(op, w_rows, factors, row0, buffers)
+        for index, values in tokens:
+            if row0 <= index < row0 + rows:
+                block[index - row0] = values
+        yield MergedBlock(row0 * out_row_bytes, block)
+
+
+class _RowReader:
+    """Rows of an op's source, in the output dtype (a replacement stored in another dtype is rounded
+    first, as loading it into the base parameter does in PEFT)."""
+
+    def __init__(self, op: TensorOp, files: Files, workspace: Workspace, shape: tuple[int, ...]) -> None:
+        self.op, self.workspace, self.shape = op, workspace, shape
+        self.fd, self.file = files.fd(op.source.file.path), op.source.file
+        self.entry = op.source.entry
+        self.row_bytes = math.prod(shape[1:]) * DTYPE_BITS[self.entry.dtype] // 8
+
+    def rows(self, row0: int, rows: int) -> torch.Tensor:
+        view = self.workspace.raw("read", rows * self.row_bytes)
+        read_exact(self.fd, view, self.file.data_offset + self.entry.start + row0 * self.row_bytes, self.file.path)
+        w = as_tensor(view, self.entry.dtype, (rows, *self.shape[1:]))
+        if self.entry.dtype == self.op.dtype:
+            return w
+        return self.workspace.tensor("source", self.op.dtype, w.shape).copy_(w)
+
+
+def _merge(op: TensorOp, w_rows: torch.Tensor, factors: Factors, row0: int, buffers) -> torch.Tensor:
+    try:
+        return merge_rows(w_rows, factors, row0, buffers)
+    except ZeroNormError as e:
+        raise MismatchError(f"{op.name}: DoRA norm of {e.axis} {e.index} of W + ΔW is zero; the merged weight "
+                            f"would be NaN (PEFT has no epsilon either)") from None
+
+
+def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
+    pair = op.pair
+    magnitude = _load(files, pair.magnitude) if pair.magnitude is not None else None
+    round_delta = op.rounding == "peft" and pair.kind == "embedding" and magnitude is None
+    factors = make_factors(_load(files, pair.a), _load(files, pair.b), pair.scale, op.transpose,
+                           round_delta=round_delta, magnitude=magnitude)
+    if magnitude is None or not op.transpose:
+        return factors
+    sumsq = None  # DoRA per column needs every row first: a first pass over the blocks for the norms
+    for row0 in range(0, reader.shape[0], op.block_rows):
+        rows = min(op.block_rows, reader.shape[0] - row0)
+        part = column_sumsq(reader.rows(row0, rows), factors, row0,
+                            reader.workspace.next_block(rows, reader.shape[1:], op.dtype))
+        sumsq = part if sumsq is None else sumsq.add_(part)
+    try:
+        return finish_column_norms(sumsq, factors)
+    except ZeroNormError as e:
+        raise MismatchError(f"{op.name}: DoRA norm of column {e.index} of W + ΔW is zero; the merged weight "
+                            f"would be NaN (PEFT has no epsilon either)") from None
+
+
+def _tokens(op: TensorOp, files: Files) -> list[tuple[int, torch.Tensor]]:
+    if op.tokens is None:
+        return []
+    values = _load(files, op.tokens.values).to(TORCH_DTYPES[op.dtype])  # one rounding of each trained row
+    return list(zip(op.tokens.indices, values))
+
+
+def _load(files: Files, entry: TensorEntry, dtype: str | None = None) -> torch.Tensor:
+    """A whole (small) adapter tensor: factors, magnitudes, biases, token rows."""
+    file = files.adapter
+    buffer = bytearray(entry.nbytes)
+    read_exact(files.fd(file.path), buffer, file.data_offset + entry.start, file.path)
+    tensor = as_tensor(buffer, entry.dtype, entry.shape)
+    return tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor

@@ -12,24 +12,29 @@ ALLOWED = {
     "tensorfile": {"errors"},
     "checkpoint": {"errors", "tensorfile"},
     "adapter": {"errors", "tensorfile", "checkpoint"},
-    "plan": {"errors", "tensorfile", "checkpoint", "adapter"},
+    "names": {"errors"},
+    "ties": {"errors"},
+    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties"},
     "compute": set(),
     "stream": {"errors", "tensorfile", "plan", "compute"},
     "output": {"errors", "compute", "stream"},
-    "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output"},
+    "pickled": {"errors", "adapter"},
+    "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled"},
     "demo": {"merge"},
     "cli": {"errors", "merge", "demo"},
     "__main__": {"cli"},
     "__init__": {"errors", "merge", "plan"},
 }
-TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "plan"}
+TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "plan"}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
     package, external = set(), set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            package.add((node.module or "").split(".")[0])
+        if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
+            package.update(a.name for a in node.names)  # from . import x
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            package.add(node.module.split(".")[0])
         elif isinstance(node, ast.ImportFrom):
             external.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
