@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="output folder (created; must not be inside an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    for p in (plan, merge):
+        p.add_argument("--rounding", choices=("single", "peft"), default="single",
+                       help="single: fp32 accumulation, one rounding (default); peft: PEFT's double rounding "
+                            "where PEFT does it (embedding LoRA), for byte-identical PEFT output")
+        p.add_argument("--map", action="append", default=[], metavar="FROM=TO",
+                       help="rename adapter key prefix FROM to base prefix TO (repeatable)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="read a pickled adapter_model.bin with torch.load(weights_only=True)")
     demo = sub.add_parser("demo", help="build a tiny Qwen3-shaped model and adapter, merge and check them")
     demo.add_argument("--keep", metavar="DIR", help="build in DIR (must not exist) and keep the files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .merge import plan_merge
 
-    print(plan_merge(args.base, args.adapter).render(detail=args.detail))
+    print(plan_merge(args.base, args.adapter, **_options(args)).render(detail=args.detail))
     return 0
 
 
@@ -60,11 +68,22 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_shards
 
     start = time.perf_counter()
-    report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                          **_options(args))
     if not args.quiet:
         print(f"merged {report.merged} tensors, copied {report.copied}; wrote {report.bytes_written / 1e9:.2f} GB "
               f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    key_map = {}
+    for item in args.map:
+        old, sep, new = item.partition("=")
+        if not sep or not old:
+            raise QwenMergeError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
+        key_map[old] = new
+    return {"rounding": args.rounding, "key_map": key_map or None, "allow_pickle": args.allow_pickle}
 
 
 def _demo(args: argparse.Namespace) -> int:

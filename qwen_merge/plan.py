@@ -190,7 +190,7 @@ def _intents(adapter: Adapter, names: NameMap) -> dict[str, _Intent]:
     def add(target: str, key: str, **fields) -> None:
         name = names(target)
         current = intents.get(name, _Intent())
-        for field in fields:
+        for field in fields.keys() - {"part"}:
             if getattr(current, field) is not None:
                 raise AdapterError(f"{adapter.file.path}: {key!r} and another tensor both set the {field} of {name!r}")
         intents[name] = dataclasses.replace(current, **fields)
