@@ -36,6 +36,10 @@ class Checkpoint:
     def entries(self) -> dict[str, TensorEntry]:
         return {e.name: e for shard in self.shards for e in shard.entries}
 
+    def locations(self) -> dict[str, tuple[TensorFile, TensorEntry]]:
+        """tensor name -> (its shard, its entry), built in one pass."""
+        return {e.name: (shard, e) for shard in self.shards for e in shard.entries}
+
 
 def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
     """Open a model folder, an index file or a single `.safetensors` file, reading headers only.

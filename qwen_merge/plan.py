@@ -158,9 +158,10 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
     names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create, describe=wanted.get)
     intents = _intents(adapter, names)
     _check_untrained_targets(adapter, names, entries)
-    recipes = {n: ties.Recipe(_source(base, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
+    where = base.locations()
+    recipes = {n: ties.Recipe(_source(where, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
-                                      lambda name: _source(base, adapter, name, _Intent()))
+                                      lambda name: _source(where, adapter, name, _Intent()))
     ctx = _Context(base, adapter, entries, block_bytes, rounding)
     ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
     config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
@@ -210,14 +211,13 @@ def _intents(adapter: Adapter, names: NameMap) -> dict[str, _Intent]:
     return intents
 
 
-def _source(base: Checkpoint, adapter: Adapter, name: str, intent: _Intent) -> Operand | None:
+def _source(where: dict[str, tuple[TensorFile, TensorEntry]], adapter: Adapter, name: str, intent: _Intent
+            ) -> Operand | None:
     if intent.replacement is not None:
         return Operand(adapter.file, intent.replacement, True)
-    shard = base.weight_map.get(name)
-    if shard is None:
+    if name not in where:
         return None
-    file = next(s for s in base.shards if s.path.name == shard)
-    return Operand(file, file.entry_map()[name], False)
+    return Operand(*where[name], False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,9 +355,10 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str]) -
             if after in names:
                 names.insert(names.index(after) + 1, new)
         shard_ops = {n: ops[n] for n in names if n in ops}
-        unchanged = all(op.shape == source.entry_map()[n].shape and op.dtype == source.entry_map()[n].dtype
-                        for n, op in shard_ops.items() if n in source.entry_map()) and len(names) == len(source.entries)
-        entries = source.entries if unchanged else _pack(names, shard_ops, source.entry_map())
+        own = source.entry_map()
+        unchanged = len(names) == len(source.entries) and all(
+            (op.shape, op.dtype) == (own[n].shape, own[n].dtype) for n, op in shard_ops.items())
+        entries = source.entries if unchanged else _pack(names, shard_ops, own)
         metadata = {**(source.metadata or {}), "format": "pt"}
         header = encode_header(entries, metadata, pad_to=source.data_offset - 8 if unchanged else 0)
         shards.append(ShardPlan(source.path.name, source, tuple(entries), header, shard_ops))
