@@ -28,7 +28,6 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 # Config fields whose presence changes what a merge must compute; each is refused until supported.
 UNSUPPORTED_FIELDS = {
-    "target_parameters": "target_parameters (LoRA on nn.Parameter, e.g. fused MoE experts) is not supported yet",
     "layer_replication": "layer_replication is not supported yet: PEFT's own merge of it is wrong (spec E6); "
                          "merge into a base whose layers were replicated first",
     "use_qalora": "QALoRA cannot be merged (PEFT refuses it too); merge into the unquantized base instead",
@@ -71,6 +70,43 @@ class LoraPair:
 
 
 @dataclass(frozen=True, slots=True)
+class ParamPair:
+    """`target_parameters` LoRA factors on module `module` (e.g. `model.layers.0.mlp.experts`), saved
+    `depth` `.base_layer.` levels deep. Which parameter they belong to is decided by shape in the plan:
+    PEFT nests one wrapper per targeted parameter in registration order, which the file does not record."""
+
+    module: str
+    depth: int
+    a: TensorEntry
+    b: TensorEntry
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertPair:
+    """The part of a fused-expert LoRA that lands on one output tensor (spec peft-semantics.md §3.5).
+
+    `a` is (E·r, in) with rows expert-major (e·r + k); `b` is (out, E·r) with columns rank-major (k·E + e).
+    For one expert's on-disk tensor, `expert` is its index and `rows` the slice of ΔW[e]'s rows it holds
+    (gate = [0, I), up = [I, 2I) of gate_up_proj). For a fused 3-D tensor on disk, `expert` is None and
+    `transposed` says whether it is stored (E, in, out)."""
+
+    module: str
+    param: str
+    a: TensorEntry
+    b: TensorEntry
+    experts: int
+    rank: int
+    alpha: float
+    scale: float
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
+    kind: str = "experts"
+    magnitude: None = None
+    bias: None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TokenRows:
     """Trainable tokens: rows `indices` of `module`.weight are replaced by the rows of `values`."""
 
@@ -91,6 +127,7 @@ class Adapter:
     replacements: dict[str, TensorEntry]
     tokens: tuple[TokenRows, ...]
     redundant: tuple[str, ...]
+    param_pairs: tuple[ParamPair, ...] = ()
 
 
 def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | None = None) -> Adapter:
@@ -183,6 +220,7 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
 
 def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
     factors: dict[str, dict[str, TensorEntry]] = {}
+    params: dict[tuple[str, int], dict[str, TensorEntry]] = {}
     kinds: dict[str, str] = {}
     replacements, tokens, redundant = {}, {}, []
     for entry in file.entries:
@@ -193,7 +231,11 @@ def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
         factor = next(((key[:-len(sfx)], kr) for sfx, kr in FACTOR_SUFFIXES.items() if key.endswith(sfx)), None)
         if factor is not None:
             module, (kind, role) = factor
-            _check_lora_key(file.path, entry.name, module)
+            module, depth = _unnest(module)
+            if _targets_parameter(config, module) and kind == "linear":
+                params.setdefault((module, depth), {})[role] = entry
+                continue
+            _check_lora_key(file.path, entry.name, module, depth)
             factors.setdefault(module, {})[role] = entry
             if kind:
                 kinds[module] = kind
@@ -211,13 +253,48 @@ def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
     pairs = tuple(_pair(file.path, m, parts, kinds.get(m), config) for m, parts in factors.items())
     token_rows = tuple(_token_rows(file.path, m, e, config) for m, e in tokens.items())
     _check_redundant(file.path, redundant, replacements)
-    return Adapter(root, config, file, pairs, replacements, token_rows, tuple(redundant))
+    param_pairs = tuple(_param_pair(file.path, m, d, parts) for (m, d), parts in params.items())
+    return Adapter(root, config, file, pairs, replacements, token_rows, tuple(redundant), param_pairs)
 
 
-def _check_lora_key(path: Path, key: str, module: str) -> None:
-    if ".lora_" in module or module.endswith(".base_layer") and ".lora_" in key:
-        raise AdapterError(f"{path}: tensor {key!r} is a nested LoRA factor (target_parameters or a stacked "
-                           f"adapter), which this version does not merge")
+def _unnest(module: str) -> tuple[str, int]:
+    """Strip trailing `.base_layer` levels (nested ParamWrappers): (owner module, depth)."""
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module[:-len(".base_layer")], depth + 1
+    return module, depth
+
+
+def targeted_parameters(config: dict, module: str) -> list[str]:
+    """Names of the parameters of `module` that `target_parameters` selects (exact or dot-suffix match)."""
+    entries = config.get("target_parameters") or []
+    found = []
+    for entry in entries:
+        param = entry.rsplit(".", 1)[-1]
+        full = f"{module}.{param}"
+        if (full == entry or full.endswith("." + entry)) and param not in found:
+            found.append(param)
+    return found
+
+
+def _targets_parameter(config: dict, module: str) -> bool:
+    return bool(config.get("target_parameters")) and bool(targeted_parameters(config, module))
+
+
+def _param_pair(path: Path, module: str, depth: int, parts: dict[str, TensorEntry]) -> ParamPair:
+    if set(parts) != {"A", "B"}:
+        have = next(iter(parts.values())).name
+        raise AdapterError(f"{path}: {have!r} has no lora_A/lora_B partner")
+    for e in parts.values():
+        if e.dtype not in FLOAT_DTYPES or len(e.shape) != 2:
+            raise AdapterError(f"{path}: tensor {e.name!r} is {e.dtype} {list(e.shape)}; expected a 2-D float factor")
+    return ParamPair(module, depth, parts["A"], parts["B"])
+
+
+def _check_lora_key(path: Path, key: str, module: str, depth: int) -> None:
+    if ".lora_" in module or depth:
+        raise AdapterError(f"{path}: tensor {key!r} is a nested LoRA factor, but the config's target_parameters "
+                           f"does not name a parameter of {module!r}")
 
 
 def _check_redundant(path: Path, redundant: list[str], replacements: dict[str, TensorEntry]) -> None:

@@ -40,6 +40,7 @@ class Factors:
     round_delta: bool = False
     magnitude: torch.Tensor | None = None
     col_norm: torch.Tensor | None = None
+    group_rows: int | None = None  # fused experts: rhs is (E, r, cols) and rows come in groups per expert
 
 
 class ZeroNormError(ArithmeticError):
@@ -139,7 +140,7 @@ def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBu
                   ) -> torch.Tensor:
     """V = fp32(W) + fl32(fl32(lhs @ rhs) · s) for the rows of `w`, in the fp32 scratch buffer."""
     delta = buffers.delta[:w.shape[0]]
-    torch.mm(factors.lhs[row0:row0 + w.shape[0]], factors.rhs, out=delta)  # fl32(B @ A), fp32 accumulation
+    _product(factors, row0, delta)                                         # fl32(B @ A), fp32 accumulation
     if factors.scale != 1.0:
         delta.mul_(factors.scale)                                          # fl32(· fl32(s))
     if factors.round_delta:
@@ -147,6 +148,39 @@ def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBu
     if w.dtype == torch.float32:
         return delta.add_(w)
     return delta.add_(buffers.w32[:w.shape[0]].copy_(w))                   # fp32(W) + Δ, W promoted exactly
+
+
+def _product(factors: Factors, row0: int, out: torch.Tensor) -> None:
+    """out = lhs[row0 : row0 + len(out)] @ rhs, switching rhs at expert boundaries for fused experts."""
+    if factors.group_rows is None:
+        torch.mm(factors.lhs[row0:row0 + out.shape[0]], factors.rhs, out=out)
+        return
+    start, end, g = row0, row0 + out.shape[0], factors.group_rows
+    while start < end:
+        stop = min(end, (start // g + 1) * g)
+        torch.mm(factors.lhs[start:stop], factors.rhs[start // g], out=out[start - row0:stop - row0])
+        start = stop
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, rank: int, *,
+                   expert: int | None, rows: tuple[int, int] | None, transposed: bool, round_delta: bool
+                   ) -> Factors:
+    """Factors for a fused-expert LoRA (spec §3.5): A (E·r, in) rows expert-major, B (out, E·r) columns
+    rank-major, ΔW[e] = s · B_e @ A_e. For one expert's tensor: rows `rows` of ΔW[e]. For a fused 3-D tensor
+    (E, out, in), or (E, in, out) when `transposed`: all experts, grouped by expert."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    inp, out = a32.shape[1], b32.shape[0]
+    a_e = a32.view(experts, rank, inp)                 # [e] = A_e (r, in)
+    b_e = b32.view(out, rank, experts).permute(2, 0, 1)  # [e] = B_e (out, r)
+    if expert is not None:
+        lhs, rhs, group = b_e[expert, rows[0]:rows[1]], a_e[expert], None
+    elif transposed:
+        lhs, rhs, group = a_e.transpose(1, 2).reshape(experts * inp, rank), b_e.transpose(1, 2), inp
+    else:
+        lhs, rhs, group = b_e.reshape(experts * out, rank), a_e, out
+    if math.frexp(scale)[0] == 0.5:
+        lhs, scale = lhs * scale, 1.0
+    return Factors(lhs.contiguous(), rhs.contiguous(), scale, round_delta, group_rows=group)
 
 
 def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ties
+from . import experts, ties
 from .adapter import PREFIX, Adapter, LoraPair, TokenRows, targets_module
 from .checkpoint import Checkpoint
 from .errors import AdapterError, MismatchError
@@ -157,6 +158,11 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
     wanted = _wanted(adapter)
     names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create, describe=wanted.get)
     intents = _intents(adapter, names)
+    for name, intent in experts.expert_intents(adapter, names, entries).items():
+        if name in intents:
+            raise AdapterError(f"{adapter.file.path}: {name!r} gets both a per-module LoRA and a target_parameters "
+                               f"LoRA; PEFT applies one adapter kind per module")
+        intents[name] = _Intent(pair=intent)
     _check_untrained_targets(adapter, names, entries)
     where = base.locations()
     recipes = {n: ties.Recipe(_source(where, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
@@ -264,6 +270,8 @@ def _check_pair(op: TensorOp, model_type: str | None) -> bool:
     pair, shape = op.pair, op.shape
     if op.dtype not in FLOAT_DTYPES:
         raise MismatchError(f"{op.name}: base dtype {op.dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
+    if pair.kind == "experts":
+        return pair.transposed  # shapes were matched when the expert LoRA was assigned
     if op.part == "bias":
         if shape != (pair.b.shape[0],) or pair.bias.shape != (pair.b.shape[0],):
             raise MismatchError(f"{op.name}: bias shape {list(shape)} does not fit {pair.bias.name!r} "
@@ -410,16 +418,11 @@ def _render_lines(plan: MergePlan, detail: bool):
     yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {_gb(plan.total_size)})"
     dora = " DoRA" if adapter.config.get("use_dora") else ""
     yield (f"adapter: {adapter.root}  (LoRA{dora} r={adapter.config['r']} alpha={adapter.config['lora_alpha']}"
-           f"{' rsLoRA' if adapter.config.get('use_rslora') else ''}, {len(adapter.pairs)} modules)")
+           f"{' rsLoRA' if adapter.config.get('use_rslora') else ''}, {len(adapter.pairs)} modules"
+           f"{f', {len(adapter.param_pairs)} target_parameters pairs' if adapter.param_pairs else ''})")
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
-    for shard in plan.shards:
-        for e in shard.entries:
-            op = shard.ops.get(e.name)
-            if op is not None:
-                yield f"  {_describe(op)}  [{shard.name}]"
-            elif detail:
-                yield f"  copy     {e.name}  [{shard.name}]"
+    yield from _tensor_lines(plan, detail)
     groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
     summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
     yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
@@ -443,22 +446,44 @@ def _render_lines(plan: MergePlan, detail: bool):
     yield f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.0f} MiB"
 
 
-def _describe(op: TensorOp) -> str:
+EXPERT_INDEX = re.compile(r"\.(experts)\.\d+\.")
+
+
+def _tensor_lines(plan: MergePlan, detail: bool):
+    """One line per tensor; without `detail`, tensors that differ only in their expert index share a line
+    (a 30B-A3B plan is 144 expert lines instead of 18,432) and copies are only counted."""
+    if detail:
+        for shard in plan.shards:
+            for e in shard.entries:
+                op = shard.ops.get(e.name)
+                yield f"  {_describe(op) if op else 'copy     ' + e.name}  [{shard.name}]"
+        return
+    groups: dict[tuple[str, str], list[TensorOp]] = {}
+    for op in plan.ops:
+        pattern = EXPERT_INDEX.sub(r".\1.*.", op.name)
+        groups.setdefault((pattern, _describe(op, pattern)), []).append(op)
+    for (pattern, text), ops in groups.items():
+        shards = sorted({op.shard for op in ops})
+        count = f"  x{len(ops)} experts" if len(ops) > 1 else ""
+        yield f"  {text}{count}  [{', '.join(shards)}]"
+
+
+def _describe(op: TensorOp, name: str | None = None) -> str:
     parts = []
-    if op.source.in_adapter:
-        parts.append(f"from {op.source.entry.name}")
-    elif op.source.entry.name != op.name:
+    if op.source.in_adapter or op.source.entry.name != op.name:
         parts.append(f"from {op.source.entry.name}")
     if op.source.entry.dtype != op.dtype:
         parts.append(f"{op.source.entry.dtype}->{op.dtype}")
     if op.pair is not None:
         what = "dora" if op.pair.magnitude is not None else "bias" if op.part == "bias" else op.pair.kind
+        if what == "experts" and op.pair.experts == 1:
+            what = f"parameter {op.pair.param}"
         t = " transposed" if op.transpose and op.pair.kind != "embedding" else ""
         parts.append(f"{what} r={op.rank} scale={op.scale:.6g}{t}")
     if op.tokens is not None:
         parts.append(f"{len(op.tokens.indices)} token rows")
     verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
-    return f"{verb} {op.name}  " + ", ".join(parts)
+    return f"{verb} {name or op.name}  " + ", ".join(parts)
 
 
 def _gb(n: int) -> str:

@@ -14,7 +14,8 @@ ALLOWED = {
     "adapter": {"errors", "tensorfile", "checkpoint"},
     "names": {"errors"},
     "ties": {"errors"},
-    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties"},
+    "experts": {"errors", "tensorfile", "adapter"},
+    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts"},
     "compute": set(),
     "stream": {"errors", "tensorfile", "plan", "compute"},
     "output": {"errors", "compute", "stream"},
@@ -25,7 +26,7 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"errors", "merge", "plan"},
 }
-TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "plan"}
+TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan"}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:

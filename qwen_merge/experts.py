@@ -1,0 +1,112 @@
+"""Fused-expert LoRA (`target_parameters`, PEFT >= 0.17 on transformers 5) onto the checkpoint on disk.
+
+In memory transformers 5 holds a Qwen3-MoE layer's experts fused: `experts.gate_up_proj` (E, 2I, H) and
+`experts.down_proj` (E, H, I). Checkpoints on disk usually keep one tensor per expert
+(`experts.{e}.{gate,up,down}_proj.weight`; Mixtral: `w1`, `w3`, `w2`), sometimes fused 3-D tensors, some
+stored transposed (E, in, out). The layout is read from the shard's names and shapes, never assumed.
+
+PEFT nests one wrapper per targeted parameter in the order the model class registers them, which the
+file does not record, so each saved (A, B) pair is assigned to the parameter its shapes fit: A's width is
+the parameter's input size, B's height its output size. None or several fitting is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .adapter import Adapter, ExpertPair, ParamPair, module_scale, targeted_parameters
+from .errors import MismatchError
+from .tensorfile import TensorEntry
+
+# A fused parameter name -> the per-expert tensors it is split into, in row order (one name = no split).
+PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+
+def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[str, TensorEntry]
+                   ) -> dict[str, ExpertPair]:
+    """On-disk tensor name -> the ExpertPair that lands on it, for every target_parameters pair."""
+    by_module: dict[str, list[ParamPair]] = {}
+    for pp in adapter.param_pairs:
+        by_module.setdefault(pp.module, []).append(pp)
+    found: dict[str, ExpertPair] = {}
+    for module, pairs in by_module.items():
+        disk = names(module)
+        layouts = {param: _layout(disk, param, entries) for param in targeted_parameters(adapter.config, module)}
+        for pp in pairs:
+            param = _assign(pp, layouts, adapter)
+            found.update(_split(pp, param, layouts[param], adapter))
+            layouts.pop(param)
+    return found
+
+
+class _Layout:
+    """Where a fused parameter lives on disk: per-expert tensors (names per expert) or one 3-D tensor."""
+
+    def __init__(self, experts: int, inp: int, out: int, per_expert: list[tuple[str, ...]] | None,
+                 fused: str | None, transposed: bool, part_rows: tuple[int, ...]) -> None:
+        self.experts, self.inp, self.out = experts, inp, out
+        self.per_expert, self.fused, self.transposed, self.part_rows = per_expert, fused, transposed, part_rows
+
+
+def _layout(module: str, param: str, entries: dict[str, TensorEntry]) -> _Layout:
+    fused = entries.get(f"{module}.{param}")
+    if fused is not None and len(fused.shape) == 2:  # a plain 2-D parameter (e.g. the MoE router's weight)
+        out, inp = fused.shape
+        return _Layout(1, inp, out, [(fused.name,)], None, False, (out,))
+    if fused is not None and len(fused.shape) == 3:
+        e, d1, d2 = fused.shape
+        return _Layout(e, d2, d1, None, fused.name, False, (d1,))  # orientation settled by the factors
+    for parts in PER_EXPERT.get(param, ()):
+        experts = _count_experts(module, parts, entries)
+        if experts:
+            names = [tuple(f"{module}.{e}.{p}.weight" for p in parts) for e in range(experts)]
+            shapes = [entries[n].shape for n in names[0]]
+            if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+                break
+            rows = tuple(s[0] for s in shapes)
+            return _Layout(experts, shapes[0][1], sum(rows), names, None, False, rows)
+    raise MismatchError(f"target_parameters names {module}.{param}, but the base has neither a 3-D tensor "
+                        f"{module}.{param} nor per-expert tensors {module}.<e>.<proj>.weight for it")
+
+
+def _count_experts(module: str, parts: tuple[str, ...], entries: dict[str, TensorEntry]) -> int:
+    pattern = re.compile(re.escape(module) + r"\.(\d+)\." + re.escape(parts[0]) + r"\.weight$")
+    indices = sorted(int(m.group(1)) for n in entries if n.startswith(module) and (m := pattern.match(n)))
+    if indices != list(range(len(indices))):
+        return 0
+    if not all(f"{module}.{e}.{p}.weight" in entries for e in indices for p in parts):
+        return 0
+    return len(indices)
+
+
+def _assign(pp: ParamPair, layouts: dict[str, _Layout], adapter: Adapter) -> str:
+    inp, out = pp.a.shape[1], pp.b.shape[0]
+    fits = [p for p, lay in layouts.items() if (lay.inp, lay.out) == (inp, out)
+            or lay.fused and (lay.out, lay.inp) == (inp, out)]
+    if len(fits) != 1:
+        what = "no" if not fits else "more than one"
+        raise MismatchError(f"{adapter.file.path}: {pp.a.name!r} (in={inp}) / {pp.b.name!r} (out={out}) fit {what} "
+                            f"targeted parameter of {pp.module!r} ({', '.join(layouts) or 'none left'})")
+    return fits[0]
+
+
+def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter) -> dict[str, ExpertPair]:
+    rank, alpha, scale = module_scale(adapter.config, f"{pp.module}.{param}")
+    if pp.a.shape[0] != lay.experts * rank or pp.b.shape[1] != lay.experts * rank:
+        raise MismatchError(f"{adapter.file.path}: {pp.a.name!r} {list(pp.a.shape)} / {pp.b.name!r} "
+                            f"{list(pp.b.shape)}: expected {lay.experts} experts x r={rank} = "
+                            f"{lay.experts * rank} rank rows for {pp.module}.{param}")
+    base = dict(module=pp.module, param=param, a=pp.a, b=pp.b, experts=lay.experts, rank=rank,
+                alpha=float(alpha), scale=scale)
+    if lay.fused is not None:
+        transposed = (lay.inp, lay.out) != (pp.a.shape[1], pp.b.shape[0])
+        return {lay.fused: ExpertPair(**base, transposed=transposed)}
+    found = {}
+    for e, tensor_names in enumerate(lay.per_expert):
+        start = 0
+        for name, rows in zip(tensor_names, lay.part_rows):
+            found[name] = ExpertPair(**base, expert=e, rows=(start, start + rows))
+            start += rows
+    return found
+
