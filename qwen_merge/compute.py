@@ -107,7 +107,7 @@ class Workspace:
         return memoryview(buffer)[:nbytes]
 
     def tensor(self, role: str, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        nbytes = math.prod(shape) * TORCH_DTYPES[dtype].itemsize
         return as_tensor(self.raw(role, nbytes), dtype, shape)
 
     def next_block(self, rows: int, row_shape: tuple[int, ...], dtype: str) -> BlockBuffers:

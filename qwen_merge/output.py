@@ -20,6 +20,7 @@ from .errors import OutputError
 from .stream import Piece, RawSpan
 
 COPY_CHUNK = 64 << 20
+INLINE_WRITE_BYTES = 256 << 10
 
 
 def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
@@ -75,7 +76,10 @@ def write_shard(path: Path, header: bytes, pieces: Iterable[Piece],
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-write") as pool:
             in_flight: list[Future] = []
 
-            def submit(job: Callable[[], None]) -> None:
+            def submit(job: Callable[[], None], nbytes: int) -> None:
+                if nbytes < INLINE_WRITE_BYTES:
+                    job()  # handing a small write to the thread costs more than doing it
+                    return
                 if in_flight:
                     in_flight.pop().result()  # re-raises a failed write here, before more work is done
                 in_flight.append(pool.submit(job))
@@ -89,14 +93,15 @@ def write_shard(path: Path, header: bytes, pieces: Iterable[Piece],
 
 
 def _write_pieces(fd: int, header: bytes, pieces: Iterable[Piece], path: Path,
-                  submit: Callable[[Callable[[], None]], None], on_bytes: Callable[[int], None]) -> int:
+                  submit: Callable[[Callable[[], None], int], None], on_bytes: Callable[[int], None]) -> int:
     _write_all(fd, memoryview(header), 0, path)
     pos, pending = len(header), None  # pending: a RawSpan of unchanged bytes not yet copied
 
     def flush() -> None:
         nonlocal pos
         if pending:
-            submit(partial(_copy_span, pending.fd, fd, pending.offset, pos, pending.length, path, on_bytes))
+            submit(partial(_copy_span, pending.fd, fd, pending.offset, pos, pending.length, path, on_bytes),
+                   pending.length)
             pos += pending.length
 
     for piece in pieces:
@@ -110,7 +115,7 @@ def _write_pieces(fd: int, header: bytes, pieces: Iterable[Piece], path: Path,
             flush()
             pending = None
             data = tensor_bytes(piece.rows)
-            submit(partial(_write_block, fd, data, pos, path, on_bytes))
+            submit(partial(_write_block, fd, data, pos, path, on_bytes), len(data))
             pos += len(data)
     flush()
     return pos
