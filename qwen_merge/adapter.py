@@ -329,6 +329,12 @@ def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | No
                             f"r={rank} (r / rank_pattern); the scale alpha/r would be wrong")
     if "bias" in parts and kind == "embedding":
         raise AdapterError(f"{path}: {parts['bias'].name!r}: a LoRA bias on an embedding does not exist in PEFT")
+    if config.get("use_dora") and "magnitude" not in parts:
+        raise AdapterError(f"{path}: use_dora is set but module {module!r} has no lora_magnitude_vector; "
+                           f"without it the DoRA merge is undefined (spec E17)")
+    if "magnitude" in parts and not config.get("use_dora"):
+        raise AdapterError(f"{path}: {parts['magnitude'].name!r} is a DoRA magnitude but the config's use_dora "
+                           f"is false; cannot tell which the adapter was trained with")
     if "bias" in parts and "magnitude" in parts:
         raise AdapterError(f"{path}: module {module!r} has both DoRA and a LoRA bias, which PEFT cannot merge")
     return LoraPair(module, kind or "linear", a, b, rank, float(alpha), scale, parts.get("magnitude"),

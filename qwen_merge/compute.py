@@ -162,25 +162,39 @@ def _product(factors: Factors, row0: int, out: torch.Tensor) -> None:
         start = stop
 
 
-def expert_factors(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, rank: int, *,
-                   expert: int | None, rows: tuple[int, int] | None, transposed: bool, round_delta: bool
-                   ) -> Factors:
-    """Factors for a fused-expert LoRA (spec §3.5): A (E·r, in) rows expert-major, B (out, E·r) columns
-    rank-major, ΔW[e] = s · B_e @ A_e. For one expert's tensor: rows `rows` of ΔW[e]. For a fused 3-D tensor
-    (E, out, in), or (E, in, out) when `transposed`: all experts, grouped by expert."""
+@dataclass(frozen=True, slots=True)
+class ExpertFactors:
+    """A fused-expert LoRA rearranged once per layer: `lhs[e]` = s·B_e (out, r), `rhs[e]` = A_e (r, in),
+    both contiguous so every expert's factors are views (spec §3.5: A rows expert-major, e·r + k;
+    B columns rank-major, k·E + e). `scale` is what is left to apply after the product (1.0 if folded)."""
+
+    lhs: torch.Tensor
+    rhs: torch.Tensor
+    scale: float
+
+
+def split_experts(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, rank: int) -> ExpertFactors:
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    inp, out = a32.shape[1], b32.shape[0]
-    a_e = a32.view(experts, rank, inp)                 # [e] = A_e (r, in)
-    b_e = b32.view(out, rank, experts).permute(2, 0, 1)  # [e] = B_e (out, r)
+    a_e = a32.view(experts, rank, a32.shape[1]).contiguous()
+    b_e = b32.view(b32.shape[0], rank, experts).permute(2, 0, 1)
+    if math.frexp(scale)[0] == 0.5:  # exact, see make_factors
+        b_e, scale = b_e * scale, 1.0
+    return ExpertFactors(b_e.contiguous(), a_e, scale)
+
+
+def expert_factors(split: ExpertFactors, *, expert: int | None, rows: tuple[int, int] | None,
+                   transposed: bool, round_delta: bool) -> Factors:
+    """Factors for one expert's tensor (rows `rows` of ΔW[e] = s·B_e @ A_e), or for a fused 3-D tensor
+    (E, out, in) — (E, in, out) when `transposed` — with every expert, grouped by expert."""
+    experts, out, rank = split.lhs.shape
     if expert is not None:
-        lhs, rhs, group = b_e[expert, rows[0]:rows[1]], a_e[expert], None
-    elif transposed:
-        lhs, rhs, group = a_e.transpose(1, 2).reshape(experts * inp, rank), b_e.transpose(1, 2), inp
-    else:
-        lhs, rhs, group = b_e.reshape(experts * out, rank), a_e, out
-    if math.frexp(scale)[0] == 0.5:
-        lhs, scale = lhs * scale, 1.0
-    return Factors(lhs.contiguous(), rhs.contiguous(), scale, round_delta, group_rows=group)
+        return Factors(split.lhs[expert, rows[0]:rows[1]], split.rhs[expert], split.scale, round_delta)
+    if transposed:
+        inp = split.rhs.shape[2]
+        lhs = split.rhs.transpose(1, 2).reshape(experts * inp, rank)
+        return Factors(lhs.contiguous(), split.lhs.transpose(1, 2).contiguous(), split.scale, round_delta,
+                       group_rows=inp)
+    return Factors(split.lhs.reshape(experts * out, rank), split.rhs, split.scale, round_delta, group_rows=out)
 
 
 def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:

@@ -30,9 +30,11 @@ def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[
     for pp in adapter.param_pairs:
         by_module.setdefault(pp.module, []).append(pp)
     found: dict[str, ExpertPair] = {}
+    experts = _expert_index(entries) if by_module else {}
     for module, pairs in by_module.items():
         disk = names(module)
-        layouts = {param: _layout(disk, param, entries) for param in targeted_parameters(adapter.config, module)}
+        layouts = {param: _layout(disk, param, entries, experts)
+                   for param in targeted_parameters(adapter.config, module)}
         for pp in pairs:
             param = _assign(pp, layouts, adapter)
             found.update(_split(pp, param, layouts[param], adapter))
@@ -49,7 +51,21 @@ class _Layout:
         self.per_expert, self.fused, self.transposed, self.part_rows = per_expert, fused, transposed, part_rows
 
 
-def _layout(module: str, param: str, entries: dict[str, TensorEntry]) -> _Layout:
+def _expert_index(entries: dict[str, TensorEntry]) -> dict[tuple[str, str], list[int]]:
+    """(module, projection) -> expert indices present, from one pass over the tensor names."""
+    index: dict[tuple[str, str], list[int]] = {}
+    for name in entries:
+        found = EXPERT_NAME.match(name)
+        if found:
+            index.setdefault((found.group(1), found.group(3)), []).append(int(found.group(2)))
+    return index
+
+
+EXPERT_NAME = re.compile(r"(.+)\.(\d+)\.([^.]+)\.weight$")
+
+
+def _layout(module: str, param: str, entries: dict[str, TensorEntry],
+            experts: dict[tuple[str, str], list[int]]) -> _Layout:
     fused = entries.get(f"{module}.{param}")
     if fused is not None and len(fused.shape) == 2:  # a plain 2-D parameter (e.g. the MoE router's weight)
         out, inp = fused.shape
@@ -58,8 +74,9 @@ def _layout(module: str, param: str, entries: dict[str, TensorEntry]) -> _Layout
         e, d1, d2 = fused.shape
         return _Layout(e, d2, d1, None, fused.name, False, (d1,))  # orientation settled by the factors
     for parts in PER_EXPERT.get(param, ()):
-        experts = _count_experts(module, parts, entries)
-        if experts:
+        count = _count_experts(module, parts, experts)
+        if count:
+            experts = count
             names = [tuple(f"{module}.{e}.{p}.weight" for p in parts) for e in range(experts)]
             shapes = [entries[n].shape for n in names[0]]
             if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
@@ -70,14 +87,12 @@ def _layout(module: str, param: str, entries: dict[str, TensorEntry]) -> _Layout
                         f"{module}.{param} nor per-expert tensors {module}.<e>.<proj>.weight for it")
 
 
-def _count_experts(module: str, parts: tuple[str, ...], entries: dict[str, TensorEntry]) -> int:
-    pattern = re.compile(re.escape(module) + r"\.(\d+)\." + re.escape(parts[0]) + r"\.weight$")
-    indices = sorted(int(m.group(1)) for n in entries if n.startswith(module) and (m := pattern.match(n)))
-    if indices != list(range(len(indices))):
+def _count_experts(module: str, parts: tuple[str, ...], experts: dict[tuple[str, str], list[int]]) -> int:
+    """E when every projection in `parts` exists for experts 0..E-1 of `module`, else 0."""
+    found = [sorted(experts.get((module, p), [])) for p in parts]
+    if not found[0] or found[0] != list(range(len(found[0]))) or any(f != found[0] for f in found):
         return 0
-    if not all(f"{module}.{e}.{p}.weight" in entries for e in indices for p in parts):
-        return 0
-    return len(indices)
+    return len(found[0])
 
 
 def _assign(pp: ParamPair, layouts: dict[str, _Layout], adapter: Adapter) -> str:

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import re
+
+import numpy
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +169,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
     where = base.locations()
     recipes = {n: ties.Recipe(_source(where, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
-                                      lambda name: _source(where, adapter, name, _Intent()))
+                                      lambda name: _source(where, adapter, name, _Intent()),
+                                      lambda x, y, transposed: _same_values(adapter.file, x, y, transposed))
     ctx = _Context(base, adapter, entries, block_bytes, rounding)
     ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
     config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
@@ -251,6 +254,28 @@ class _Context:
         if recipe.tokens is not None:
             _check_tokens(op)
         return op
+
+
+def _same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bool) -> bool:
+    """Whether two adapter tensors hold the same values (bit for bit), `y` read transposed. Reads their
+    bytes: the one place planning looks at tensor data, for the tied-embedding signature."""
+    if x.dtype != y.dtype or x.shape != (y.shape[::-1] if transposed else y.shape):
+        return False
+    if not transposed:
+        return all(a == b for a, b in zip(_chunks(file, x), _chunks(file, y)))
+    bits = {1: numpy.uint8, 2: numpy.uint16, 4: numpy.uint32, 8: numpy.uint64}[DTYPE_BITS[x.dtype] // 8]
+    with open(file.path, "rb") as f:
+        def read(e: TensorEntry) -> numpy.ndarray:
+            f.seek(file.data_offset + e.start)
+            return numpy.frombuffer(f.read(e.nbytes), dtype=bits).reshape(e.shape)
+        return bool(numpy.array_equal(read(x), read(y).T))
+
+
+def _chunks(file: TensorFile, e: TensorEntry, size: int = 16 << 20):
+    with open(file.path, "rb") as f:
+        for start in range(e.start, e.end, size):
+            f.seek(file.data_offset + start)
+            yield f.read(min(size, e.end - start))
 
 
 def _check_replacement(name: str, existing: TensorEntry | None, source: Operand, dtype: str) -> None:

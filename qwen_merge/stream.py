@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .compute import (TORCH_DTYPES, Factors, Workspace, ZeroNormError, add_vector, as_tensor, cast_rows,
-                      column_sumsq, expert_factors, finish_column_norms, make_factors, merge_rows)
+from .adapter import ExpertPair
+from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormError, add_vector, as_tensor,
+                      cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors, merge_rows,
+                      split_experts)
 from .errors import FormatError, MismatchError
 from .plan import RING_SIZE, ShardPlan, TensorOp
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
@@ -45,7 +47,7 @@ class MergedBlock:
 
 
 Piece = RawSpan | MergedBlock
-CACHED_FACTORS = 4  # a layer's gate_up and down factor pairs
+CACHED_FACTORS = 4  # split fused-expert LoRAs kept: a layer's gate_up and down, and the next layer's
 
 
 def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: object) -> None:
@@ -64,13 +66,16 @@ class Files:
     def __init__(self, adapter: TensorFile) -> None:
         self.adapter, self._fds, self._cache = adapter, {}, {}
 
-    def cached(self, entry: TensorEntry) -> torch.Tensor:
-        """An adapter tensor as fp32, kept while the next few tensors use it (fused experts share factors)."""
-        if entry.name not in self._cache:
+    def experts(self, pair: ExpertPair) -> ExpertFactors:
+        """A fused-expert LoRA split per expert, kept while the next tensors use it (the experts of a layer
+        are stored together, so a few entries suffice)."""
+        key = (pair.a.name, pair.b.name)
+        if key not in self._cache:
             if len(self._cache) >= CACHED_FACTORS:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[entry.name] = _load(self, entry, "F32")
-        return self._cache[entry.name]
+            self._cache[key] = split_experts(_load(self, pair.a), _load(self, pair.b), pair.scale, pair.experts,
+                                             pair.rank)
+        return self._cache[key]
 
     def fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -165,10 +170,9 @@ def _merge(op: TensorOp, w_rows: torch.Tensor, factors: Factors, row0: int, buff
 
 def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
     pair = op.pair
-    if pair.kind == "experts":  # the fused factors serve every expert of a layer: load them once
-        return expert_factors(files.cached(pair.a), files.cached(pair.b), pair.scale, pair.experts, pair.rank,
-                              expert=pair.expert, rows=pair.rows, transposed=pair.transposed,
-                              round_delta=op.rounding == "peft")
+    if pair.kind == "experts":  # the fused factors serve every expert of a layer: split them once
+        return expert_factors(files.experts(pair), expert=pair.expert, rows=pair.rows,
+                              transposed=pair.transposed, round_delta=op.rounding == "peft")
     magnitude = _load(files, pair.magnitude) if pair.magnitude is not None else None
     round_delta = op.rounding == "peft" and pair.kind == "embedding" and magnitude is None
     factors = make_factors(_load(files, pair.a), _load(files, pair.b), pair.scale, op.transpose,

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MismatchError
 
 EMBED_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
                "language_model.model.embed_tokens.weight", "transformer.wte.weight")
@@ -71,16 +70,17 @@ class TieInfo:
         return self.tied and not self.head_stored and target.endswith(HEAD_NAMES[0])
 
 
-def decide(info: TieInfo, recipes: dict[str, Recipe], config: dict, base_operand: Callable[[str], Any]
-           ) -> tuple[dict[str, Recipe], dict[str, str], str | None]:
+def decide(info: TieInfo, recipes: dict[str, Recipe], config: dict, base_operand: Callable[[str], Any],
+           same_values: Callable[[Any, Any, bool], bool]) -> tuple[dict[str, Recipe], dict[str, str], str | None]:
     """Return the final recipes, new tensors (name -> the tensor they are stored after) and the decision.
 
-    `base_operand(name)` gives the base checkpoint's tensor `name` as a recipe source."""
+    `base_operand(name)` gives the base checkpoint's tensor `name` as a recipe source; `same_values(x, y,
+    transposed)` compares two adapter tensors' values (y transposed)."""
     head = info.head
     if not info.tied or (info.embed not in recipes and head not in recipes):
         return recipes, {}, None
     e = recipes.get(info.embed) or Recipe(base_operand(info.embed))
-    h = _head_recipe(e, recipes.get(head), config)
+    h = _head_recipe(e, recipes.get(head), config, same_values)
     recipes = {n: r for n, r in recipes.items() if n != head}
     if e.key() == h.key():
         if info.head_stored:
@@ -95,23 +95,27 @@ def decide(info: TieInfo, recipes: dict[str, Recipe], config: dict, base_operand
                             f"separately and tie_word_embeddings is set to false")
 
 
-def _head_recipe(e: Recipe, h: Recipe | None, config: dict) -> Recipe:
+def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: Callable[[Any, Any, bool], bool]
+                 ) -> Recipe:
     """lm_head in the unmerged model: its own saved matrix, else the embedding's source; its own LoRA;
-    the embedding's trainable-token rows (PEFT ties that wrapper)."""
+    the embedding's trainable-token rows (PEFT ties that wrapper).
+
+    With `ensure_weight_tying`, PEFT saves lm_head's factors as the embedding's, transposed, and the shared
+    matrix under both names. The signature is the values, not the flag: after training the saved copies
+    can differ, and then PEFT's unmerged model uses lm_head's own (spec §7)."""
     own_source = h is not None and h.source is not None and h.source.in_adapter
     source = h.source if own_source else e.source
     pair = h.pair if h is not None else None
     tokens = (h.tokens if h is not None else None) or e.tokens
-    if config.get("ensure_weight_tying"):
-        if pair is not None and e.pair is not None:
-            _check_transposed_factors(e.pair, pair)
-            pair = e.pair  # lm_head's factors are the embedding's, transposed: the same delta, applied once
-        if own_source and e.source.in_adapter:
-            source = e.source  # PEFT saved the shared trained matrix under both names
+    if pair is not None and e.pair is not None and _transposed_twins(e.pair, pair, same_values):
+        pair = e.pair  # the same delta: apply it once
+    if own_source and e.source.in_adapter and e.source.entry.shape == source.entry.shape \
+            and same_values(e.source.entry, source.entry, False):
+        source = e.source  # one trained matrix saved under both names
     return Recipe(source, pair, "weight", tokens)
 
 
-def _check_transposed_factors(embed_pair: Any, head_pair: Any) -> None:
+def _transposed_twins(embed_pair: Any, head_pair: Any, same_values: Callable[[Any, Any, bool], bool]) -> bool:
     if head_pair.a.shape != embed_pair.b.shape[::-1] or head_pair.b.shape != embed_pair.a.shape[::-1]:
-        raise MismatchError(f"ensure_weight_tying is set but {head_pair.a.name!r} {list(head_pair.a.shape)} is not "
-                            f"the transpose of {embed_pair.b.name!r} {list(embed_pair.b.shape)}")
+        return False
+    return same_values(head_pair.a, embed_pair.b, True) and same_values(head_pair.b, embed_pair.a, True)
