@@ -17,7 +17,7 @@ ALLOWED = {
     "experts": {"errors", "tensorfile", "adapter"},
     "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts"},
     "compute": set(),
-    "stream": {"errors", "tensorfile", "plan", "compute"},
+    "stream": {"errors", "tensorfile", "adapter", "plan", "compute"},
     "output": {"errors", "compute", "stream"},
     "pickled": {"errors", "adapter"},
     "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled"},
