@@ -35,11 +35,32 @@ def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[
         disk = names(module)
         layouts = {param: _layout(disk, param, entries, experts)
                    for param in targeted_parameters(adapter.config, module)}
+        assigned = []
         for pp in pairs:
             param = _assign(pp, layouts, adapter)
-            found.update(_split(pp, param, layouts[param], adapter))
-            layouts.pop(param)
+            assigned.append((pp, param, layouts.pop(param)))
+        orientation = _module_orientation(assigned)
+        for pp, param, lay in assigned:
+            found.update(_split(pp, param, lay, adapter, orientation))
     return found
+
+
+def _orientation(pp: ParamPair, lay: _Layout) -> bool | None:
+    """For a fused 3-D tensor: True if stored (E, in, out); None when it is square and cannot tell."""
+    if lay.fused is None:
+        return False
+    if lay.inp == lay.out:
+        return None
+    return (lay.inp, lay.out) != (pp.a.shape[1], pp.b.shape[0])
+
+
+def _module_orientation(assigned: list[tuple[ParamPair, str, _Layout]]) -> bool | None:
+    """One checkpoint stores a module's fused experts one way: a square tensor (2·I == H) takes the
+    orientation its non-square sibling shows."""
+    known = {_orientation(pp, lay) for pp, _, lay in assigned if lay.fused is not None} - {None}
+    if len(known) > 1:
+        raise MismatchError(f"{assigned[0][0].module}: fused expert tensors are stored in both orientations")
+    return known.pop() if known else None
 
 
 class _Layout:
@@ -106,7 +127,8 @@ def _assign(pp: ParamPair, layouts: dict[str, _Layout], adapter: Adapter) -> str
     return fits[0]
 
 
-def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter) -> dict[str, ExpertPair]:
+def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter, orientation: bool | None
+           ) -> dict[str, ExpertPair]:
     rank, alpha, scale = module_scale(adapter.config, f"{pp.module}.{param}")
     if pp.a.shape[0] != lay.experts * rank or pp.b.shape[1] != lay.experts * rank:
         raise MismatchError(f"{adapter.file.path}: {pp.a.name!r} {list(pp.a.shape)} / {pp.b.name!r} "
@@ -115,7 +137,12 @@ def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter) -> dict[st
     base = dict(module=pp.module, param=param, a=pp.a, b=pp.b, experts=lay.experts, rank=rank,
                 alpha=float(alpha), scale=scale)
     if lay.fused is not None:
-        transposed = (lay.inp, lay.out) != (pp.a.shape[1], pp.b.shape[0])
+        transposed = _orientation(pp, lay)
+        transposed = orientation if transposed is None else transposed
+        if transposed is None:
+            raise MismatchError(f"{lay.fused}: the fused expert tensor is square per expert {lay.out}x{lay.inp}, so its "
+                                f"shape cannot tell (E, out, in) from (E, in, out), and no sibling tensor of "
+                                f"{pp.module} settles it")
         return {lay.fused: ExpertPair(**base, transposed=transposed)}
     found = {}
     for e, tensor_names in enumerate(lay.per_expert):

@@ -243,9 +243,8 @@ class _Context:
         dtype = (existing or source.entry).dtype
         _check_replacement(name, existing, source, dtype)
         shape = source.entry.shape
-        rows = shape[0] if shape else 1
-        row_f32 = 4 * math.prod(shape[1:])
-        block_rows = max(1, min(rows, self.block_bytes // max(row_f32, 1)))
+        rows, cols = as_matrix(shape)
+        block_rows = max(1, min(rows, self.block_bytes // max(4 * cols, 1)))
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
         op = TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, False,
                       recipe.tokens, self.rounding)
@@ -276,6 +275,13 @@ def _chunks(file: TensorFile, e: TensorEntry, size: int = 16 << 20):
         for start in range(e.start, e.end, size):
             f.seek(file.data_offset + start)
             yield f.read(min(size, e.end - start))
+
+
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view every op streams: rows of the last dimension (a 3-D expert stack is E·d1 rows)."""
+    if len(shape) < 2:
+        return 1, max(math.prod(shape), 1)
+    return math.prod(shape[:-1]), shape[-1]
 
 
 def _check_replacement(name: str, existing: TensorEntry | None, source: Operand, dtype: str) -> None:
@@ -427,7 +433,7 @@ def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
     larger); token rows, and DoRA's norms."""
     worst = 0
     for op in ops:
-        row_elems = math.prod(op.shape[1:])
+        row_elems = as_matrix(op.shape)[1]
         row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
         extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
         extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0

@@ -22,7 +22,7 @@ from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormE
                       cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors, merge_rows,
                       split_experts)
 from .errors import FormatError, MismatchError
-from .plan import RING_SIZE, ShardPlan, TensorOp
+from .plan import RING_SIZE, ShardPlan, TensorOp, as_matrix
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 
@@ -122,7 +122,7 @@ def _span(files: Files, file: TensorFile, entry: TensorEntry) -> RawSpan:
 def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[MergedBlock]:
     """Compute one tensor in row blocks: read rows of the source, round them to the output dtype if needed,
     add the delta (and DoRA), overwrite token rows; yield each finished block."""
-    shape = op.shape if len(op.shape) >= 2 else (1, max(math.prod(op.shape), 1))
+    shape = as_matrix(op.shape)
     reader = _RowReader(op, files, workspace, shape)
     if op.pair is not None and op.part == "bias":
         vector = _load(files, op.pair.bias, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
