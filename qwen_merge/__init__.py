@@ -4,12 +4,14 @@
     >>> report = merge_shards("base_dir", "adapter_dir", "out_dir")   # doctest: +SKIP
 """
 
-from .errors import AdapterError, FormatError, MismatchError, OutputError, QwenMergeError
+from .errors import AdapterError, DiskFullError, FormatError, MismatchError, OutputError, QwenMergeError
+from .manifest import VERSION as __version__
 from .merge import MergeReport, iter_merged, merge_shards, plan_merge
 from .plan import MergePlan, PlannedMerge
+from .verify import VerifyReport, verify_merge
 
-__version__ = "0.1.0"
 __all__ = [
     "merge_shards", "plan_merge", "iter_merged", "MergePlan", "PlannedMerge", "MergeReport",
-    "QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError", "__version__",
+    "QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError", "DiskFullError",
+    "__version__", "verify_merge", "VerifyReport",
 ]

@@ -15,6 +15,7 @@ from .errors import FormatError
 from .tensorfile import TensorEntry, TensorFile, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "qwen_merge.json"  # provenance a previous merge wrote; read, never copied
 SINGLE_NAME = "model.safetensors"
 # Weights in other formats would sit beside the merged safetensors unmerged: never copy them.
 STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
@@ -143,7 +144,7 @@ def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None
     weight_map = {e.name: s.path.name for s in shards for e in s.entries}
     if len(weight_map) != sum(len(s.entries) for s in shards):
         raise FormatError(f"{root}: a tensor name appears in more than one shard")
-    used = {s.path.name for s in shards} | {index_name}
+    used = {s.path.name for s in shards} | {index_name, MANIFEST_NAME}
     files, skipped = _side_files(root, used) if side_files else ((), ())
     config_path = root / "config.json"
     config = read_json(config_path, "config.json") if config_path.is_file() else None

@@ -27,7 +27,19 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="output folder (created; must not be inside an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    for p in (plan, merge):
+    merge.add_argument("--resume", action="store_true",
+                       help="continue an interrupted merge into OUT from its completed shards")
+    merge.add_argument("--force", action="store_true",
+                       help="merge even if BASE's manifest shows this adapter was already merged into it")
+    merge.add_argument("--allow-nonfinite", action="store_true",
+                       help="write NaN/Inf that the adapter or the merge produces instead of stopping")
+    verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model")
+    verify.add_argument("out", help="the merged model folder to check")
+    verify.add_argument("--base", required=True, help="the base model folder or .safetensors file it was merged from")
+    verify.add_argument("--adapter", required=True, help="the PEFT adapter folder it was merged with")
+    verify.add_argument("--full", action="store_true", help="recompute every row block of merged tensors "
+                        "(default: the first, middle and last block of each)")
+    for p in (plan, merge, verify):
         p.add_argument("--rounding", choices=("single", "peft"), default="single",
                        help="single: fp32 accumulation, one rounding (default); peft: PEFT's double rounding "
                             "where PEFT does it (embedding LoRA), for byte-identical PEFT output")
@@ -38,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny Qwen3-shaped model and adapter, merge and check them")
     demo.add_argument("--keep", metavar="DIR", help="build in DIR (must not exist) and keep the files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    for p in (plan, merge, demo):
+    for p in (plan, merge, demo, verify):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
     return parser
 
@@ -46,14 +58,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"plan": _plan, "merge": _merge, "demo": _demo}[args.command](args)
+        return {"plan": _plan, "merge": _merge, "demo": _demo, "verify": _verify}[args.command](args)
     except QwenMergeError as e:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written at the destination", file=sys.stderr)
+        print("error: interrupted; nothing was written at the destination (rerun with --resume to continue)",
+              file=sys.stderr)
         return 130
 
 
@@ -69,11 +82,22 @@ def _merge(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                          resume=args.resume, force=args.force, allow_nonfinite=args.allow_nonfinite,
                           **_options(args))
     if not args.quiet:
         print(f"merged {report.merged} tensors, copied {report.copied}; wrote {report.bytes_written / 1e9:.2f} GB "
               f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_merge
+
+    report = verify_merge(args.out, args.base, args.adapter, full=args.full, **_options(args))
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def _options(args: argparse.Namespace) -> dict:

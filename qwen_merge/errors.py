@@ -24,3 +24,7 @@ class MismatchError(QwenMergeError):
 
 class OutputError(QwenMergeError):
     """The destination cannot be used, or writing it failed."""
+
+
+class DiskFullError(OutputError):
+    """The output filesystem ran out of space; the message says how much was needed and free."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,10 @@ from .adapter import open_adapter
 from .checkpoint import open_checkpoint
 from .compute import TORCH_DTYPES, as_tensor
 from .errors import FormatError
-from .output import (check_destination, copy_side_file, fsync_file, publish, staging_folder, write_json,
-                     write_shard)
+from .checkpoint import MANIFEST_NAME
+from .manifest import STATE_NAME, check_not_merged_twice, identity, load_state, manifest, write_json_atomic
+from .output import (check_destination, check_free_space, copy_side_file, finish_file, publish, staging_folder,
+                     write_json, write_shard)
 from .pickled import unpickle_adapter
 from .plan import DEFAULT_BLOCK_BYTES, MergePlan, make_plan
 from .stream import MergedBlock, Piece, new_workspace, open_files, read_exact, shard_pieces
@@ -75,8 +77,9 @@ def plan_merge(base: PathLike, adapter: PathLike, *, rounding: str = "single",
 
 
 def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
-                 progress: bool = True, rounding: str = "single", key_map: dict[str, str] | None = None,
-                 allow_pickle: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeReport:
+                 progress: bool = True, resume: bool = False, force: bool = False, rounding: str = "single",
+                 key_map: dict[str, str] | None = None, allow_pickle: bool = False, allow_nonfinite: bool = False,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
     The output has the base's shard names and tensor-to-shard assignment, an index (when the base has
@@ -89,7 +92,13 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         output: the folder to create. It must not be, contain or lie inside an input.
         overwrite: replace `output` if it is a non-empty folder.
         progress: show a progress bar (by bytes) on stderr.
-        rounding, key_map, allow_pickle, block_bytes: as for `plan_merge`.
+        resume: continue an interrupted merge into `output` from its completed shards (refused if the
+            inputs or options changed); without one, start afresh.
+        force: merge even when the base's manifest shows this adapter was already merged into it.
+        rounding, key_map, allow_pickle, allow_nonfinite, block_bytes: as for `plan_merge`.
+
+    The output folder also holds `qwen_merge.json`: tool version, input identity (file sizes, the
+    adapter's SHA-256), options, counts and each shard's SHA-256 — nothing that varies between runs.
 
     Raises:
         FormatError, AdapterError, MismatchError: the inputs cannot be merged (found before writing).
@@ -101,12 +110,21 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         (196, 115)
     """
     dest = Path(output)
-    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes) as plan:
+    options = {"rounding": rounding, "key_map": key_map or {}, "allow_nonfinite": allow_nonfinite,
+               "block_bytes": block_bytes}
+    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes, allow_nonfinite) as plan:
         check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
-        with staging_folder(dest) as temp:
-            written = _write_folder(plan, temp, progress)
-            publish(temp, dest)
+        ident = identity(plan, options)
+        check_not_merged_twice(ident, plan.base.root, force)
+        with staging_folder(dest, resume=resume) as (folder, fresh):
+            done = {} if fresh else load_state(folder, ident)
+            check_free_space(folder, plan.output_bytes - sum(d["size"] for d in done.values()))
+            shards = _write_folder(plan, folder, progress, ident, done)
+            write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
+            (folder / STATE_NAME).unlink()
+            publish(folder, dest)
     files = tuple(sorted(p.name for p in dest.iterdir()))
+    written = sum(p.stat().st_size for p in dest.iterdir())
     return MergeReport(dest, len(plan.merges), plan.copied, written, files, plan)
 
 
@@ -130,12 +148,13 @@ def iter_merged(base: PathLike, adapter: PathLike, *, rounding: str = "single",
 
 @contextmanager
 def _planned(base: PathLike, adapter: PathLike, rounding: str, key_map: dict[str, str] | None,
-             allow_pickle: bool, block_bytes: int) -> Iterator[MergePlan]:
+             allow_pickle: bool, block_bytes: int, allow_nonfinite: bool = False) -> Iterator[MergePlan]:
     """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime."""
     with tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
         weights = unpickle_adapter(Path(adapter), Path(scratch)) if allow_pickle else None
         checkpoint, parsed = open_checkpoint(base), open_adapter(adapter, weights=weights)
-        yield make_plan(checkpoint, parsed, block_bytes=block_bytes, rounding=rounding, key_map=key_map)
+        yield make_plan(checkpoint, parsed, block_bytes=block_bytes, rounding=rounding, key_map=key_map,
+                        allow_nonfinite=allow_nonfinite)
 
 
 def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
@@ -160,30 +179,49 @@ def _assemble(entry: TensorEntry, pieces: Iterator[Piece], path: Path) -> torch.
     return as_tensor(buffer, entry.dtype, entry.shape)
 
 
-def _write_folder(plan: MergePlan, folder: Path, progress: bool) -> int:
-    """Write every shard; each is fsynced on a background thread while the next one is merged."""
-    total = sum(s.size for s in plan.shards)
-    written, workspace = 0, new_workspace()
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress)
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-fsync") as syncer, \
-            _compute_threads(1):
-        syncs = []
-        with open_files(plan.adapter.file) as files:
-            for shard in plan.shards:
-                pieces = (p for _, ps in shard_pieces(shard, files, workspace) for p in ps)
-                bar.update(len(shard.header))
-                written += write_shard(folder / shard.name, shard.header, pieces, bar.update)
-                syncs.append(syncer.submit(fsync_file, folder / shard.name))
-        for done in syncs:
-            done.result()
+def _write_folder(plan: MergePlan, folder: Path, progress: bool, ident: dict, done: dict[str, dict]
+                  ) -> dict[str, dict]:
+    """Write the shards not in `done`, then the side files and the index; return every shard's size and
+    SHA-256. A shard is written as `<name>.part`, then synced, hashed and renamed on a background thread
+    while the next one is merged; each completion is recorded in the state file `resume` reads."""
+    bar = tqdm(total=sum(s.size for s in plan.shards), unit="B", unit_scale=True, desc="merging",
+               disable=not progress)
+    done, workspace = dict(done), new_workspace()
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-finish") as finisher, \
+            _compute_threads(1), open_files(plan.adapter.file) as files:
+        pending: list[tuple[str, Future]] = []
+        for shard in plan.shards:
+            if shard.name in done:
+                bar.update(shard.size)
+                continue
+            part = folder / f"{shard.name}.part"
+            part.unlink(missing_ok=True)  # a half-written shard of an interrupted run
+            pieces = (p for _, ps in shard_pieces(shard, files, workspace) for p in ps)
+            bar.update(len(shard.header))
+            write_shard(part, shard.header, pieces, bar.update)
+            pending.append((shard.name, finisher.submit(finish_file, part, folder / shard.name)))
+            _record(folder, ident, done, pending, wait_all=False)
+        _record(folder, ident, done, pending, wait_all=True)
     for side in plan.base.side_files:
         if side.name == "config.json" and plan.config is not None:
-            written += write_json(folder / side.name, plan.config)
+            write_json(folder / side.name, plan.config)
         else:
-            written += copy_side_file(side, folder)
+            copy_side_file(side, folder)
     if plan.base.index_name:
-        written += write_json(folder / plan.base.index_name, plan.index_document())
-    return written
+        write_json(folder / plan.base.index_name, plan.index_document())
+    return {s.name: done[s.name] for s in plan.shards}
+
+
+def _record(folder: Path, ident: dict, done: dict[str, dict], pending: list[tuple[str, Future]],
+            wait_all: bool) -> None:
+    """Move finished shards from `pending` to `done` and persist the state (all of them if `wait_all`)."""
+    changed = False
+    while pending and (wait_all or pending[0][1].done()):
+        name, future = pending.pop(0)
+        done[name] = future.result()
+        changed = True
+    if changed or not (folder / STATE_NAME).exists():
+        write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
 
 
 @contextmanager

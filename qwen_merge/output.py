@@ -5,6 +5,7 @@ from a stream of pieces, and move the folder into place only when everything is 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from .compute import tensor_bytes
-from .errors import OutputError
+from .errors import DiskFullError, OutputError
 from .stream import Piece, RawSpan
 
 COPY_CHUNK = 64 << 20
@@ -37,19 +38,46 @@ def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) ->
         raise OutputError(f"{dest}: destination folder is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
+def partial_folder_of(dest: Path) -> Path:
+    """Where a merge into `dest` is built: hidden, beside it, with a fixed name so `resume` can find it."""
+    return dest.parent / f".{dest.name}.qwen-merge-partial"
+
+
 @contextmanager
-def staging_folder(dest: Path) -> Iterator[Path]:
-    """A temporary folder beside `dest`, removed again if the block does not complete."""
+def staging_folder(dest: Path, *, resume: bool) -> Iterator[tuple[Path, bool]]:
+    """The folder the output is built in, and whether it is new. An error removes it; an interrupt
+    (Ctrl-C) or a kill leaves it, so a later run with `resume` continues from its completed shards."""
+    folder = partial_folder_of(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.qwen-merge-", dir=dest.parent))
+        fresh = not folder.exists()
+        if not fresh and not resume:
+            raise OutputError(f"{folder}: an interrupted merge (or one still running) left this folder; pass "
+                              f"resume=True (--resume) to continue it, or remove it to start over")
+        if fresh:
+            folder.mkdir()
     except OSError as e:
         raise OutputError(f"{dest}: cannot create a folder beside the destination: {e.strerror or e}") from None
     try:
-        yield temp
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        yield folder, fresh
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def check_free_space(dest: Path, needed: int) -> None:
+    """Fail before writing when the destination's filesystem clearly cannot hold the output."""
+    free = free_bytes(dest)
+    if free is not None and free < needed:
+        raise DiskFullError(f"{dest}: the merge writes {needed / 1e9:.2f} GB ({needed} bytes) but only "
+                            f"{free / 1e9:.2f} GB ({free} bytes) are free there")
+
+
+def free_bytes(dest: Path) -> int | None:
+    for folder in (dest, *dest.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
 
 
 def publish(temp: Path, dest: Path) -> None:
@@ -162,33 +190,54 @@ def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
 
 
 def _write_error(path: Path, e: OSError) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DiskFullError(f"{path}: {e.strerror}: {free_bytes(path.parent) or 0} bytes free on that filesystem")
     return OutputError(f"{path}: write failed: {e.strerror or e}")
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read through one small reused buffer (no per-chunk allocations)."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def write_json(path: Path, value: dict) -> int:
     """Write JSON the way transformers does (indent 2, trailing newline); returns the byte count."""
     data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _write_error(path, e) from None
     return len(data)
 
 
 def copy_side_file(source: Path, folder: Path) -> int:
-    shutil.copyfile(source, folder / source.name)
+    try:
+        shutil.copyfile(source, folder / source.name)
+    except OSError as e:
+        raise _write_error(folder / source.name, e) from None
     return source.stat().st_size
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk (Linux syncs a file's data through any descriptor of it)."""
-    fd = os.open(path, os.O_RDONLY)
+def finish_file(part: Path, final: Path) -> dict:
+    """Flush a written file to disk, hash it, and give it its final name; returns its size and SHA-256."""
+    fd = os.open(part, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # Linux syncs a file's data through any descriptor of it
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise _write_error(part, e) from None
     finally:
         os.close(fd)
+    info = {"size": part.stat().st_size, "sha256": sha256_file(part)}
+    os.replace(part, final)
+    return info
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,7 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
 RUNTIME_BYTES = 256 << 20
+THREADS_BYTES = 16 << 20  # the writer and finisher threads: stacks, heap arenas, the hashing buffer
 RING_SIZE = 2  # merged row blocks alive at once: one being written while the next is computed
 ROUNDINGS = ("single", "peft")
 
@@ -61,6 +62,7 @@ class TensorOp:
     transpose: bool = False
     tokens: TokenRows | None = None
     rounding: str = "single"
+    check_finite: bool = True
 
     @property
     def rank(self) -> int | None:
@@ -145,7 +147,8 @@ class _Intent:
 
 
 def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-              rounding: str = "single", key_map: dict[str, str] | None = None) -> MergePlan:
+              rounding: str = "single", key_map: dict[str, str] | None = None,
+              allow_nonfinite: bool = False) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
@@ -171,7 +174,7 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
                                       lambda name: _source(where, adapter, name, _Intent()),
                                       lambda x, y, transposed: _same_values(adapter.file, x, y, transposed))
-    ctx = _Context(base, adapter, entries, block_bytes, rounding)
+    ctx = _Context(base, adapter, entries, block_bytes, rounding, not allow_nonfinite)
     ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
     config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
     shards = _layout(base, ops, added)
@@ -236,6 +239,7 @@ class _Context:
     entries: dict[str, TensorEntry]
     block_bytes: int
     rounding: str
+    check_finite: bool
 
     def op(self, name: str, recipe: ties.Recipe) -> TensorOp:
         source = recipe.source
@@ -247,7 +251,7 @@ class _Context:
         block_rows = max(1, min(rows, self.block_bytes // max(4 * cols, 1)))
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
         op = TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, False,
-                      recipe.tokens, self.rounding)
+                      recipe.tokens, self.rounding, self.check_finite)
         if recipe.pair is not None:
             op = dataclasses.replace(op, transpose=_check_pair(op, (self.base.config or {}).get("model_type")))
         if recipe.tokens is not None:
@@ -438,9 +442,9 @@ def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
         extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
         extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
         extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
-        scratch = 3 * max(1 << 20, 4 * row_elems)
+        scratch = 3 * max(1 << 20, 4 * row_elems) + op.block_rows * row_elems  # + the finiteness mask
         worst = max(worst, extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch)
-    return RUNTIME_BYTES + worst
+    return RUNTIME_BYTES + THREADS_BYTES + worst
 
 
 def _render_lines(plan: MergePlan, detail: bool):

@@ -64,7 +64,14 @@ class Files:
     """Read-only descriptors of the input files, opened on first use and closed together."""
 
     def __init__(self, adapter: TensorFile) -> None:
-        self.adapter, self._fds, self._cache = adapter, {}, {}
+        self.adapter, self._fds, self._cache, self._seen = adapter, {}, {}, set()
+
+    def first_use(self, entry: TensorEntry) -> bool:
+        """True the first time an adapter tensor is used in this run (to check it once, not per expert)."""
+        if entry.name in self._seen:
+            return False
+        self._seen.add(entry.name)
+        return True
 
     def experts(self, pair: ExpertPair) -> ExpertFactors:
         """A fused-expert LoRA split per expert, kept while the next tensors use it (the experts of a layer
@@ -124,6 +131,9 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[Merg
     add the delta (and DoRA), overwrite token rows; yield each finished block."""
     shape = as_matrix(op.shape)
     reader = _RowReader(op, files, workspace, shape)
+    for entry in _adapter_operands(op) if op.check_finite else ():
+        if files.first_use(entry):
+            _check_finite(op, _load(files, entry), f"adapter tensor {entry.name!r} values")
     if op.pair is not None and op.part == "bias":
         vector = _load(files, op.pair.bias, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
         yield MergedBlock(0, add_vector(reader.rows(0, 1), vector, workspace.next_block(1, shape[1:], op.dtype)))
@@ -138,7 +148,16 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[Merg
         for index, values in tokens:
             if row0 <= index < row0 + rows:
                 block[index - row0] = values
+        if factors is not None and op.check_finite:
+            _check_finite(op, block, f"rows {row0}..{row0 + rows - 1} of the merged tensor")
         yield MergedBlock(row0 * out_row_bytes, block)
+
+
+def _check_finite(op: TensorOp, values: torch.Tensor, what: str) -> None:
+    """NaN or Inf in an adapter tensor, or a merge that overflows (fp16), would poison the model silently."""
+    if not bool(torch.isfinite(values).all()):
+        raise MismatchError(f"{op.name}: {what} contain NaN or Inf; the adapter is broken or the merge overflows "
+                            f"{op.dtype} (pass allow_nonfinite=True / --allow-nonfinite to write it anyway)")
 
 
 class _RowReader:
@@ -190,6 +209,16 @@ def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
     except ZeroNormError as e:
         raise MismatchError(f"{op.name}: DoRA norm of column {e.index} of W + ΔW is zero; the merged weight "
                             f"would be NaN (PEFT has no epsilon either)") from None
+
+
+def _adapter_operands(op: TensorOp) -> list[TensorEntry]:
+    """The small adapter tensors an op reads (factors, magnitude, bias, token rows)."""
+    found = []
+    if op.pair is not None:
+        found += [e for e in (op.pair.a, op.pair.b, op.pair.magnitude, op.pair.bias) if e is not None]
+    if op.tokens is not None:
+        found.append(op.tokens.values)
+    return found
 
 
 def _tokens(op: TensorOp, files: Files) -> list[tuple[int, torch.Tensor]]:

@@ -120,9 +120,9 @@ def test_merged_tensors_match_peft(merged, variant):
 @pytest.mark.parametrize("variant", MERGE_VARIANTS)
 def test_output_structure(merged, variant):
     res = merged(variant)
-    base_files = sorted(p.name for p in res.base.iterdir())
+    base_files = sorted([p.name for p in res.base.iterdir()] + ["qwen_merge.json"])  # + the manifest
     out_files = sorted(p.name for p in res.out.iterdir())
-    assert out_files == base_files, "output folder must hold exactly the base's file names"
+    assert out_files == base_files, "output folder must hold exactly the base's file names and the manifest"
     for adapter_file in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
         assert not (res.out / adapter_file).exists()
     for other in ["config.json", "generation_config.json", *EXTRA_BASE_FILES]:

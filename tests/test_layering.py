@@ -20,11 +20,14 @@ ALLOWED = {
     "stream": {"errors", "tensorfile", "adapter", "plan", "compute"},
     "output": {"errors", "compute", "stream"},
     "pickled": {"errors", "adapter"},
-    "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled"},
+    "manifest": {"errors", "checkpoint", "plan", "output"},
+    "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled",
+              "manifest"},
     "demo": {"merge"},
-    "cli": {"errors", "merge", "demo"},
+    "verify": {"errors", "tensorfile", "checkpoint", "plan", "stream", "compute", "merge", "ties"},
+    "cli": {"errors", "merge", "demo", "verify"},
     "__main__": {"cli"},
-    "__init__": {"errors", "merge", "plan"},
+    "__init__": {"errors", "merge", "plan", "manifest", "verify"},
 }
 TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan"}
 

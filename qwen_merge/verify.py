@@ -1,0 +1,426 @@
+"""Check a merged folder against a fresh plan of the same merge, without loading the model.
+
+The plan of BASE + ADAPTER (same options) is the expected layout of the output: its files, index, shard
+headers and config. Tensors the plan copies are compared byte for byte with their source; tensors it
+computes are recomputed by the merge's own code (`stream.shard_pieces` / `op_blocks`) and compared byte
+for byte — on the first, middle and last row block of each by default, on every block with `full`.
+Everything is read in chunks or row blocks, so memory stays bounded whatever the shard size.
+
+Problems found in the output are collected, one line each naming the file and the tensor; only a problem
+with the inputs or the arguments (a missing folder, an adapter that does not fit) raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+import torch
+
+from .checkpoint import MANIFEST_NAME
+from .compute import tensor_bytes
+from .errors import FormatError, QwenMergeError
+from .merge import _planned
+from .plan import DEFAULT_BLOCK_BYTES, MergePlan, ShardPlan, TensorOp, as_matrix
+from .stream import Files, MergedBlock, RawSpan, new_workspace, open_files, read_exact, shard_pieces
+from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
+from .ties import TieInfo
+
+PathLike = str | os.PathLike
+CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
+CONFIG_NAME = "config.json"
+# Written by merge_shards beside the shards; its content is provenance, not part of the model.
+IGNORED_NAMES = frozenset({MANIFEST_NAME})
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The result of `verify_merge`: `ok` when nothing differs; `problems` one line each (file and
+    tensor named); how many tensors were checked and how many bytes of the output were compared."""
+
+    ok: bool
+    problems: tuple[str, ...]
+    checked_tensors: int
+    checked_bytes: int
+    full: bool = False
+
+    def summary(self) -> str:
+        how = "every row block" if self.full else "first, middle and last row block (--full: every block)"
+        verdict = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
+        return (f"verify: {verdict}; {self.checked_tensors} tensors checked, {self.checked_bytes / 1e6:.2f} MB "
+                f"compared; merged tensors recomputed on the {how}")
+
+
+def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: bool = False,
+                 rounding: str = "single", key_map: dict[str, str] | None = None, allow_pickle: bool = False,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> VerifyReport:
+    """Check that `output` is the merge of `adapter` into `base`, reading headers, JSON and bytes only.
+
+    Checks (each failure is one line of `problems`): the files present (no shard, index or side file
+    missing or extra; a `qwen_merge.json` manifest is ignored); the index's weight map and total size;
+    every shard header (names, dtypes, shapes, offsets, `format: pt`) and file size; every copied tensor
+    byte-identical to its source; every computed tensor byte-identical to a recomputation by the merge's
+    own code, on sampled row blocks (first, middle, last) or on all of them with `full`; config.json as
+    planned (byte-identical to the base's when the merge does not change it) and consistent with the
+    tensors (vocab_size and the embedding's rows, tie_word_embeddings and lm_head); other side files
+    byte-identical to the base's.
+
+    Args:
+        output: the merged folder to check.
+        base, adapter, rounding, key_map, allow_pickle, block_bytes: those of the merge, as for `plan_merge`.
+        full: recompute every row block of computed tensors instead of a sample.
+
+    Returns:
+        A `VerifyReport`; `report.ok` is False when anything differs.
+
+    Raises:
+        FormatError: `output` is not a folder.
+        FormatError, AdapterError, MismatchError: the inputs cannot be planned (as for `plan_merge`).
+
+    Example:
+        >>> report = verify_merge("Qwen3-0.6B-merged", "Qwen3-0.6B", "my-lora")  # doctest: +SKIP
+        >>> report.ok, report.problems                                          # doctest: +SKIP
+        (True, ())
+    """
+    out = Path(output)
+    if not out.exists():
+        raise FormatError(f"{out}: merged output folder not found")
+    if not out.is_dir():
+        raise FormatError(f"{out}: expected the merged model folder, found a file")
+    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes) as plan:
+        checker = _Checker(plan, out, full)
+        checker.run()
+    return VerifyReport(not checker.problems, tuple(checker.problems), checker.tensors, checker.bytes, full)
+
+
+def sampled_blocks(count: int, full: bool) -> set[int]:
+    """Indices of the row blocks compared: all, or the first, middle and last."""
+    return set(range(count)) if full else {0, count // 2, count - 1} & set(range(count))
+
+
+class _Checker:
+    def __init__(self, plan: MergePlan, out: Path, full: bool) -> None:
+        self.plan, self.out, self.full = plan, out, full
+        self.problems: list[str] = []
+        self.tensors = self.bytes = 0
+        self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
+        self._buffers: dict[str, bytearray] = {}
+        self.config: dict | None = None  # the output's config.json, once parsed
+
+    def problem(self, line: str) -> None:
+        self.problems.append(line)
+
+    def run(self) -> None:
+        present = self._check_files()
+        if self.plan.base.index_name and self.plan.base.index_name in present:
+            self._check_index(self.out / self.plan.base.index_name)
+        with ExitStack() as stack:
+            files = stack.enter_context(open_files(self.plan.adapter.file))
+            stack.enter_context(_compute_threads(1))
+            workspace = new_workspace()
+            for shard in self.plan.shards:
+                if shard.name in present:
+                    self._check_shard(shard, files, workspace)
+            self._check_config(present)
+            self._check_tie(files)
+        self._check_side_files(present)
+
+    # -- files and index -------------------------------------------------------------------------------
+
+    def _check_files(self) -> set[str]:
+        base = self.plan.base
+        expected = [s.name for s in self.plan.shards] + [p.name for p in base.side_files]
+        if base.index_name:
+            expected.append(base.index_name)
+        found = {p.name: p for p in self.out.iterdir() if p.name not in IGNORED_NAMES}
+        for name in expected:
+            if name not in found:
+                self.problem(f"{self.out / name}: missing (the planned output has it)")
+            elif not found[name].is_file():
+                self.problem(f"{self.out / name}: not a regular file")
+        for name in sorted(set(found) - set(expected)):
+            self.problem(f"{self.out / name}: unexpected {'folder' if found[name].is_dir() else 'file'} "
+                         f"(not part of the planned output)")
+        return {n for n in expected if n in found and found[n].is_file()}
+
+    def _check_index(self, path: Path) -> None:
+        want = self.plan.index_document()
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.problem(f"{path}: cannot read the index: {e}")
+            return
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            self.problem(f"{path}: no 'weight_map' object")
+            return
+        for name, shard in want["weight_map"].items():
+            if name not in weight_map:
+                self.problem(f"{path}: weight_map lacks tensor {name!r} (stored in {shard})")
+            elif weight_map[name] != shard:
+                self.problem(f"{path}: weight_map maps tensor {name!r} to {weight_map[name]!r}; it is stored in "
+                             f"{shard}")
+        for name in weight_map.keys() - want["weight_map"].keys():
+            self.problem(f"{path}: weight_map names tensor {name!r}, which the merged model does not have")
+        metadata = index.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else {}
+        total = want["metadata"]["total_size"]
+        if metadata.get("total_size") != total:
+            self.problem(f"{path}: metadata.total_size is {metadata.get('total_size')!r}; the shards hold {total} "
+                         f"bytes of tensor data")
+        others = {k for k in metadata.keys() | want["metadata"].keys() if k != "total_size"
+                  and metadata.get(k) != want["metadata"].get(k)}
+        if others:
+            self.problem(f"{path}: metadata {', '.join(sorted(others))} differ from the base index's")
+
+    # -- shards ----------------------------------------------------------------------------------------
+
+    def _check_shard(self, shard: ShardPlan, files: Files, workspace) -> None:
+        path = self.out / shard.name
+        try:
+            got = read_header(path)
+        except FormatError as e:
+            self.problem(f"{e} (header of the merged shard)")
+            return
+        ok, have = self._check_header(shard, got), got.entry_map()
+        for entry, pieces in shard_pieces(shard, files, workspace):  # op_blocks starts only when iterated
+            if have.get(entry.name) == entry:
+                self.stored[entry.name] = (got, entry)
+                self._check_tensor(shard, got, entry, pieces, files)
+        if ok and got.size != shard.size:
+            self.problem(f"{path}: {got.size} bytes, planned {shard.size}")
+
+    def _check_header(self, shard: ShardPlan, got: TensorFile) -> bool:
+        path, before = got.path, len(self.problems)
+        fmt = (got.metadata or {}).get("format")
+        if fmt != "pt":
+            self.problem(f"{path}: __metadata__ format is {fmt!r}, expected 'pt'")
+        have = got.entry_map()
+        for e in shard.entries:
+            g = have.get(e.name)
+            if g is None:
+                self.problem(f"{path}: header lacks tensor {e.name!r}")
+                continue
+            diffs = [f"{what} {mine} (planned {theirs})" for what, mine, theirs in (
+                ("dtype", g.dtype, e.dtype), ("shape", list(g.shape), list(e.shape)),
+                ("data_offsets", [g.start, g.end], [e.start, e.end])) if mine != theirs]
+            if diffs:
+                self.problem(f"{path}: tensor {e.name!r} has {', '.join(diffs)}")
+        for name in have.keys() - {e.name for e in shard.entries}:
+            self.problem(f"{path}: header has tensor {name!r}, which the plan does not put in this shard")
+        if len(self.problems) == before:
+            with open(path, "rb") as f:
+                if f.read(len(shard.header)) != shard.header:
+                    self.problem(f"{path}: header bytes differ from the planned header (metadata or padding)")
+        return len(self.problems) == before
+
+    def _check_tensor(self, shard: ShardPlan, got: TensorFile, entry: TensorEntry, pieces, files: Files) -> None:
+        where = f"{got.path}: tensor {entry.name!r}"
+        op = shard.ops.get(entry.name)
+        out_fd = files.fd(got.path)
+        start = got.data_offset + entry.start
+        try:
+            if op is None or op.is_raw_copy:
+                source = op.source if op is not None else None
+                src_path = source.file.path if source else shard.source.path
+                src_name = source.entry.name if source else entry.name
+                for piece in pieces:
+                    assert isinstance(piece, RawSpan)
+                    diff = self._compare_span(out_fd, start, piece.fd, piece.offset, piece.length, got.path, src_path)
+                    if diff:
+                        count, first = diff
+                        self.problem(f"{where} is not byte-identical to {src_name!r} of {src_path}: {count} bytes "
+                                     f"differ, the first at byte {first} of {entry.nbytes}")
+            else:
+                self._check_computed(where, op, entry, pieces, files, out_fd, start, got.path)
+        except QwenMergeError as e:
+            self.problem(f"{where}: cannot check it: {e}")
+        self.tensors += 1
+
+    def _check_computed(self, where: str, op: TensorOp, entry: TensorEntry, pieces: Iterator, files: Files,
+                        out_fd: int, start: int, path: Path) -> None:
+        rows, _ = as_matrix(op.shape)
+        count = 1 if op.pair is not None and op.part == "bias" else -(-rows // op.block_rows)
+        wanted = sampled_blocks(count, self.full)
+        item = DTYPE_BITS[op.dtype] // 8
+        row_bytes = entry.nbytes // max(rows, 1)
+        bad, checked, first, worst, unmerged = 0, 0, None, 0, True
+        last = max(wanted)
+        for index, block in enumerate(pieces):
+            if index > last:
+                break
+            if index not in wanted:
+                continue
+            assert isinstance(block, MergedBlock)
+            mine = tensor_bytes(block.rows)
+            theirs = self._read("out", out_fd, start + block.offset, len(mine), path)
+            checked += len(mine) // item
+            if _same(mine, theirs):
+                continue
+            n, first_elem, ulp = _element_diff(mine, theirs, op.dtype)
+            bad, worst = bad + n, max(worst, ulp)
+            if first is None:
+                first = (block.offset + first_elem * item) // max(row_bytes, 1)
+            unmerged = unmerged and self._equals_source(op, files, block.offset, theirs)
+        self.bytes += checked * item
+        if bad:
+            hint = ("; it holds the unmerged source rows: the LoRA delta was not applied"
+                    if unmerged and op.pair is not None else "")
+            self.problem(f"{where} differs from the recomputed merge: {bad} of {checked} checked elements, the "
+                         f"first in row {first}, up to {worst} ulp{hint}")
+
+    def _equals_source(self, op: TensorOp, files: Files, offset: int, theirs: memoryview) -> bool:
+        src = op.source
+        if src.entry.dtype != op.dtype or offset + len(theirs) > src.entry.nbytes:
+            return False
+        data = self._read("source", files.fd(src.file.path), src.file.data_offset + src.entry.start + offset,
+                          len(theirs), src.file.path)
+        return _same(data, theirs)
+
+    # -- config and tying ------------------------------------------------------------------------------
+
+    def _check_config(self, present: set[str]) -> None:
+        path = self.out / CONFIG_NAME
+        if CONFIG_NAME not in present or self.plan.base.config is None:
+            return
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.problem(f"{path}: not valid JSON: {e}")
+            return
+        if not isinstance(config, dict):
+            self.problem(f"{path}: not a JSON object")
+            return
+        want = self.plan.config
+        if want is not None and config != want:
+            keys = sorted(k for k in config.keys() | want.keys() if config.get(k) != want.get(k))
+            self.problem(f"{path}: differs from the planned config in {', '.join(keys)} "
+                         f"(" + ", ".join(f"{k}={config.get(k)!r}, planned {want.get(k)!r}" for k in keys[:3])
+                         + ")")
+        self._check_vocab(path, config)
+        self.config = config
+
+    def _check_vocab(self, path: Path, config: dict) -> None:
+        def vocab(cfg: dict | None) -> object:
+            cfg = cfg or {}
+            inner = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+            return cfg.get("vocab_size", inner.get("vocab_size"))
+
+        base_info = TieInfo.of(self.plan.base.config, self.plan.base.entries())
+        base_rows = self.plan.base.entries()[base_info.embed].shape[0] if base_info.embed else None
+        if base_rows is None or vocab(self.plan.base.config) != base_rows:
+            return  # the base itself does not state its vocabulary as the embedding's rows: nothing to hold
+        entries = {n: e for n, (_, e) in self.stored.items()}
+        info = TieInfo.of(config, entries)
+        size = vocab(config)
+        for name in (info.embed, info.head if info.head_stored else None):
+            if name and name in entries and entries[name].shape[0] != size:
+                self.problem(f"{path}: vocab_size is {size!r} but {name} has {entries[name].shape[0]} rows")
+
+    def _check_tie(self, files: Files) -> None:
+        config = self.config
+        if config is None:
+            return
+        path = self.out / CONFIG_NAME
+        entries = {n: e for n, (_, e) in self.stored.items()}
+        info = TieInfo.of(config, entries)
+        planned = {e.name for s in self.plan.shards for e in s.entries}
+        if info.embed is None or info.embed not in entries:
+            return
+        if not info.tied and not info.head_stored and info.head not in planned:
+            self.problem(f"{path}: tie_word_embeddings is false but the checkpoint has no {info.head}")
+        elif info.tied and info.head_stored:
+            (f_e, e), (f_h, h) = self.stored[info.embed], self.stored[info.head]
+            same = e.shape == h.shape and e.dtype == h.dtype and not self._compare_span(
+                files.fd(f_h.path), f_h.data_offset + h.start, files.fd(f_e.path), f_e.data_offset + e.start,
+                e.nbytes, f_h.path, f_e.path, count=False)
+            if not same:
+                self.problem(f"{path}: tie_word_embeddings is true but {info.head} ({f_h.path.name}) is not "
+                             f"byte-identical to {info.embed} ({f_e.path.name})")
+
+    # -- side files ------------------------------------------------------------------------------------
+
+    def _check_side_files(self, present: set[str]) -> None:
+        for source in self.plan.base.side_files:
+            if source.name not in present or (source.name == CONFIG_NAME and self.plan.config is not None):
+                continue
+            path = self.out / source.name
+            mine, theirs = path.stat().st_size, source.stat().st_size
+            if mine != theirs:
+                self.problem(f"{path}: {mine} bytes, the base's {source} has {theirs}; side files are copied "
+                             f"unchanged")
+                continue
+            fd_out, fd_src = os.open(path, os.O_RDONLY), os.open(source, os.O_RDONLY)
+            try:
+                diff = self._compare_span(fd_out, 0, fd_src, 0, mine, path, source)
+            finally:
+                os.close(fd_out)
+                os.close(fd_src)
+            if diff:
+                self.problem(f"{path}: differs from the base's {source} ({diff[0]} bytes, the first at byte "
+                             f"{diff[1]}); side files are copied unchanged")
+
+    # -- bytes -----------------------------------------------------------------------------------------
+
+    def _read(self, role: str, fd: int, offset: int, length: int, path: Path) -> memoryview:
+        buffer = self._buffers.get(role)
+        if buffer is None or len(buffer) < length:
+            buffer = self._buffers[role] = bytearray(length)
+        view = memoryview(buffer)[:length]
+        read_exact(fd, view, offset, path)
+        return view
+
+    def _compare_span(self, fd_a: int, off_a: int, fd_b: int, off_b: int, length: int, path_a: Path,
+                      path_b: Path, count: bool = True) -> tuple[int, int] | None:
+        """(bytes that differ, first differing byte) between two spans, or None when equal."""
+        differ, first = 0, None
+        for pos in range(0, length, CHUNK_BYTES):
+            n = min(CHUNK_BYTES, length - pos)
+            a = self._read("a", fd_a, off_a + pos, n, path_a)
+            b = self._read("b", fd_b, off_b + pos, n, path_b)
+            if count:
+                self.bytes += n
+            if not _same(a, b):
+                ne = numpy.flatnonzero(numpy.frombuffer(a, numpy.uint8) != numpy.frombuffer(b, numpy.uint8))
+                differ += len(ne)
+                first = pos + int(ne[0]) if first is None else first
+        return (differ, first) if differ else None
+
+
+def _same(a: memoryview, b: memoryview) -> bool:
+    return len(a) == len(b) and bool(numpy.array_equal(numpy.frombuffer(a, numpy.uint8),
+                                                       numpy.frombuffer(b, numpy.uint8)))
+
+
+def _element_diff(a: memoryview, b: memoryview, dtype: str) -> tuple[int, int, int]:
+    """(elements that differ, index of the first, largest distance in units in the last place)."""
+    bits = DTYPE_BITS[dtype]
+    ints = {16: numpy.int16, 32: numpy.int32, 64: numpy.int64}.get(bits, numpy.uint8)
+    x, y = numpy.frombuffer(a, ints), numpy.frombuffer(b, ints)
+    idx = numpy.flatnonzero(x != y)
+    if dtype not in ("BF16", "F16", "F32", "F64"):
+        return len(idx), int(idx[0]), 0
+
+    def line(v: numpy.ndarray) -> numpy.ndarray:  # sign-magnitude bit patterns onto a monotonic line
+        v = v.astype(numpy.int64)
+        mag = v & ((1 << (bits - 1)) - 1)
+        return numpy.where(v < 0, -mag, mag)
+
+    ulp = int(numpy.abs(line(x[idx]) - line(y[idx])).max())
+    return len(idx), int(idx[0]), ulp
+
+
+@contextmanager
+def _compute_threads(n: int) -> Iterator[None]:
+    """Recompute on as many threads as the merge computes with (one), so the GEMMs are the same calls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
