@@ -75,7 +75,7 @@ def load_state(folder: Path, ident: dict) -> dict[str, dict]:
     """The shards an interrupted run completed, if it ran with the same identity."""
     path = folder / STATE_NAME
     if not path.is_file():
-        raise OutputError(f"{folder}: no {STATE_NAME}; this folder was not left by an interrupted merge")
+        return {}  # killed before the first state was written: nothing was recorded complete
     state = read_json(path, STATE_NAME)
     if state.get("identity") != ident:
         raise OutputError(f"{folder}: the interrupted merge used other inputs or options; cannot resume it. "

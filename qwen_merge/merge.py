@@ -118,6 +118,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         check_not_merged_twice(ident, plan.base.root, force)
         with staging_folder(dest, resume=resume) as (folder, fresh):
             done = {} if fresh else load_state(folder, ident)
+            write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
             check_free_space(folder, plan.output_bytes - sum(d["size"] for d in done.values()))
             shards = _write_folder(plan, folder, progress, ident, done)
             write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
@@ -220,7 +221,7 @@ def _record(folder: Path, ident: dict, done: dict[str, dict], pending: list[tupl
         name, future = pending.pop(0)
         done[name] = future.result()
         changed = True
-    if changed or not (folder / STATE_NAME).exists():
+    if changed:
         write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
 
 

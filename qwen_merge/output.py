@@ -105,12 +105,15 @@ def write_shard(path: Path, header: bytes, pieces: Iterable[Piece],
             in_flight: list[Future] = []
 
             def submit(job: Callable[[], None], nbytes: int) -> None:
-                if nbytes < INLINE_WRITE_BYTES:
-                    job()  # handing a small write to the thread costs more than doing it
-                    return
+                # Wait for the write in flight first, small or not: the stream reuses a block's buffer
+                # two blocks later, so at most one block may ever be pending (a skipped wait here once
+                # let a tensor's first block overwrite the previous tensor's block mid-write).
                 if in_flight:
                     in_flight.pop().result()  # re-raises a failed write here, before more work is done
-                in_flight.append(pool.submit(job))
+                if nbytes < INLINE_WRITE_BYTES:
+                    job()  # handing a small write to the thread costs more than doing it
+                else:
+                    in_flight.append(pool.submit(job))
 
             size = _write_pieces(fd, header, pieces, path, submit, on_bytes)
             if in_flight:
