@@ -56,12 +56,24 @@ def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
         return _assemble(path.parent, (shard,), None, {}, side_files=False)
     root, index_path = _locate(path)
     if index_path is None:
-        shard = read_header(root / SINGLE_NAME if (root / SINGLE_NAME).is_file() else _only_safetensors(root))
-        return _assemble(root, (shard,), None, {}, side_files=True)
+        single = root / SINGLE_NAME if (root / SINGLE_NAME).is_file() else _only_safetensors(root)
+        return _assemble(root, (read_header(_inside(root, single)),), None, {}, side_files=True)
     weight_map, metadata = _read_index(index_path)
-    shards = tuple(read_header(root / name) for name in sorted(set(weight_map.values())))
+    shards = tuple(read_header(_inside(root, root / name)) for name in sorted(set(weight_map.values())))
     _check_index_matches(index_path, weight_map, shards)
     return _assemble(root, shards, index_path.name, metadata, side_files=True)
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """Refuse a shard that is a link to somewhere outside the model folder. The one layout allowed is the
+    Hugging Face cache's: `<repo>/snapshots/<rev>/x.safetensors -> ../../blobs/<hash>`."""
+    target, folder = path.resolve(), root.resolve()
+    if folder in target.parents:
+        return path
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").resolve() in target.parents:
+        return path
+    raise FormatError(f"{path}: shard links to {target}, outside the model folder {root}; copy the file in "
+                      f"or merge from the folder it lives in")
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
