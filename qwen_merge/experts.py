@@ -140,8 +140,8 @@ def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter, orientatio
         transposed = _orientation(pp, lay)
         transposed = orientation if transposed is None else transposed
         if transposed is None:
-            raise MismatchError(f"{lay.fused}: the fused expert tensor is square per expert {lay.out}x{lay.inp}, so its "
-                                f"shape cannot tell (E, out, in) from (E, in, out), and no sibling tensor of "
+            raise MismatchError(f"{lay.fused}: the fused expert tensor is square per expert "
+                                f"{lay.out}x{lay.inp}, so its shape cannot tell (E, out, in) from (E, in, out), and no sibling tensor of "
                                 f"{pp.module} settles it")
         return {lay.fused: ExpertPair(**base, transposed=transposed)}
     found = {}

@@ -27,7 +27,8 @@ def identity(plan: MergePlan, options: dict) -> dict:
     return {
         "tool": "qwen-merge",
         "version": VERSION,
-        "base": {"files": {s.path.name: s.size for s in base.shards} | {p.name: p.stat().st_size for p in base.side_files},
+        "base": {"files": {s.path.name: s.size for s in base.shards}
+                 | {p.name: p.stat().st_size for p in base.side_files},
                  "merged_adapters": previous_adapters(base.root)},
         "adapter": {"weights_sha256": sha256_file(adapter.file.path), "weights_size": adapter.file.size,
                     "config_sha256": sha256_file(adapter.root / "adapter_config.json")},

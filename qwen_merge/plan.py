@@ -14,7 +14,6 @@ import re
 import numpy
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import experts, ties
 from .adapter import PREFIX, Adapter, LoraPair, TokenRows, targets_module
@@ -472,8 +471,9 @@ def _render_lines(plan: MergePlan, detail: bool):
         yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
     if plan.rounding != "single":
         yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA)"
-    files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0)
-    yield f"output:  {_gb(plan.output_bytes)} in {files} files ({', '.join(p.name for p in base.side_files) or 'no side files'})"
+    files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0) + 1  # + the manifest
+    sides = ", ".join(p.name for p in base.side_files) or "no side files"
+    yield f"output:  {_gb(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
     if adapter.redundant:
@@ -497,7 +497,7 @@ def _tensor_lines(plan: MergePlan, detail: bool):
     for op in plan.ops:
         pattern = EXPERT_INDEX.sub(r".\1.*.", op.name)
         groups.setdefault((pattern, _describe(op, pattern)), []).append(op)
-    for (pattern, text), ops in groups.items():
+    for (_, text), ops in groups.items():
         shards = sorted({op.shard for op in ops})
         count = f"  x{len(ops)} experts" if len(ops) > 1 else ""
         yield f"  {text}{count}  [{', '.join(shards)}]"

@@ -225,7 +225,7 @@ def _tokens(op: TensorOp, files: Files) -> list[tuple[int, torch.Tensor]]:
     if op.tokens is None:
         return []
     values = _load(files, op.tokens.values).to(TORCH_DTYPES[op.dtype])  # one rounding of each trained row
-    return list(zip(op.tokens.indices, values))
+    return list(zip(op.tokens.indices, values, strict=True))
 
 
 def _load(files: Files, entry: TensorEntry, dtype: str | None = None) -> torch.Tensor:

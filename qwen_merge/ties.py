@@ -61,7 +61,8 @@ class TieInfo:
             flag = config["text_config"].get("tie_word_embeddings")
         tied = flag if flag is not None else config.get("model_type") not in UNTIED_BY_DEFAULT
         embed = next((n for n in EMBED_NAMES if n in entries), None)
-        prefix = embed[:-len("model.embed_tokens.weight")] if embed and embed.endswith("model.embed_tokens.weight") else ""
+        suffix = "model.embed_tokens.weight"
+        prefix = embed[:-len(suffix)] if embed and embed.endswith(suffix) else ""
         head = next((n for n in (prefix + "lm_head.weight",) + HEAD_NAMES if n in entries), HEAD_NAMES[0])
         return cls(bool(tied) and embed is not None, embed, head, head in entries)
 
