@@ -141,13 +141,13 @@ def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter, orientatio
         transposed = orientation if transposed is None else transposed
         if transposed is None:
             raise MismatchError(f"{lay.fused}: the fused expert tensor is square per expert "
-                                f"{lay.out}x{lay.inp}, so its shape cannot tell (E, out, in) from (E, in, out), and no sibling tensor of "
-                                f"{pp.module} settles it")
+                                f"({lay.out}x{lay.inp}), so its shape cannot tell (E, out, in) from (E, in, out), "
+                                f"and no sibling tensor of {pp.module} settles it")
         return {lay.fused: ExpertPair(**base, transposed=transposed)}
     found = {}
     for e, tensor_names in enumerate(lay.per_expert):
         start = 0
-        for name, rows in zip(tensor_names, lay.part_rows):
+        for name, rows in zip(tensor_names, lay.part_rows, strict=True):
             found[name] = ExpertPair(**base, expert=e, rows=(start, start + rows))
             start += rows
     return found

@@ -264,7 +264,7 @@ def _same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: b
     if x.dtype != y.dtype or x.shape != (y.shape[::-1] if transposed else y.shape):
         return False
     if not transposed:
-        return all(a == b for a, b in zip(_chunks(file, x), _chunks(file, y)))
+        return all(a == b for a, b in zip(_chunks(file, x), _chunks(file, y), strict=True))
     bits = {1: numpy.uint8, 2: numpy.uint16, 4: numpy.uint32, 8: numpy.uint64}[DTYPE_BITS[x.dtype] // 8]
     with open(file.path, "rb") as f:
         def read(e: TensorEntry) -> numpy.ndarray:
