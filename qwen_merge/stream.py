@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +109,13 @@ def new_workspace() -> Workspace:
     return Workspace(RING_SIZE)
 
 
-def shard_pieces(shard: ShardPlan, files: Files, workspace: Workspace) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
-    """For each output tensor of the shard, in output order: its entry and an iterator over its pieces."""
+def shard_pieces(shard: ShardPlan, files: Files, workspace: Workspace,
+                 blocks: Callable[[TensorOp], Container[int]] | None = None
+                 ) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
+    """For each output tensor of the shard, in output order: its entry and an iterator over its pieces.
+
+    `blocks(op)`, when given, selects which row blocks of a computed tensor to produce (verification
+    samples a few); by default all are."""
     base = shard.source.entry_map()
     for entry in shard.entries:
         op = shard.ops.get(entry.name)
@@ -119,16 +124,18 @@ def shard_pieces(shard: ShardPlan, files: Files, workspace: Workspace) -> Iterat
         elif op.is_raw_copy:
             yield entry, iter((_span(files, op.source.file, op.source.entry),))
         else:
-            yield entry, op_blocks(op, files, workspace)
+            yield entry, op_blocks(op, files, workspace, blocks(op) if blocks else None)
 
 
 def _span(files: Files, file: TensorFile, entry: TensorEntry) -> RawSpan:
     return RawSpan(files.fd(file.path), file.data_offset + entry.start, entry.nbytes)
 
 
-def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[MergedBlock]:
+def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Container[int] | None = None
+              ) -> Iterator[MergedBlock]:
     """Compute one tensor in row blocks: read rows of the source, round them to the output dtype if needed,
-    add the delta (and DoRA), overwrite token rows; yield each finished block."""
+    add the delta (and DoRA), overwrite token rows; yield each finished block (only block indexes in
+    `blocks`, when given)."""
     shape = as_matrix(op.shape)
     reader = _RowReader(op, files, workspace, shape)
     for entry in _adapter_operands(op) if op.check_finite else ():
@@ -141,7 +148,9 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace) -> Iterator[Merg
     factors = _factors(op, files, reader) if op.pair is not None else None
     tokens = _tokens(op, files)
     out_row_bytes = math.prod(shape[1:]) * DTYPE_BITS[op.dtype] // 8
-    for row0 in range(0, shape[0], op.block_rows):
+    for index, row0 in enumerate(range(0, shape[0], op.block_rows)):
+        if blocks is not None and index not in blocks:
+            continue
         rows = min(op.block_rows, shape[0] - row0)
         w_rows, buffers = reader.rows(row0, rows), workspace.next_block(rows, shape[1:], op.dtype)
         block = cast_rows(w_rows, buffers) if factors is None else _merge(op, w_rows, factors, row0, buffers)

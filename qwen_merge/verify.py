@@ -50,10 +50,10 @@ class VerifyReport:
     full: bool = False
 
     def summary(self) -> str:
-        how = "every row block" if self.full else "first, middle and last row block (--full: every block)"
+        how = "every row block" if self.full else "the first, middle and last row block (--full: all)"
         verdict = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
         return (f"verify: {verdict}; {self.checked_tensors} tensors checked, {self.checked_bytes / 1e6:.2f} MB "
-                f"compared; merged tensors recomputed on the {how}")
+                f"compared; merged tensors recomputed on {how}")
 
 
 def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: bool = False,
@@ -92,7 +92,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
         raise FormatError(f"{out}: merged output folder not found")
     if not out.is_dir():
         raise FormatError(f"{out}: expected the merged model folder, found a file")
-    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes) as plan:
+    # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
+    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes, allow_nonfinite=True) as plan:
         checker = _Checker(plan, out, full)
         checker.run()
     return VerifyReport(not checker.problems, tuple(checker.problems), checker.tensors, checker.bytes, full)
@@ -188,7 +189,7 @@ class _Checker:
             self.problem(f"{e} (header of the merged shard)")
             return
         ok, have = self._check_header(shard, got), got.entry_map()
-        for entry, pieces in shard_pieces(shard, files, workspace):  # op_blocks starts only when iterated
+        for entry, pieces in shard_pieces(shard, files, workspace, self._blocks):  # lazy: starts when iterated
             if have.get(entry.name) == entry:
                 self.stored[entry.name] = (got, entry)
                 self._check_tensor(shard, got, entry, pieces, files)
@@ -234,28 +235,27 @@ class _Checker:
                     diff = self._compare_span(out_fd, start, piece.fd, piece.offset, piece.length, got.path, src_path)
                     if diff:
                         count, first = diff
-                        self.problem(f"{where} is not byte-identical to {src_name!r} of {src_path}: {count} bytes "
-                                     f"differ, the first at byte {first} of {entry.nbytes}")
+                        self.problem(f"{where} is not byte-identical to {src_name!r} of {src_path}: "
+                                     f"mismatch in {_bytes(count)}, the first at byte {first} of {entry.nbytes}")
             else:
                 self._check_computed(where, op, entry, pieces, files, out_fd, start, got.path)
         except QwenMergeError as e:
             self.problem(f"{where}: cannot check it: {e}")
         self.tensors += 1
 
+    def _blocks(self, op: TensorOp) -> set[int]:
+        """The row blocks of a computed tensor to recompute: sampled, or all with --full."""
+        rows, _ = as_matrix(op.shape)
+        count = 1 if op.pair is not None and op.part == "bias" else -(-rows // op.block_rows)
+        return sampled_blocks(count, self.full)
+
     def _check_computed(self, where: str, op: TensorOp, entry: TensorEntry, pieces: Iterator, files: Files,
                         out_fd: int, start: int, path: Path) -> None:
         rows, _ = as_matrix(op.shape)
-        count = 1 if op.pair is not None and op.part == "bias" else -(-rows // op.block_rows)
-        wanted = sampled_blocks(count, self.full)
         item = DTYPE_BITS[op.dtype] // 8
         row_bytes = entry.nbytes // max(rows, 1)
         bad, checked, first, worst, unmerged = 0, 0, None, 0, True
-        last = max(wanted)
-        for index, block in enumerate(pieces):
-            if index > last:
-                break
-            if index not in wanted:
-                continue
+        for block in pieces:  # only the blocks `self._blocks` selected are computed
             assert isinstance(block, MergedBlock)
             mine = tensor_bytes(block.rows)
             theirs = self._read("out", out_fd, start + block.offset, len(mine), path)
@@ -323,25 +323,35 @@ class _Checker:
                 self.problem(f"{path}: vocab_size is {size!r} but {name} has {entries[name].shape[0]} rows")
 
     def _check_tie(self, files: Files) -> None:
-        config = self.config
-        if config is None:
+        """tied => no lm_head, or one byte-identical to the embedding; untied => lm_head stored. Held only
+        where the base itself holds it (a base that breaks the rule passes its inconsistency on)."""
+        if self.config is None:
             return
         path = self.out / CONFIG_NAME
-        entries = {n: e for n, (_, e) in self.stored.items()}
-        info = TieInfo.of(config, entries)
-        planned = {e.name for s in self.plan.shards for e in s.entries}
-        if info.embed is None or info.embed not in entries:
+        base = self.plan.base
+        if self._tie_problem(base.config, base.locations(), files) is not None:
             return
-        if not info.tied and not info.head_stored and info.head not in planned:
-            self.problem(f"{path}: tie_word_embeddings is false but the checkpoint has no {info.head}")
-        elif info.tied and info.head_stored:
-            (f_e, e), (f_h, h) = self.stored[info.embed], self.stored[info.head]
+        problem = self._tie_problem(self.config, self.stored, files,
+                                    planned={e.name for s in self.plan.shards for e in s.entries})
+        if problem:
+            self.problem(f"{path}: {problem}")
+
+    def _tie_problem(self, config: dict | None, where: dict[str, tuple[TensorFile, TensorEntry]], files: Files,
+                     planned: set[str] | None = None) -> str | None:
+        info = TieInfo.of(config, {n: e for n, (_, e) in where.items()})
+        if info.embed is None or info.embed not in where:
+            return None
+        if not info.tied and not info.head_stored and info.head not in (planned or ()):
+            return f"tie_word_embeddings is false but the checkpoint has no {info.head}"
+        if info.tied and info.head_stored:
+            (f_e, e), (f_h, h) = where[info.embed], where[info.head]
             same = e.shape == h.shape and e.dtype == h.dtype and not self._compare_span(
                 files.fd(f_h.path), f_h.data_offset + h.start, files.fd(f_e.path), f_e.data_offset + e.start,
                 e.nbytes, f_h.path, f_e.path, count=False)
             if not same:
-                self.problem(f"{path}: tie_word_embeddings is true but {info.head} ({f_h.path.name}) is not "
-                             f"byte-identical to {info.embed} ({f_e.path.name})")
+                return (f"tie_word_embeddings is true but {info.head} ({f_h.path.name}) is not byte-identical to "
+                        f"{info.embed} ({f_e.path.name})")
+        return None
 
     # -- side files ------------------------------------------------------------------------------------
 
@@ -352,8 +362,8 @@ class _Checker:
             path = self.out / source.name
             mine, theirs = path.stat().st_size, source.stat().st_size
             if mine != theirs:
-                self.problem(f"{path}: {mine} bytes, the base's {source} has {theirs}; side files are copied "
-                             f"unchanged")
+                self.problem(f"{path}: differs from the base's {source} ({mine} bytes instead of {theirs}); side "
+                             f"files are copied unchanged")
                 continue
             fd_out, fd_src = os.open(path, os.O_RDONLY), os.open(source, os.O_RDONLY)
             try:
@@ -362,8 +372,8 @@ class _Checker:
                 os.close(fd_out)
                 os.close(fd_src)
             if diff:
-                self.problem(f"{path}: differs from the base's {source} ({diff[0]} bytes, the first at byte "
-                             f"{diff[1]}); side files are copied unchanged")
+                self.problem(f"{path}: differs from the base's {source} (mismatch in {_bytes(diff[0])}, the first "
+                             f"at byte {diff[1]}); side files are copied unchanged")
 
     # -- bytes -----------------------------------------------------------------------------------------
 
@@ -390,6 +400,10 @@ class _Checker:
                 differ += len(ne)
                 first = pos + int(ne[0]) if first is None else first
         return (differ, first) if differ else None
+
+
+def _bytes(n: int) -> str:
+    return f"{n} byte" if n == 1 else f"{n} bytes"
 
 
 def _same(a: memoryview, b: memoryview) -> bool:
