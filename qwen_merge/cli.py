@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     for p in (plan, merge, verify):
         p.add_argument("--rounding", choices=("single", "peft"), default="single",
                        help="single: fp32 accumulation, one rounding (default); peft: PEFT's double rounding "
-                            "where PEFT does it (embedding LoRA), for byte-identical PEFT output")
+                            "where PEFT does it (embedding LoRA, target_parameters experts), for byte-identical "
+                            "PEFT output")
         p.add_argument("--map", action="append", default=[], metavar="FROM=TO",
                        help="rename adapter key prefix FROM to base prefix TO (repeatable)")
         p.add_argument("--allow-pickle", action="store_true",

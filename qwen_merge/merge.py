@@ -55,7 +55,7 @@ def plan_merge(base: PathLike, adapter: PathLike, *, rounding: str = "single",
         base: a model folder (`model.safetensors`, or an index plus shards) or one `.safetensors` file.
         adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`).
         rounding: "single" (fp32 accumulation, one rounding) or "peft" (PEFT's double rounding where
-            PEFT rounds twice: embedding LoRA), for byte-identical PEFT output.
+            PEFT rounds twice: embedding LoRA, target_parameters experts), for byte-identical PEFT output.
         key_map: prefix renames from adapter (in-model) names to base (on-disk) names, e.g.
             {"model.language_model.": "model."}; the common VLM renames are detected without it.
         allow_pickle: read a pickled `adapter_model.bin` with `torch.load(weights_only=True)`.

@@ -470,7 +470,7 @@ def _render_lines(plan: MergePlan, detail: bool):
         changed = {k: v for k, v in plan.config.items() if (base.config or {}).get(k) != v and k != "text_config"}
         yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
     if plan.rounding != "single":
-        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA)"
+        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA and target_parameters)"
     files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0) + 1  # + the manifest
     sides = ", ".join(p.name for p in base.side_files) or "no side files"
     yield f"output:  {_gb(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
