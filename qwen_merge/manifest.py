@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, read_json
 from .errors import MismatchError, OutputError
-from .output import sha256_file
+from .output import sha256_file, write_error
 from .plan import MergePlan
 
 VERSION = "0.1.0"
@@ -34,6 +34,13 @@ def identity(plan: MergePlan, options: dict) -> dict:
                     "config_sha256": sha256_file(adapter.root / "adapter_config.json")},
         "options": options,
     }
+
+
+def base_file_stats(plan: MergePlan) -> dict[str, list[int]]:
+    """Size, mtime and inode of every base file: kept in the resume state only (they vary between
+    copies of the same model, so they stay out of the manifest)."""
+    files = [s.path for s in plan.base.shards] + list(plan.base.side_files)
+    return {p.name: [(st := p.stat()).st_size, st.st_mtime_ns, st.st_ino] for p in files}
 
 
 def previous_adapters(folder: Path) -> list[str]:
@@ -65,11 +72,14 @@ def write_json_atomic(path: Path, value: dict) -> None:
     """Replace `path` with `value` as JSON (sorted keys, so equal values give equal bytes), durably."""
     temp = path.with_name(path.name + ".tmp")
     data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def load_state(folder: Path, ident: dict) -> dict[str, dict]:
@@ -79,8 +89,10 @@ def load_state(folder: Path, ident: dict) -> dict[str, dict]:
         return {}  # killed before the first state was written: nothing was recorded complete
     state = read_json(path, STATE_NAME)
     if state.get("identity") != ident:
-        raise OutputError(f"{folder}: the interrupted merge used other inputs or options; cannot resume it. "
-                          f"Remove the folder to start over")
+        changed = [k for k in ("base", "base_files", "adapter", "options", "version")
+                   if state.get("identity", {}).get(k) != ident.get(k)]
+        raise OutputError(f"{folder}: the interrupted merge used other inputs or options ({', '.join(changed)} "
+                          f"changed); cannot resume it. Rerun with the same ones, or remove the folder to start over")
     done = state.get("done", {})
     for name, info in done.items():
         if not (folder / name).is_file() or (folder / name).stat().st_size != info.get("size"):

@@ -23,7 +23,9 @@ from .checkpoint import open_checkpoint
 from .compute import TORCH_DTYPES, as_tensor
 from .errors import FormatError
 from .checkpoint import MANIFEST_NAME
-from .manifest import STATE_NAME, check_not_merged_twice, identity, load_state, manifest, write_json_atomic
+from .errors import DiskFullError
+from .manifest import (STATE_NAME, base_file_stats, check_not_merged_twice, identity, load_state, manifest,
+                       write_json_atomic)
 from .output import (check_destination, check_free_space, copy_side_file, finish_file, publish, staging_folder,
                      write_json, write_shard)
 from .pickled import unpickle_adapter
@@ -116,12 +118,17 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
         ident = identity(plan, options)
         check_not_merged_twice(ident, plan.base.root, force)
+        state = {**ident, "base_files": base_file_stats(plan)}  # resume also notices a rewritten base file
         with staging_folder(dest, resume=resume) as (folder, fresh):
-            done = {} if fresh else load_state(folder, ident)
-            write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
-            check_free_space(folder, plan.output_bytes - sum(d["size"] for d in done.values()))
-            shards = _write_folder(plan, folder, progress, ident, done)
-            write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
+            done = {} if fresh else load_state(folder, state)
+            needed = plan.output_bytes - sum(d["size"] for d in done.values())
+            try:
+                write_json_atomic(folder / STATE_NAME, {"identity": state, "done": done})
+                check_free_space(dest, needed)
+                shards = _write_folder(plan, folder, progress, state, done)
+                write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
+            except DiskFullError as e:
+                raise DiskFullError(f"{e}; the merge needs {needed} bytes") from None
             (folder / STATE_NAME).unlink()
             publish(folder, dest)
     files = tuple(sorted(p.name for p in dest.iterdir()))

@@ -45,8 +45,9 @@ def partial_folder_of(dest: Path) -> Path:
 
 @contextmanager
 def staging_folder(dest: Path, *, resume: bool) -> Iterator[tuple[Path, bool]]:
-    """The folder the output is built in, and whether it is new. An error removes it; an interrupt
-    (Ctrl-C) or a kill leaves it, so a later run with `resume` continues from its completed shards."""
+    """The folder the output is built in, and whether it is new. An error removes a folder this run
+    created; a resumed one is kept (a refused resume or a full disk must not throw away completed shards),
+    and an interrupt (Ctrl-C) or a kill leaves it, so a later run with `resume` continues from it."""
     folder = partial_folder_of(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,8 @@ def staging_folder(dest: Path, *, resume: bool) -> Iterator[tuple[Path, bool]]:
     try:
         yield folder, fresh
     except Exception:
-        shutil.rmtree(folder, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
@@ -172,7 +174,7 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, path: Pa
         return done
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-            raise _write_error(path, e) from None
+            raise write_error(path, e) from None
     data = os.pread(src, n - done, src_off + done)
     _write_all(dst, memoryview(data), dst_off + done, path)
     return n
@@ -189,11 +191,15 @@ def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
 
 
-def _write_error(path: Path, e: OSError) -> OutputError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+def write_error(path: Path, e: OSError) -> OutputError:
+    """One-line error for a failed write; running out of space (or of the file-size limit) is DiskFullError."""
+    if e.errno == errno.EFBIG:
+        return DiskFullError(f"{path}: the file-size limit (ulimit -f) stopped the write; "
+                             f"{free_bytes(path.parent) or 0} bytes are free on that filesystem")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"{path}: {e.strerror}: {free_bytes(path.parent) or 0} bytes free on that filesystem")
     return OutputError(f"{path}: write failed: {e.strerror or e}")
 
@@ -217,7 +223,7 @@ def write_json(path: Path, value: dict) -> int:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
     return len(data)
 
 
@@ -225,7 +231,7 @@ def copy_side_file(source: Path, folder: Path) -> int:
     try:
         shutil.copyfile(source, folder / source.name)
     except OSError as e:
-        raise _write_error(folder / source.name, e) from None
+        raise write_error(folder / source.name, e) from None
     return source.stat().st_size
 
 
@@ -235,7 +241,7 @@ def finish_file(part: Path, final: Path) -> dict:
     try:
         os.fsync(fd)  # Linux syncs a file's data through any descriptor of it
     except OSError as e:
-        raise _write_error(part, e) from None
+        raise write_error(part, e) from None
     finally:
         os.close(fd)
     info = {"size": part.stat().st_size, "sha256": sha256_file(part)}

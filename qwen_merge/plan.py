@@ -160,7 +160,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
     wanted = _wanted(adapter)
-    names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create, describe=wanted.get)
+    names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create,
+                          describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
     intents = _intents(adapter, names)
     for name, intent in experts.expert_intents(adapter, names, entries).items():
         if name in intents:
@@ -174,7 +175,10 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
                                       lambda name: _source(where, adapter, name, _Intent()),
                                       lambda x, y, transposed: _same_values(adapter.file, x, y, transposed))
     ctx = _Context(base, adapter, entries, block_bytes, rounding, not allow_nonfinite)
-    ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
+    try:
+        ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
+    except MismatchError as e:  # the checks speak of tensors; name the adapter they come from too
+        raise MismatchError(f"{adapter.file.path}: {e}") from None
     config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
     shards = _layout(base, ops, added)
     plan = MergePlan(base, adapter, shards, tuple(op for s in shards for op in _ops_in_order(s)),

@@ -140,7 +140,7 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Containe
     reader = _RowReader(op, files, workspace, shape)
     for entry in _adapter_operands(op) if op.check_finite else ():
         if files.first_use(entry):
-            _check_finite(op, _load(files, entry), f"adapter tensor {entry.name!r} values")
+            _check_finite(op, _load(files, entry), f"{files.adapter.path}: tensor {entry.name!r} (for {op.name})")
     if op.pair is not None and op.part == "bias":
         vector = _load(files, op.pair.bias, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
         yield MergedBlock(0, add_vector(reader.rows(0, 1), vector, workspace.next_block(1, shape[1:], op.dtype)))
@@ -158,15 +158,15 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Containe
             if row0 <= index < row0 + rows:
                 block[index - row0] = values
         if factors is not None and op.check_finite and op.dtype == "F16":  # finite inputs overflow only in fp16
-            _check_finite(op, block, f"rows {row0}..{row0 + rows - 1} of the merged tensor")
+            _check_finite(op, block, f"{op.source.file.path}: {op.name} rows {row0}..{row0 + rows - 1} merged")
         yield MergedBlock(row0 * out_row_bytes, block)
 
 
 def _check_finite(op: TensorOp, values: torch.Tensor, what: str) -> None:
     """NaN or Inf in an adapter tensor, or a merge that overflows (fp16), would poison the model silently."""
     if not bool(torch.isfinite(values).all()):
-        raise MismatchError(f"{op.name}: {what} contain NaN or Inf; the adapter is broken or the merge overflows "
-                            f"{op.dtype} (pass allow_nonfinite=True / --allow-nonfinite to write it anyway)")
+        raise MismatchError(f"{what}: holds NaN or Inf; the adapter is broken or the merge overflows {op.dtype} "
+                            f"(pass allow_nonfinite=True / --allow-nonfinite to write it anyway)")
 
 
 class _RowReader:

@@ -144,9 +144,13 @@ def _check_tiling(path: Path, entries: list[TensorEntry], data_len: int) -> None
             what = "overlaps the previous tensor" if e.start < cursor else f"leaves a hole at byte {cursor}"
             raise FormatError(f"{path}: tensor {e.name!r} at data offset {e.start} {what}")
         cursor = e.end
-    if cursor != data_len:
-        how = "is truncated" if cursor > data_len else "has trailing bytes"
-        raise FormatError(f"{path}: file {how}: tensors cover {cursor} data bytes, the file holds {data_len}")
+    if cursor > data_len:
+        past = next(e for e in entries if e.end > data_len)
+        raise FormatError(f"{path}: file is truncated: tensor {past.name!r} ends at data byte {past.end}, "
+                          f"the file holds {data_len}")
+    if cursor < data_len:
+        raise FormatError(f"{path}: file has trailing bytes: tensors cover {cursor} data bytes, the file holds "
+                          f"{data_len}")
 
 
 def encode_header(entries: list[TensorEntry] | tuple[TensorEntry, ...], metadata: dict[str, str],

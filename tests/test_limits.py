@@ -1,0 +1,337 @@
+"""Resource limits (issue 5, items 4 and 6): memory and disk.
+
+* Memory: `qwen-merge merge` runs under RLIMIT_DATA = 1 GiB on a model whose two shards are each larger
+  than 1 GiB (1.125 GiB: a 640 MiB and a 512 MiB bf16 tensor; the LoRA touches three of the four), and
+  succeeds, with sampled row blocks equal to W + s·B@A and the untouched tensor byte-identical. A guard
+  shows the limit really bites: a child under it cannot hold one shard.
+* Disk full, RLIMIT_FSIZE: the output files cannot grow past a small limit (SIGXFSZ ignored, so writes
+  fail with EFBIG): exit 1, one `error:` line saying how many bytes were needed and how many are free,
+  nothing at the destination, no partial folder.
+* Disk full, tmpfs (when this machine lets root mount one; checked by a real attempt, else skipped): a
+  merge larger than the filesystem is refused before anything is written, saying needed and free bytes;
+  and a merge that passes that check but runs out of space while writing (ENOSPC) fails cleanly too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwen_merge import DiskFullError, merge_shards, plan_merge
+from qwen_merge.demo import build_adapter, build_base
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+RANK, ALPHA = 16, 32  # scale 2
+COLS = 16384
+# shard -> [(tensor, rows, merged?)]; each shard is 640 MiB + 512 MiB = 1.125 GiB of bf16
+BIG_SHARDS = {
+    "model-00001-of-00002.safetensors": [("model.layers.0.mlp.up_proj.weight", 20480, True),
+                                         ("model.layers.0.mlp.down_proj.weight", 16384, False)],
+    "model-00002-of-00002.safetensors": [("model.layers.1.mlp.up_proj.weight", 20480, True),
+                                         ("model.layers.1.mlp.down_proj.weight", 16384, True)],
+}
+CHUNK_ROWS = 1024
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
+    return e
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def says_needed_and_free(message: str) -> bool:
+    """Whether the message gives both numbers a user needs to act: bytes needed and bytes free."""
+    return "free" in message.lower() and len(re.findall(r"\d+ bytes", message)) >= 2
+
+
+def assert_says_needed_and_free(message: str) -> None:
+    assert says_needed_and_free(message), f"does not say how many bytes were needed and how many are free: {message!r}"
+
+
+def assert_clean(dest: Path) -> None:
+    assert not dest.exists(), f"{dest} was created"
+    leftovers = [p.name for p in dest.parent.iterdir() if "qwen-merge" in p.name or p.name.endswith(".part")]
+    assert not leftovers, f"left beside the destination: {leftovers}"
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _write_streamed(path: Path, tensors: list[tuple[str, int]], generator: torch.Generator) -> None:
+    """Write a bf16 safetensors file chunk by chunk (never holding a tensor): each 1024-row chunk is a
+    random block rolled by a chunk-dependent amount, so rows differ along the tensor."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, rows in tensors:
+        size = rows * COLS * 2
+        header[name] = {"dtype": "BF16", "shape": [rows, COLS], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, rows in tensors:
+            block = (torch.randn(CHUNK_ROWS, COLS, generator=generator) * 0.02).to(torch.bfloat16)
+            for i in range(rows // CHUNK_ROWS):
+                f.write(torch.roll(block, shifts=37 * i + 1, dims=1).view(torch.int16).numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    """Two 1.125 GiB shards and an adapter, written once; deleted when the module ends."""
+    root = tmp_path_factory.mktemp("limits-big")
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    g = torch.Generator().manual_seed(11)
+    weight_map, factors = {}, {}
+    for shard, tensors in BIG_SHARDS.items():
+        _write_streamed(base / shard, [(name, rows) for name, rows, _ in tensors], g)
+        for name, rows, merged in tensors:
+            weight_map[name] = shard
+            if merged:
+                module = "base_model.model." + name.removesuffix(".weight")
+                factors[module + ".lora_A.weight"] = torch.randn(RANK, COLS, generator=g) * 0.05
+                factors[module + ".lora_B.weight"] = torch.randn(rows, RANK, generator=g) * 0.05
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    save_file(factors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["up_proj", "down_proj"]}))
+    for shard in BIG_SHARDS:
+        assert (base / shard).stat().st_size > GIB
+    yield base, adapter, factors
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _limit_data() -> None:
+    resource.setrlimit(resource.RLIMIT_DATA, (GIB, GIB))
+
+
+def test_the_data_limit_bites():
+    """Guard: under RLIMIT_DATA = 1 GiB a process cannot even hold one 1.125 GiB shard in memory."""
+    child = subprocess.run([sys.executable, "-c", "bytearray(9 << 27)"], preexec_fn=_limit_data,
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode != 0 and "MemoryError" in child.stderr, child.stderr
+
+
+def _sha256_range(path: Path, start: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length:
+            chunk = f.read(min(length, 1 << 24))
+            assert chunk, "file ended early"
+            digest.update(chunk)
+            length -= len(chunk)
+    return digest.hexdigest()
+
+
+def test_merge_under_1gib_data_limit_with_shards_over_1gib(big_model, tmp_path):
+    base, adapter, factors = big_model
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    try:
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
+                                     "--quiet"], preexec_fn=_limit_data, stdout=err, stderr=err, env=env(),
+                                    cwd=REPO)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        print(f"merged 2 x 1.125 GiB shards under RLIMIT_DATA = 1 GiB; child max RSS {usage.ru_maxrss / 1024:.0f} MiB")
+        for shard in BIG_SHARDS:
+            assert (out / shard).stat().st_size == (base / shard).stat().st_size
+
+        scale = ALPHA / RANK
+        for shard, tensors in BIG_SHARDS.items():
+            with safe_open(base / shard, "pt") as b, safe_open(out / shard, "pt") as o:
+                for name, rows, merged in tensors:
+                    if not merged:
+                        continue
+                    module = "base_model.model." + name.removesuffix(".weight")
+                    a, bf = factors[module + ".lora_A.weight"], factors[module + ".lora_B.weight"]
+                    for row0 in (0, rows // 2 - 64, rows - 128):  # first, a middle and the last row block
+                        w = b.get_slice(name)[row0:row0 + 128]
+                        got = o.get_slice(name)[row0:row0 + 128]
+                        want = (w.float() + (bf[row0:row0 + 128] @ a) * scale).to(torch.bfloat16)
+                        ulps = (want.view(torch.int16).int() - got.view(torch.int16).int()).abs()
+                        assert int(ulps.max()) <= 1, f"{name} rows {row0}..: off by {int(ulps.max())} ulp"
+                        assert int((ulps > 0).sum()) <= want.numel() // 1000, f"{name} rows {row0}..: too many 1-ulp"
+        # the untouched 512 MiB tensor is byte-identical (same offsets: the header length is kept)
+        shard = "model-00001-of-00002.safetensors"
+        with open(base / shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        begin, end = header["model.layers.0.mlp.down_proj.weight"]["data_offsets"]
+        assert _sha256_range(base / shard, 8 + n + begin, end - begin) == \
+            _sha256_range(out / shard, 8 + n + begin, end - begin)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("limits-small")
+    (root / "base").mkdir()
+    (root / "adapter").mkdir()
+    g = torch.Generator().manual_seed(0)
+    build_base(root / "base", g)
+    build_adapter(root / "adapter", g)
+    return root / "base", root / "adapter"
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_file_size_limit_fails_cleanly(small_model, tmp_path):
+    base, adapter = small_model
+    out = tmp_path / "dest" / "out"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
+                           "--quiet"], preexec_fn=_file_size_limit(64 << 10), capture_output=True, text=True,
+                          env=env(), cwd=REPO, timeout=120)
+    line = error_line(proc)
+    assert_clean(out)
+    assert_says_needed_and_free(line)
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str):
+    """A tmpfs mounted at `folder`, or a skip when this machine does not allow it (a real attempt)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a tmpfs: {e}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def _bigger_model(root: Path) -> tuple[Path, Path]:
+    """Two 12 MiB shards, more than a 20 MiB tmpfs holds."""
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    g = torch.Generator().manual_seed(3)
+    weight_map = {}
+    for i in range(2):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        save_file({name: (torch.randn(2048, 3072, generator=g) * 0.02).to(torch.bfloat16)}, base / shard)
+        weight_map[name] = shard
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(4, 3072, generator=g),
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(2048, 4, generator=g)},
+              adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    return base, adapter
+
+
+def test_free_space_checked_before_writing(tmp_path):
+    base, adapter = _bigger_model(tmp_path)
+    needed = plan_merge(base, adapter).output_bytes
+    with tmpfs(tmp_path / "small", "20m") as mount:
+        assert shutil.disk_usage(mount).free < needed
+        out = mount / "out"
+        with pytest.raises(DiskFullError) as info:
+            merge_shards(base, adapter, out, progress=False)
+        message = str(info.value)
+        assert "\n" not in message
+        assert str(needed) in message, f"needed bytes ({needed}) not stated: {message}"
+        assert_says_needed_and_free(message)
+        assert os.listdir(mount) == [], os.listdir(mount)
+        assert shutil.disk_usage(mount).used == 0
+
+        proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
+                               "--quiet"], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+        line = error_line(proc)
+        assert str(needed) in line
+        assert os.listdir(mount) == []
+
+
+def test_running_out_of_space_while_writing(small_model, tmp_path):
+    """Free space a little above what the plan counts passes the pre-write check; the files' page rounding then
+    fills the tmpfs while writing (ENOSPC) — in a shard, the state file, a side file, the index or the
+    manifest, depending on the exact free space. Every such failure must be a DiskFullError with one line
+    saying needed and free bytes, and leave nothing but what was there before."""
+    base, adapter = small_model
+    needed = plan_merge(base, adapter).output_bytes
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        out = mount / "out"
+        filler = mount / "filler"
+        outcomes, problems, mid_write = [], [], None
+        for slack in range(0, 24576, 1024):
+            filler.unlink(missing_ok=True)
+            filler.write_bytes(b"\0" * (shutil.disk_usage(mount).free - needed - slack))
+            try:
+                merge_shards(base, adapter, out, progress=False)
+                outcomes.append((slack, "merged"))
+                shutil.rmtree(out)
+                continue
+            except Exception as e:  # noqa: BLE001 - every failure is classified below
+                error = e
+            listing = sorted(os.listdir(mount))
+            if listing != ["filler"]:
+                problems.append(f"slack {slack}: left {listing}")
+                for p in mount.iterdir():
+                    if p.name != "filler":
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if isinstance(error, DiskFullError) and "the merge writes" in str(error):
+                outcomes.append((slack, "pre-write check"))
+                continue
+            outcomes.append((slack, f"{type(error).__name__}: {str(error).replace(str(mount), '<tmpfs>')}"))
+            if not isinstance(error, DiskFullError):
+                problems.append(f"slack {slack}: {type(error).__name__} instead of DiskFullError: {error}")
+            elif not says_needed_and_free(str(error)) or "\n" in str(error).strip():
+                problems.append(f"slack {slack}: message lacks needed/free bytes: {error}")
+            if mid_write is None:
+                mid_write = slack
+        print("\n".join(f"slack {s}: {o}" for s, o in outcomes))
+        assert mid_write is not None, f"no free-space setting ran out of space while writing: {outcomes}"
+        assert any(o == "merged" for _, o in outcomes), outcomes
+
+        # the same through the CLI, at the first setting that runs out mid-write
+        filler.unlink()
+        filler.write_bytes(b"\0" * (shutil.disk_usage(mount).free - needed - mid_write))
+        proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
+                               "--quiet"], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+        if sorted(os.listdir(mount)) != ["filler"]:
+            problems.append(f"CLI: left {sorted(os.listdir(mount))}")
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        if proc.returncode != 1 or "Traceback" in proc.stderr or len(lines) != 1 or not lines[0].startswith("error:"):
+            problems.append(f"CLI: exit {proc.returncode}, stderr {proc.stderr[-1500:]!r}")
+        assert not problems, "\n".join(problems)
