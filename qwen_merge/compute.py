@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -238,6 +240,20 @@ def add_vector(w_rows: torch.Tensor, vector: torch.Tensor, buffers: BlockBuffers
 def cast_rows(w_rows: torch.Tensor, buffers: BlockBuffers) -> torch.Tensor:
     """The rows converted to the output dtype (one rounding), or copied when the dtype is the same."""
     return buffers.out.copy_(w_rows)
+
+
+@contextmanager
+def compute_threads(n: int) -> Iterator[None]:
+    """Run torch on `n` threads for the duration. With 2 cores, one computes while the writer thread
+    copies into the page cache; letting torch's OpenMP team spin on both cores as well made the merge
+    3x slower (its threads wait on each other whenever the writer preempts one). Verification uses the
+    same setting so its GEMMs are the same calls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .adapter import open_adapter
 from .checkpoint import open_checkpoint
-from .compute import TORCH_DTYPES, as_tensor
+from .compute import TORCH_DTYPES, as_tensor, compute_threads
 from .errors import FormatError
 from .checkpoint import MANIFEST_NAME
 from .errors import DiskFullError
@@ -196,7 +196,7 @@ def _write_folder(plan: MergePlan, folder: Path, progress: bool, ident: dict, do
                disable=not progress)
     done, workspace = dict(done), new_workspace()
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-finish") as finisher, \
-            _compute_threads(1), open_files(plan.adapter.file) as files:
+            compute_threads(1), open_files(plan.adapter.file) as files:
         pending: list[tuple[str, Future]] = []
         for shard in plan.shards:
             if shard.name in done:
@@ -230,19 +230,6 @@ def _record(folder: Path, ident: dict, done: dict[str, dict], pending: list[tupl
         changed = True
     if changed:
         write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
-
-
-@contextmanager
-def _compute_threads(n: int) -> Iterator[None]:
-    """Run torch on `n` threads for the duration. With 2 cores, one computes while the writer thread
-    copies into the page cache; letting torch's OpenMP team spin on both cores as well made the merge
-    3x slower (its threads wait on each other whenever the writer preempts one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _inputs(base: PathLike, adapter: PathLike) -> list[Path]:

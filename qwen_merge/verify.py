@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
-import torch
 
 from .checkpoint import MANIFEST_NAME
-from .compute import tensor_bytes
+from .compute import compute_threads, tensor_bytes
 from .errors import FormatError, QwenMergeError
 from .merge import _planned
 from .plan import DEFAULT_BLOCK_BYTES, MergePlan, ShardPlan, TensorOp, as_matrix
@@ -122,7 +121,7 @@ class _Checker:
             self._check_index(self.out / self.plan.base.index_name)
         with ExitStack() as stack:
             files = stack.enter_context(open_files(self.plan.adapter.file))
-            stack.enter_context(_compute_threads(1))
+            stack.enter_context(compute_threads(1))
             workspace = new_workspace()
             for shard in self.plan.shards:
                 if shard.name in present:
@@ -429,12 +428,3 @@ def _element_diff(a: memoryview, b: memoryview, dtype: str) -> tuple[int, int, i
     return len(idx), int(idx[0]), ulp
 
 
-@contextmanager
-def _compute_threads(n: int) -> Iterator[None]:
-    """Recompute on as many threads as the merge computes with (one), so the GEMMs are the same calls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
