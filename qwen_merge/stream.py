@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .adapter import ExpertPair
 from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormError, add_vector, as_tensor,
                       cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors, merge_rows,
                       split_experts)
@@ -73,15 +72,16 @@ class Files:
         self._seen.add(entry.name)
         return True
 
-    def experts(self, pair: ExpertPair) -> ExpertFactors:
-        """A fused-expert LoRA split per expert, kept while the next tensors use it (the experts of a layer
-        are stored together, so a few entries suffice)."""
+    def experts(self, op: TensorOp) -> ExpertFactors:
+        """The fused-expert LoRA of `op` split per expert, kept while the next tensors use it (the experts of
+        a layer are stored together, so a few entries suffice)."""
+        pair = op.pair
         key = (pair.a.name, pair.b.name)
         if key not in self._cache:
             if len(self._cache) >= CACHED_FACTORS:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = split_experts(_load(self, pair.a), _load(self, pair.b), pair.scale, pair.experts,
-                                             pair.rank)
+            self._cache[key] = split_experts(_load(self, pair.a, op), _load(self, pair.b, op), pair.scale,
+                                             pair.experts, pair.rank)
         return self._cache[key]
 
     def fd(self, path: Path) -> int:
@@ -138,11 +138,8 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Containe
     `blocks`, when given)."""
     shape = as_matrix(op.shape)
     reader = _RowReader(op, files, workspace, shape)
-    for entry in _adapter_operands(op) if op.check_finite else ():
-        if files.first_use(entry):
-            _check_finite(op, _load(files, entry), f"{files.adapter.path}: tensor {entry.name!r} (for {op.name})")
     if op.pair is not None and op.part == "bias":
-        vector = _load(files, op.pair.bias, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
+        vector = _load(files, op.pair.bias, op, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
         yield MergedBlock(0, add_vector(reader.rows(0, 1), vector, workspace.next_block(1, shape[1:], op.dtype)))
         return
     factors = _factors(op, files, reader) if op.pair is not None else None
@@ -154,9 +151,9 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Containe
         rows = min(op.block_rows, shape[0] - row0)
         w_rows, buffers = reader.rows(row0, rows), workspace.next_block(rows, shape[1:], op.dtype)
         block = cast_rows(w_rows, buffers) if factors is None else _merge(op, w_rows, factors, row0, buffers)
-        for index, values in tokens:
-            if row0 <= index < row0 + rows:
-                block[index - row0] = values
+        for token_id, values in tokens:
+            if row0 <= token_id < row0 + rows:
+                block[token_id - row0] = values
         if factors is not None and op.check_finite and op.dtype == "F16":  # finite inputs overflow only in fp16
             _check_finite(op, block, f"{op.source.file.path}: {op.name} rows {row0}..{row0 + rows - 1} merged")
         yield MergedBlock(row0 * out_row_bytes, block)
@@ -192,18 +189,22 @@ def _merge(op: TensorOp, w_rows: torch.Tensor, factors: Factors, row0: int, buff
     try:
         return merge_rows(w_rows, factors, row0, buffers)
     except ZeroNormError as e:
-        raise MismatchError(f"{op.name}: DoRA norm of {e.axis} {e.index} of W + ΔW is zero; the merged weight "
-                            f"would be NaN (PEFT has no epsilon either)") from None
+        raise _zero_norm(op, e) from None
+
+
+def _zero_norm(op: TensorOp, e: ZeroNormError) -> MismatchError:
+    return MismatchError(f"{op.name}: DoRA norm of {e.axis} {e.index} of W + ΔW is zero; the merged weight "
+                         f"would be NaN (PEFT has no epsilon either)")
 
 
 def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
     pair = op.pair
     if pair.kind == "experts":  # the fused factors serve every expert of a layer: split them once
-        return expert_factors(files.experts(pair), expert=pair.expert, rows=pair.rows,
+        return expert_factors(files.experts(op), expert=pair.expert, rows=pair.rows,
                               transposed=pair.transposed, round_delta=op.rounding == "peft")
-    magnitude = _load(files, pair.magnitude) if pair.magnitude is not None else None
+    magnitude = _load(files, pair.magnitude, op) if pair.magnitude is not None else None
     round_delta = op.rounding == "peft" and pair.kind == "embedding" and magnitude is None
-    factors = make_factors(_load(files, pair.a), _load(files, pair.b), pair.scale, op.transpose,
+    factors = make_factors(_load(files, pair.a, op), _load(files, pair.b, op), pair.scale, op.transpose,
                            round_delta=round_delta, magnitude=magnitude)
     if magnitude is None or not op.transpose:
         return factors
@@ -216,31 +217,23 @@ def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
     try:
         return finish_column_norms(sumsq, factors)
     except ZeroNormError as e:
-        raise MismatchError(f"{op.name}: DoRA norm of column {e.index} of W + ΔW is zero; the merged weight "
-                            f"would be NaN (PEFT has no epsilon either)") from None
-
-
-def _adapter_operands(op: TensorOp) -> list[TensorEntry]:
-    """The small adapter tensors an op reads (factors, magnitude, bias, token rows)."""
-    found = []
-    if op.pair is not None:
-        found += [e for e in (op.pair.a, op.pair.b, op.pair.magnitude, op.pair.bias) if e is not None]
-    if op.tokens is not None:
-        found.append(op.tokens.values)
-    return found
+        raise _zero_norm(op, e) from None
 
 
 def _tokens(op: TensorOp, files: Files) -> list[tuple[int, torch.Tensor]]:
     if op.tokens is None:
         return []
-    values = _load(files, op.tokens.values).to(TORCH_DTYPES[op.dtype])  # one rounding of each trained row
+    values = _load(files, op.tokens.values, op).to(TORCH_DTYPES[op.dtype])  # one rounding of each trained row
     return list(zip(op.tokens.indices, values, strict=True))
 
 
-def _load(files: Files, entry: TensorEntry, dtype: str | None = None) -> torch.Tensor:
-    """A whole (small) adapter tensor: factors, magnitudes, biases, token rows."""
+def _load(files: Files, entry: TensorEntry, op: TensorOp, dtype: str | None = None) -> torch.Tensor:
+    """A whole (small) adapter tensor for `op`: factors, magnitudes, biases, token rows. The first time a
+    run loads it, it is checked for NaN/Inf (unless the op allows them)."""
     file = files.adapter
     buffer = bytearray(entry.nbytes)
     read_exact(files.fd(file.path), buffer, file.data_offset + entry.start, file.path)
     tensor = as_tensor(buffer, entry.dtype, entry.shape)
+    if op.check_finite and files.first_use(entry):
+        _check_finite(op, tensor, f"{file.path}: tensor {entry.name!r} (for {op.name})")
     return tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor

@@ -109,7 +109,7 @@ class _Checker:
         self.problems: list[str] = []
         self.tensors = self.bytes = 0
         self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
-        self._buffers: dict[str, bytearray] = {}
+        self._reads = new_workspace()  # grow-only read buffers by role, apart from the merge's own
         self.config: dict | None = None  # the output's config.json, once parsed
 
     def problem(self, line: str) -> None:
@@ -377,10 +377,7 @@ class _Checker:
     # -- bytes -----------------------------------------------------------------------------------------
 
     def _read(self, role: str, fd: int, offset: int, length: int, path: Path) -> memoryview:
-        buffer = self._buffers.get(role)
-        if buffer is None or len(buffer) < length:
-            buffer = self._buffers[role] = bytearray(length)
-        view = memoryview(buffer)[:length]
+        view = self._reads.raw(role, length)
         read_exact(fd, view, offset, path)
         return view
 
