@@ -1,20 +1,70 @@
-"""`qwen-merge`: a thin shell over the library. User errors become one `error: ...` line and exit 1."""
+"""`qwen-merge`: a thin shell over the library. User errors become one `error: ...` line and exit 1.
+
+That includes argument mistakes: argparse's own habit (usage first, then `prog: error: ...`, exit 2) is
+replaced by the same `error: ...` line as every other error, a "did you mean" hint from difflib where a
+flag or command is close to a real one, then the usage of the subcommand that was meant (or of
+`qwen-merge` itself when no valid subcommand was given), and exit 1. `--help` still prints help, exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
-from .errors import QwenMergeError
+from .errors import OutputError, QwenMergeError
+from .units import human_bytes
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-merge", description="Merge a PEFT LoRA adapter into a "
-                                     "safetensors checkpoint, streaming shard by shard with bounded memory.")
+class _UsageError(Exception):
+    """An argument mistake; `parser` is the (sub)command whose usage is shown after the message."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake raises `_UsageError` for `main` to report, instead of exiting 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse words it "invalid choice: 'mrge' (choose from 'plan', 'merge', ...)": both the subcommand
+        # and --rounding; quoting of the choices differs between Python versions, hence the strip.
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        choices = [c.strip(" '\"") for c in found[2].split(",")] if found else []
+        raise _UsageError(message + _did_you_mean([found[1]] if found else [], choices), self)
+
+
+def _did_you_mean(words: list[str], candidates: list[str]) -> str:
+    """`; did you mean X?` for the words close to a candidate (a flag's `=value` ignored), else ''."""
+    close = [m[0] for w in words if (m := difflib.get_close_matches(w.split("=")[0], candidates, n=1))]
+    return f"; did you mean {' and '.join(close)}?" if close else ""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser, commands = _parser()
+    # parse_known_args, because parse_args reports unknown flags against the top-level parser; they
+    # belong to the subcommand, whose options and usage are what helps.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = commands[args.command]
+        flags = [option for action in command._actions for option in action.option_strings]  # no public API
+        hint = _did_you_mean([word for word in unknown if word.startswith("-")], flags)
+        noun = "arguments" if len(unknown) > 1 else "argument"
+        raise _UsageError(f"unrecognized {noun}: {' '.join(unknown)}{hint}", command)
+    return args
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each subcommand's parser by name."""
+    parser = _Parser(prog="qwen-merge", description="Merge a PEFT LoRA adapter into a "
+                     "safetensors checkpoint, streaming shard by shard with bounded memory.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
@@ -49,15 +99,21 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pickle", action="store_true",
                        help="read a pickled adapter_model.bin with torch.load(weights_only=True)")
     demo = sub.add_parser("demo", help="build a tiny Qwen3-shaped model and adapter, merge and check them")
-    demo.add_argument("--keep", metavar="DIR", help="build in DIR (must not exist) and keep the files")
+    demo.add_argument("--keep", metavar="DIR", help="build in DIR (new or empty) and keep the files; "
+                      "without it they are built in a temporary folder and deleted")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     for p in (plan, merge, demo, verify):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        e.parser.print_usage(sys.stderr)
+        return 1
     try:
         return {"plan": _plan, "merge": _merge, "demo": _demo, "verify": _verify}[args.command](args)
     except QwenMergeError as e:
@@ -85,8 +141,13 @@ def _merge(args: argparse.Namespace) -> int:
     report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
                           resume=args.resume, force=args.force, allow_nonfinite=args.allow_nonfinite,
                           **_options(args))
-    if not args.quiet:
-        print(f"merged {report.merged} tensors, copied {report.copied}; wrote {report.bytes_written / 1e9:.2f} GB "
+    if args.quiet:
+        return 0
+    if report.already_complete:
+        print(f"{report.output}: the merge is already complete (its qwen_merge.json matches these inputs and "
+              f"options); nothing to resume")
+    else:
+        print(f"merged {report.merged} tensors, copied {report.copied}; wrote {human_bytes(report.bytes_written)} "
               f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -112,25 +173,33 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Paths are printed only with --keep: without it the files are deleted before the user could look."""
     if args.keep:
-        return _demo_in(Path(args.keep), args.quiet)
+        keep = Path(args.keep)
+        if keep.exists() and not (keep.is_dir() and not any(keep.iterdir())):
+            raise OutputError(f"{keep}: --keep needs a new or empty folder")
+        _demo_in(keep, args.quiet, kept=True)
+        print(f"the files are kept in {keep}: base/, adapter/ and merged/ (a model transformers loads)")
+        return 0
     with tempfile.TemporaryDirectory(prefix="qwen-merge-demo-") as folder:
-        return _demo_in(Path(folder) / "demo", args.quiet)
+        _demo_in(Path(folder) / "demo", args.quiet, kept=False)
+    print("the files were built in a temporary folder, now deleted; --keep DIR keeps them in DIR")
+    return 0
 
 
-def _demo_in(folder: Path, quiet: bool) -> int:
+def _demo_in(folder: Path, quiet: bool, kept: bool) -> None:
     from .demo import run_demo
 
     start = time.perf_counter()
     report, (merged, copied, off) = run_demo(folder, progress=not quiet)
     plan = report.plan
-    print(f"built a {len(plan.shards)}-shard Qwen3-shaped bf16 model ({plan.total_size / 1e6:.2f} MB) and a "
-          f"LoRA adapter (r=8, alpha=16, {len(plan.adapter.pairs)} modules) in {folder}")
-    print(f"merged {report.merged} tensors, copied {report.copied} byte-for-byte into {report.output}")
+    print(f"built a {len(plan.shards)}-shard Qwen3-shaped bf16 model ({human_bytes(plan.total_size)}) and a "
+          f"LoRA adapter (r=8, alpha=16, {len(plan.adapter.pairs)} modules)" + (f" in {folder}" if kept else ""))
+    print(f"merged {report.merged} tensors, copied {report.copied} byte-for-byte"
+          + (f" into {report.output}" if kept else ""))
     print(f"checked against a direct recomputation W + (alpha/r)*B@A: {merged} merged tensors match "
           f"({off} elements 1 ulp apart from GEMM order), {copied} untouched tensors byte-identical")
     print(f"done in {time.perf_counter() - start:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, read_json
 from .errors import MismatchError, OutputError
-from .output import sha256_file, write_error
+from .output import partial_folder_of, sha256_file, write_error
 from .plan import MergePlan
 
 VERSION = "0.1.0"
@@ -88,13 +88,84 @@ def load_state(folder: Path, ident: dict) -> dict[str, dict]:
     if not path.is_file():
         return {}  # killed before the first state was written: nothing was recorded complete
     state = read_json(path, STATE_NAME)
-    if state.get("identity") != ident:
-        changed = [k for k in ("base", "base_files", "adapter", "options", "version")
-                   if state.get("identity", {}).get(k) != ident.get(k)]
-        raise OutputError(f"{folder}: the interrupted merge used other inputs or options ({', '.join(changed)} "
-                          f"changed); cannot resume it. Rerun with the same ones, or remove the folder to start over")
+    if changes := differences(state.get("identity") or {}, ident):
+        raise OutputError(f"{folder}: cannot resume, the interrupted merge had other inputs or options "
+                          f"({'; '.join(changes)}); rerun with the same ones, or remove the folder to start over")
     done = state.get("done", {})
     for name, info in done.items():
         if not (folder / name).is_file() or (folder / name).stat().st_size != info.get("size"):
             raise OutputError(f"{folder / name}: a shard recorded as complete is missing or has the wrong size")
     return done
+
+
+def finished_merge(dest: Path, ident: dict) -> bool:
+    """For `resume`: whether `dest` holds a finished merge of exactly these inputs and options, so there
+    is nothing to do. False when an interrupted run's folder waits beside it, or `dest` is empty or
+    absent (a fresh start). Any other content is an OutputError naming what differs — another merge's
+    manifest, a listed shard missing, no manifest at all — as resuming cannot turn it into this merge."""
+    path = dest / MANIFEST_NAME
+    if partial_folder_of(dest).exists() or not dest.is_dir() or not any(dest.iterdir()):
+        return False
+    if not path.is_file():
+        raise OutputError(f"{dest}: destination folder is not empty and holds no finished merge (no {MANIFEST_NAME}), "
+                          f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
+    found = read_json(path, MANIFEST_NAME)
+    if changes := differences({key: found.get(key) for key in ident}, ident):
+        raise OutputError(f"{dest}: holds a finished merge of other inputs or options ({'; '.join(changes)}), "
+                          f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
+    for name, info in ((found.get("output") or {}).get("shards") or {}).items():
+        if not (dest / name).is_file() or (dest / name).stat().st_size != info.get("size"):
+            raise OutputError(f"{dest / name}: the finished merge lists this shard but it is missing or has the "
+                              f"wrong size; pass overwrite=True (--overwrite) to merge again")
+    return True
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between a recorded identity (a manifest's, or a resume state's with `base_files`) and
+    this run's, one short phrase each: tool version, options, base files, adapter."""
+    changes = []
+    if old.get("version") != new.get("version"):
+        changes.append(f"qwen-merge version changed: {old.get('version')!r} -> {new.get('version')!r}")
+    old_options, new_options = old.get("options") or {}, new.get("options") or {}
+    changes += [f"option {key} changed: {old_options.get(key)!r} -> {new_options.get(key)!r}"
+                for key in sorted(old_options.keys() | new_options.keys())
+                if old_options.get(key) != new_options.get(key)]
+    changes += _base_changes(old, new) + _adapter_changes(old.get("adapter") or {}, new.get("adapter") or {})
+    if not changes and old != new:  # a field this version does not describe (a record from another version)
+        changes.append("the recorded identity differs")
+    return changes
+
+
+def _base_changes(old: dict, new: dict, shown: int = 3) -> list[str]:
+    old_files, new_files = _base_facts(old), _base_facts(new)
+    changes = []
+    for name in sorted(old_files.keys() | new_files.keys()):
+        if name not in new_files:
+            changes.append(f"base file {name} is gone")
+        elif name not in old_files:
+            changes.append(f"base file {name} is new")
+        elif what := [k for k in ("size", "mtime", "inode") if old_files[name].get(k) != new_files[name].get(k)]:
+            changes.append(f"base file {name} changed ({', '.join(what)})")
+    if len(changes) > shown:  # a whole other model: a few names say enough, and the message stays one line
+        changes[shown:] = [f"{len(changes) - shown} more base files differ"]
+    if (old.get("base") or {}).get("merged_adapters") != (new.get("base") or {}).get("merged_adapters"):
+        changes.append("the base's record of adapters merged into it changed")
+    return changes
+
+
+def _base_facts(ident: dict) -> dict[str, dict]:
+    """name -> size (from the identity), and mtime and inode (from a resume state's `base_files`)."""
+    facts = {name: {"size": size} for name, size in ((ident.get("base") or {}).get("files") or {}).items()}
+    for name, stat in (ident.get("base_files") or {}).items():
+        facts.setdefault(name, {}).update(zip(("size", "mtime", "inode"), stat))
+    return facts
+
+
+def _adapter_changes(old: dict, new: dict) -> list[str]:
+    changes = []
+    if (old.get("weights_sha256"), old.get("weights_size")) != (new.get("weights_sha256"), new.get("weights_size")):
+        changes.append(f"adapter weights changed (sha256 {str(old.get('weights_sha256'))[:12]}… -> "
+                       f"{str(new.get('weights_sha256'))[:12]}…)")
+    if old.get("config_sha256") != new.get("config_sha256"):
+        changes.append("adapter_config.json changed")
+    return changes

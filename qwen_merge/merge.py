@@ -16,22 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .adapter import open_adapter
-from .checkpoint import open_checkpoint
+from .checkpoint import MANIFEST_NAME, open_checkpoint
 from .compute import TORCH_DTYPES, as_tensor, compute_threads
-from .errors import FormatError
-from .checkpoint import MANIFEST_NAME
-from .errors import DiskFullError
-from .manifest import (STATE_NAME, base_file_stats, check_not_merged_twice, identity, load_state, manifest,
-                       write_json_atomic)
+from .errors import DiskFullError, FormatError
+from .manifest import (STATE_NAME, base_file_stats, check_not_merged_twice, finished_merge, identity, load_state,
+                       manifest, write_json_atomic)
 from .output import (check_destination, check_free_space, copy_side_file, finish_file, publish, staging_folder,
                      write_json, write_shard)
 from .pickled import unpickle_adapter
 from .plan import DEFAULT_BLOCK_BYTES, MergePlan, make_plan
+from .progress import progress_bar
 from .stream import MergedBlock, Piece, new_workspace, open_files, read_exact, shard_pieces
 from .tensorfile import TensorEntry
+from .units import human_bytes
 
 PathLike = str | os.PathLike
 
@@ -46,6 +45,7 @@ class MergeReport:
     bytes_written: int
     files: tuple[str, ...]
     plan: MergePlan
+    already_complete: bool = False  # `resume` found this merge finished at `output` and wrote nothing
 
 
 def plan_merge(base: PathLike, adapter: PathLike, *, rounding: str = "single",
@@ -93,9 +93,11 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         adapter: a PEFT LoRA folder.
         output: the folder to create. It must not be, contain or lie inside an input.
         overwrite: replace `output` if it is a non-empty folder.
-        progress: show a progress bar (by bytes) on stderr.
+        progress: show progress by bytes on stderr: a bar on a terminal, a plain line every 10% or 10 s
+            otherwise (`progress.progress_bar`).
         resume: continue an interrupted merge into `output` from its completed shards (refused if the
-            inputs or options changed); without one, start afresh.
+            inputs or options changed); without one, start afresh. If `output` already holds this merge,
+            finished (its manifest matches), nothing is written and `already_complete` is set in the report.
         force: merge even when the base's manifest shows this adapter was already merged into it.
         rounding, key_map, allow_pickle, allow_nonfinite, block_bytes: as for `plan_merge`.
 
@@ -115,8 +117,10 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     options = {"rounding": rounding, "key_map": key_map or {}, "allow_nonfinite": allow_nonfinite,
                "block_bytes": block_bytes}
     with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes, allow_nonfinite) as plan:
-        check_destination(dest, _inputs(base, adapter), overwrite=overwrite)
+        check_destination(dest, _inputs(base, adapter), overwrite=overwrite, resume=resume)
         ident = identity(plan, options)
+        if resume and not overwrite and finished_merge(dest, ident):  # nothing to resume: write nothing
+            return _report(dest, plan, already_complete=True)
         check_not_merged_twice(ident, plan.base.root, force)
         state = {**ident, "base_files": base_file_stats(plan)}  # resume also notices a rewritten base file
         with staging_folder(dest, resume=resume) as (folder, fresh):
@@ -128,12 +132,10 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
                 shards = _write_folder(plan, folder, progress, state, done)
                 write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
             except DiskFullError as e:
-                raise DiskFullError(f"{e}; the merge needs {needed} bytes") from None
+                raise DiskFullError(f"{e}; the merge needs {human_bytes(needed)} ({needed} bytes)") from None
             (folder / STATE_NAME).unlink()
             publish(folder, dest)
-    files = tuple(sorted(p.name for p in dest.iterdir()))
-    written = sum(p.stat().st_size for p in dest.iterdir())
-    return MergeReport(dest, len(plan.merges), plan.copied, written, files, plan)
+    return _report(dest, plan)
 
 
 def iter_merged(base: PathLike, adapter: PathLike, *, rounding: str = "single",
@@ -192,8 +194,7 @@ def _write_folder(plan: MergePlan, folder: Path, progress: bool, ident: dict, do
     """Write the shards not in `done`, then the side files and the index; return every shard's size and
     SHA-256. A shard is written as `<name>.part`, then synced, hashed and renamed on a background thread
     while the next one is merged; each completion is recorded in the state file `resume` reads."""
-    bar = tqdm(total=sum(s.size for s in plan.shards), unit="B", unit_scale=True, desc="merging",
-               disable=not progress)
+    bar = progress_bar(sum(s.size for s in plan.shards), "merging", enabled=progress)
     done, workspace = dict(done), new_workspace()
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-finish") as finisher, \
             compute_threads(1), open_files(plan.adapter.file) as files:
@@ -230,6 +231,12 @@ def _record(folder: Path, ident: dict, done: dict[str, dict], pending: list[tupl
         changed = True
     if changed:
         write_json_atomic(folder / STATE_NAME, {"identity": ident, "done": done})
+
+
+def _report(dest: Path, plan: MergePlan, already_complete: bool = False) -> MergeReport:
+    files = tuple(sorted(p.name for p in dest.iterdir()))
+    written = sum(p.stat().st_size for p in dest.iterdir())
+    return MergeReport(dest, len(plan.merges), plan.copied, written, files, plan, already_complete)
 
 
 def _inputs(base: PathLike, adapter: PathLike) -> list[Path]:

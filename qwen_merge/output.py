@@ -19,13 +19,16 @@ from pathlib import Path
 from .compute import tensor_bytes
 from .errors import DiskFullError, OutputError
 from .stream import Piece, RawSpan
+from .units import human_bytes
 
 COPY_CHUNK = 64 << 20
 INLINE_WRITE_BYTES = 256 << 10
 
 
-def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
-    """Refuse a destination that is, contains or lies inside an input, a file, or a non-empty folder."""
+def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a destination that is, contains or lies inside an input, a file, or a non-empty folder.
+    With `resume` and no interrupted run beside it, a non-empty folder is left for the caller to judge:
+    it may be this very merge, finished (`manifest.finished_merge`)."""
     target = dest.resolve()
     for path in inputs:
         source = path.resolve()
@@ -34,7 +37,8 @@ def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) ->
             raise OutputError(f"{dest}: destination {how} the input {path}; choose a separate folder")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{dest}: destination exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    judged_later = resume and not partial_folder_of(dest).exists()  # by manifest.finished_merge
+    if target.is_dir() and any(target.iterdir()) and not (overwrite or judged_later):
         raise OutputError(f"{dest}: destination folder is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
@@ -71,8 +75,8 @@ def check_free_space(dest: Path, needed: int) -> None:
     """Fail before writing when the destination's filesystem clearly cannot hold the output."""
     free = free_bytes(dest)
     if free is not None and free < needed:
-        raise DiskFullError(f"{dest}: the merge writes {needed / 1e9:.2f} GB ({needed} bytes) but only "
-                            f"{free / 1e9:.2f} GB ({free} bytes) are free there")
+        raise DiskFullError(f"{dest}: the merge writes {human_bytes(needed)} ({needed} bytes) but only "
+                            f"{human_bytes(free)} ({free} bytes) are free there")
 
 
 def free_bytes(dest: Path) -> int | None:
@@ -198,10 +202,15 @@ def write_error(path: Path, e: OSError) -> OutputError:
     """One-line error for a failed write; running out of space (or of the file-size limit) is DiskFullError."""
     if e.errno == errno.EFBIG:
         return DiskFullError(f"{path}: the file-size limit (ulimit -f) stopped the write; "
-                             f"{free_bytes(path.parent) or 0} bytes are free on that filesystem")
+                             f"{_free_text(path.parent)} are free on that filesystem")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{path}: {e.strerror}: {free_bytes(path.parent) or 0} bytes free on that filesystem")
+        return DiskFullError(f"{path}: {e.strerror}: {_free_text(path.parent)} free on that filesystem")
     return OutputError(f"{path}: write failed: {e.strerror or e}")
+
+
+def _free_text(folder: Path) -> str:
+    free = free_bytes(folder) or 0
+    return f"{human_bytes(free)} ({free} bytes)"  # the exact count too: it is what a user compares
 
 
 def sha256_file(path: Path) -> str:

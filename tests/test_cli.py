@@ -80,6 +80,7 @@ def test_merge_shows_progress_and_overwrite(zoo, repo_root, tmp_path):
     proc = run_cli(repo_root, "merge", base, adapter, out, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip(), "no progress on stderr without --quiet"
+    assert "\r" not in proc.stderr, "progress redrew a bar (carriage returns) into a pipe"
     assert not (out / "stale").exists()
     assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
 

@@ -18,18 +18,20 @@ ALLOWED = {
     "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts"},
     "compute": set(),
     "stream": {"errors", "tensorfile", "adapter", "plan", "compute"},
-    "output": {"errors", "compute", "stream"},
+    "units": set(),
+    "progress": {"units"},
+    "output": {"errors", "compute", "stream", "units"},
     "pickled": {"errors", "adapter"},
     "manifest": {"errors", "checkpoint", "plan", "output"},
     "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled",
-              "manifest"},
+              "manifest", "progress", "units"},
     "demo": {"merge"},
     "verify": {"errors", "tensorfile", "checkpoint", "plan", "stream", "compute", "merge", "ties"},
-    "cli": {"errors", "merge", "demo", "verify"},
+    "cli": {"errors", "merge", "demo", "verify", "units"},
     "__main__": {"cli"},
     "__init__": {"errors", "merge", "plan", "manifest", "verify"},
 }
-TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan"}
+TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan", "units", "progress"}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
