@@ -3,16 +3,18 @@ LoRA factors (Linear or Embedding, with DoRA magnitude and LoRA bias), full repl
 (modules_to_save, trained biases, saved embedding copies), trainable-token rows, or redundant copies.
 
 Anything this version cannot merge exactly is refused here, naming the key or the config field — an
-adapter tensor is never skipped. Scaling follows PEFT (spec peft-semantics.md §2): `s = alpha_M / r_M`
+adapter tensor is never skipped. Scaling follows PEFT: `s = alpha_M / r_M`
 (or `/ sqrt(r_M)` with rsLoRA), with per-module `rank_pattern` / `alpha_pattern` resolved by PEFT >= 0.15's
 `get_pattern_key`. Names here are in-model names (the prefix `base_model.model.` removed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,8 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 # Config fields whose presence changes what a merge must compute; each is refused until supported.
 UNSUPPORTED_FIELDS = {
-    "layer_replication": "layer_replication is not supported yet: PEFT's own merge of it is wrong (spec E6); "
+    "layer_replication": "layer_replication is not supported yet: PEFT's own merge adds every replica's delta "
+                         "into the one base layer the replicas share, so it is wrong; "
                          "merge into a base whose layers were replicated first",
     "use_qalora": "QALoRA cannot be merged (PEFT refuses it too); merge into the unquantized base instead",
     "alora_invocation_tokens": "aLoRA is applied only after its invocation tokens and cannot be merged; "
@@ -38,12 +41,17 @@ UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA rewrites the base weights and is not supported",
     "monteclora_config": "MonteCLoRA has its own merge and is not supported",
 }
-# Key suffixes (after the module path) and what they are.
+# Key suffixes (after the module path) and what they are. VeLoRA's projection is used by its training
+# forward only (PEFT merges a VeLoRA layer as plain LoRA): it is checked and accounted for, not merged.
 FACTOR_SUFFIXES = {
     ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
     ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
     ".lora_magnitude_vector": (None, "magnitude"), ".lora_B.bias": (None, "bias"),
+    ".lora_velora_embed": (None, "velora"),
 }
+# PEFT's LoRA for nn.MultiheadAttention wraps `<M>` (in_proj_weight) and puts a second LoRA layer on the
+# out_proj inside it, saved as `<M>.base_layer.out_proj.lora_*`.
+MHA_OUT_PROJ = ".base_layer.out_proj"
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 # Saved full tensors whose key is not the base tensor's name: suffix -> suffix of the base tensor.
 REPLACEMENT_SUFFIXES = {".token_adapter.base_layer.weight": ".weight", ".base_layer.weight": ".weight",
@@ -55,7 +63,8 @@ REDUNDANT_INFIXES = (".original_module.", ".modules_to_save.")
 class LoraPair:
     """The factors of one adapted module `module` (an in-model path such as `model.layers.0.mlp.up_proj`).
 
-    `kind` is "linear" (A (r, in), B (out, r)) or "embedding" (A (r, V), B (d, r), delta transposed);
+    `kind` is "linear" (A (r, in), B (out, r)), "embedding" (A (r, V), B (d, r), delta transposed) or "conv"
+    (A (r, in, *kernel), B (out, r, 1, ...), the delta of the (out, in·prod(kernel)) matrix view);
     `magnitude` is DoRA's trained magnitude, `bias` the LoRA bias (`lora_bias=True`)."""
 
     module: str
@@ -83,7 +92,7 @@ class ParamPair:
 
 @dataclass(frozen=True, slots=True)
 class ExpertPair:
-    """The part of a fused-expert LoRA that lands on one output tensor (spec peft-semantics.md §3.5).
+    """The part of a fused-expert LoRA that lands on one output tensor (PEFT's ParamWrapper).
 
     `a` is (E·r, in) with rows expert-major (e·r + k); `b` is (out, E·r) with columns rank-major (k·E + e).
     For one expert's on-disk tensor, `expert` is its index and `rows` the slice of ΔW[e]'s rows it holds
@@ -128,6 +137,9 @@ class Adapter:
     tokens: tuple[TokenRows, ...]
     redundant: tuple[str, ...]
     param_pairs: tuple[ParamPair, ...] = ()
+    # Factors on a module that a bare target_parameters entry names by suffix: a Linear layer's LoRA or a
+    # parameter's, which only the base can tell (`settle_parameters`). Module -> its tensors by role.
+    undecided: dict[str, dict[str, TensorEntry]] = dataclasses.field(default_factory=dict)
 
 
 def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | None = None) -> Adapter:
@@ -244,17 +256,45 @@ def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
         elif any(infix in key for infix in REDUNDANT_INFIXES):
             redundant.append(entry.name)
         else:
-            sfx = next((s for s in REPLACEMENT_SUFFIXES if key.endswith(s)), None)
-            target = key[:-len(sfx)] + REPLACEMENT_SUFFIXES[sfx] if sfx else key
-            if target in replacements:
-                raise AdapterError(f"{file.path}: tensors {replacements[target].name!r} and {entry.name!r} "
-                                   f"both replace {target!r}")
-            replacements[target] = entry
+            _add_replacement(file.path, entry, key, replacements)
+    undecided = {m: {**factors.pop(m, {}), **parts} for (m, d), parts in list(params.items()) if d == 0}
     pairs = tuple(_pair(file.path, m, parts, kinds.get(m), config) for m, parts in factors.items())
     token_rows = tuple(_token_rows(file.path, m, e, config) for m, e in tokens.items())
     _check_redundant(file.path, redundant, replacements)
-    param_pairs = tuple(_param_pair(file.path, m, d, parts) for (m, d), parts in params.items())
-    return Adapter(root, config, file, pairs, replacements, token_rows, tuple(redundant), param_pairs)
+    param_pairs = tuple(_param_pair(file.path, m, d, parts) for (m, d), parts in params.items() if d > 0)
+    return Adapter(root, config, file, pairs, replacements, token_rows, tuple(redundant), param_pairs, undecided)
+
+
+def _add_replacement(path: Path, entry: TensorEntry, key: str, replacements: dict[str, TensorEntry]) -> None:
+    """A saved full tensor (modules_to_save, trained bias, embedding copy) that replaces a base tensor."""
+    if ".lora_" in key:  # not a whole tensor of the base: a LoRA variant's own factor, unknown here
+        raise AdapterError(f"{path}: tensor {entry.name!r} belongs to a LoRA variant this version does not merge "
+                           f"(not lora_A/lora_B, lora_embedding_A/B, lora_magnitude_vector or lora_B.bias); "
+                           f"a merge without it would be wrong")
+    sfx = next((s for s in REPLACEMENT_SUFFIXES if key.endswith(s)), None)
+    target = key[:-len(sfx)] + REPLACEMENT_SUFFIXES[sfx] if sfx else key
+    if target in replacements:
+        raise AdapterError(f"{path}: tensors {replacements[target].name!r} and {entry.name!r} both replace {target!r}")
+    replacements[target] = entry
+
+
+def settle_parameters(adapter: Adapter, holds: Callable[[str], Collection[str]]) -> Adapter:
+    """Sort the undecided factors the way PEFT injected them.
+
+    PEFT matches a `target_parameters` entry against `<module>.<parameter>` for the parameters a module
+    owns, so a bare entry such as "down_proj" selects `mlp.experts.down_proj` (a fused expert parameter)
+    but not the Linear layer `mlp.shared_expert.down_proj`, whose only parameters are weight and bias.
+    `holds(module)` names the parameters a module (in-model name) owns, as read from the base.
+    """
+    pairs, params = list(adapter.pairs), list(adapter.param_pairs)
+    path = adapter.file.path
+    for module, parts in adapter.undecided.items():
+        if set(targeted_parameters(adapter.config, module)) & set(holds(module)):
+            params.append(_param_pair(path, module, 0, parts))
+        else:
+            kind = "linear" if "A" in parts else None
+            pairs.append(_pair(path, module, parts, kind, adapter.config))
+    return dataclasses.replace(adapter, pairs=tuple(pairs), param_pairs=tuple(params), undecided={})
 
 
 def _unnest(module: str) -> tuple[str, int]:
@@ -266,7 +306,8 @@ def _unnest(module: str) -> tuple[str, int]:
 
 
 def targeted_parameters(config: dict, module: str) -> list[str]:
-    """Names of the parameters of `module` that `target_parameters` selects (exact or dot-suffix match)."""
+    """Parameter names that `target_parameters` selects on `module` by name (exact or dot-suffix match of
+    `<module>.<parameter>`); whether the module really owns such a parameter only the base can tell."""
     entries = config.get("target_parameters") or []
     found = []
     for entry in entries:
@@ -309,17 +350,15 @@ def _check_redundant(path: Path, redundant: list[str], replacements: dict[str, T
 
 
 def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | None, config: dict) -> LoraPair:
+    _refuse_nested_layer(path, module, next(iter(parts.values())).name)
     if "A" not in parts or "B" not in parts:
         have = next(iter(parts.values())).name
         raise AdapterError(f"{path}: {have!r} has no lora_A/lora_B partner for module {module!r}")
     a, b = parts["A"], parts["B"]
-    for e in (a, b, parts.get("magnitude"), parts.get("bias")):
+    for e in (a, b, parts.get("magnitude"), parts.get("bias"), parts.get("velora")):
         if e is not None and e.dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{path}: tensor {e.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
-    for e in (a, b):
-        if len(e.shape) != 2:
-            raise AdapterError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}; only 2-D (Linear and "
-                               f"Embedding) LoRA factors are supported, convolution LoRA is not")
+    kind = _factor_kind(path, module, a, b, kind)
     if a.shape[0] != b.shape[1]:
         raise MismatchError(f"{path}: module {module!r}: lora_A {list(a.shape)} has rank {a.shape[0]} but "
                             f"lora_B {list(b.shape)} has rank {b.shape[1]}")
@@ -331,14 +370,48 @@ def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | No
         raise AdapterError(f"{path}: {parts['bias'].name!r}: a LoRA bias on an embedding does not exist in PEFT")
     if config.get("use_dora") and "magnitude" not in parts:
         raise AdapterError(f"{path}: use_dora is set but module {module!r} has no lora_magnitude_vector; "
-                           f"without it the DoRA merge is undefined (spec E17)")
+                           f"without it the DoRA merge is undefined")
     if "magnitude" in parts and not config.get("use_dora"):
         raise AdapterError(f"{path}: {parts['magnitude'].name!r} is a DoRA magnitude but the config's use_dora "
                            f"is false; cannot tell which the adapter was trained with")
     if "bias" in parts and "magnitude" in parts:
         raise AdapterError(f"{path}: module {module!r} has both DoRA and a LoRA bias, which PEFT cannot merge")
-    return LoraPair(module, kind or "linear", a, b, rank, float(alpha), scale, parts.get("magnitude"),
-                    parts.get("bias"))
+    if "velora" in parts and not config.get("velora_config"):
+        raise AdapterError(f"{path}: {parts['velora'].name!r} is a VeLoRA projection but the config has no "
+                           f"velora_config; cannot tell what the adapter was trained with")
+    return LoraPair(module, kind, a, b, rank, float(alpha), scale, parts.get("magnitude"), parts.get("bias"))
+
+
+def _refuse_nested_layer(path: Path, module: str, key: str) -> None:
+    """Factors inside another LoRA layer's `base_layer` come from PEFT's nn.MultiheadAttention LoRA, whose
+    out_proj delta PEFT applies twice (its forward and its merge agree on W_out + 2·s·B@A), so mapping
+    these keys onto plain weights would merge a different model."""
+    if ".base_layer." not in module:
+        return
+    owner = module.split(".base_layer.")[0]
+    if module == owner + MHA_OUT_PROJ:
+        raise AdapterError(f"{path}: {key!r}: module {owner!r} has nn.MultiheadAttention LoRA (in_proj_weight "
+                           f"and out_proj), which is not supported: PEFT adds its out_proj delta twice, which no "
+                           f"merge of these keys onto the base weights reproduces; serve it as an adapter")
+    raise AdapterError(f"{path}: {key!r} lies inside the LoRA layer of {owner!r} (its base_layer); "
+                       f"this nesting is not a LoRA layout this version merges")
+
+
+def _factor_kind(path: Path, module: str, a: TensorEntry, b: TensorEntry, kind: str | None) -> str:
+    """"linear" or "embedding" for 2-D factors; "conv" for a convolution's A (r, in, *kernel) and
+    B (out, r, 1, ...). A grouped convolution's B has r / groups columns; PEFT cannot merge it either."""
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return kind or "linear"
+    conv = kind != "embedding" and len(a.shape) == len(b.shape) >= 3 and all(d == 1 for d in b.shape[2:])
+    if not conv:
+        raise AdapterError(f"{path}: module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are "
+                           f"neither 2-D (Linear, Embedding) nor convolution factors (r, in, *kernel) and "
+                           f"(out, r, 1, ...)")
+    if b.shape[1] < a.shape[0] and b.shape[1] > 0 and a.shape[0] % b.shape[1] == 0:
+        raise AdapterError(f"{path}: module {module!r} is a convolution with groups={a.shape[0] // b.shape[1]} "
+                           f"(lora_B {list(b.shape)} has r/groups columns for r={a.shape[0]}); PEFT cannot merge "
+                           f"LoRA on grouped convolutions either; serve it as an adapter")
+    return "conv"
 
 
 def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> TokenRows:
@@ -361,7 +434,7 @@ def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> T
 
 
 def targets_module(config: dict, module: str) -> bool:
-    """Whether PEFT would inject LoRA into `module` under this config (spec §2.3 matchers)."""
+    """Whether PEFT would inject LoRA into `module` under this config (PEFT's check_target_module_exists)."""
     if _matches(config.get("exclude_modules"), module) or _matches(config.get("modules_to_save"), module):
         return False
     target = config.get("target_modules")

@@ -23,18 +23,47 @@ from .tensorfile import TensorEntry
 PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
 
 
-def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[str, TensorEntry]
-                   ) -> dict[str, ExpertPair]:
+class HeldParameters:
+    """Which parameters each module owns in memory, read from the on-disk names: its own tensors
+    (`<module>.<name>`), plus the fused expert parameters that its per-expert tensors make up."""
+
+    def __init__(self, entries: dict[str, TensorEntry]) -> None:
+        self._leaves: dict[str, set[str]] = {}
+        for name in entries:
+            module, _, leaf = name.rpartition(".")
+            self._leaves.setdefault(module, set()).add(leaf)
+        self.experts = _expert_index(entries)
+        self._expert_modules = {module for module, _ in self.experts}
+
+    def __call__(self, module: str) -> frozenset[str]:
+        """The parameters of on-disk module path `module`."""
+        held = set(self._leaves.get(module, ()))
+        if module in self._expert_modules:
+            held.update(p for p, alternatives in PER_EXPERT.items()
+                        if any(_count_experts(module, parts, self.experts) for parts in alternatives))
+        return frozenset(held)
+
+    def modules(self) -> set[str]:
+        """Every on-disk module path that owns a parameter."""
+        return set(self._leaves) | self._expert_modules
+
+
+def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[str, TensorEntry],
+                   holds: HeldParameters) -> dict[str, ExpertPair]:
     """On-disk tensor name -> the ExpertPair that lands on it, for every target_parameters pair."""
     by_module: dict[str, list[ParamPair]] = {}
     for pp in adapter.param_pairs:
         by_module.setdefault(pp.module, []).append(pp)
     found: dict[str, ExpertPair] = {}
-    experts = _expert_index(entries) if by_module else {}
     for module, pairs in by_module.items():
         disk = names(module)
-        layouts = {param: _layout(disk, param, entries, experts)
-                   for param in targeted_parameters(adapter.config, module)}
+        held = holds(disk)
+        targeted = targeted_parameters(adapter.config, module)
+        layouts = {param: _layout(disk, param, entries, holds.experts) for param in targeted if param in held}
+        if not layouts:
+            raise MismatchError(f"{adapter.file.path}: {pairs[0].a.name!r} is a target_parameters factor of "
+                                f"{disk!r}, but that module of the base owns none of the targeted parameters "
+                                f"({', '.join(targeted) or 'none'})")
         assigned = []
         for pp in pairs:
             param = _assign(pp, layouts, adapter)

@@ -157,7 +157,7 @@ def _base_facts(ident: dict) -> dict[str, dict]:
     """name -> size (from the identity), and mtime and inode (from a resume state's `base_files`)."""
     facts = {name: {"size": size} for name, size in ((ident.get("base") or {}).get("files") or {}).items()}
     for name, stat in (ident.get("base_files") or {}).items():
-        facts.setdefault(name, {}).update(zip(("size", "mtime", "inode"), stat))
+        facts.setdefault(name, {}).update(zip(("size", "mtime", "inode"), stat, strict=False))
     return facts
 
 

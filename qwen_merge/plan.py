@@ -16,13 +16,16 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import experts, ties
-from .adapter import PREFIX, Adapter, LoraPair, TokenRows, targets_module
+from .adapter import PREFIX, Adapter, LoraPair, TokenRows, settle_parameters, targeted_parameters, targets_module
+from .architectures import is_module_in_memory
 from .checkpoint import Checkpoint
 from .errors import AdapterError, MismatchError
 from .names import NameMap, resolve_names
 from .tensorfile import DTYPE_BITS, FLOAT_DTYPES, TensorEntry, TensorFile, encode_header
+from .units import human_bytes
 
-# Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out) (spec §3.2).
+# Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out); PEFT forces
+# fan_in_fan_out per module for them, whatever the saved config says.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
@@ -48,7 +51,8 @@ class TensorOp:
     Start from `source` (the base tensor, another base tensor for a new untied lm_head, or an adapter
     tensor that replaces it), round it to `dtype` if it is stored in another one, add the LoRA delta of
     `pair` (to the weight, or to the bias when `part == "bias"`; with DoRA when the pair has a
-    magnitude), then overwrite the `tokens` rows."""
+    magnitude), then overwrite the `tokens` rows. `round_delta`: the delta is rounded to `dtype` before it
+    is added, as PEFT's merge does for this kind of layer (only with rounding="peft")."""
 
     name: str
     shard: str
@@ -62,6 +66,12 @@ class TensorOp:
     tokens: TokenRows | None = None
     rounding: str = "single"
     check_finite: bool = True
+    round_delta: bool = False
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """The (rows, columns) view of the tensor that is streamed in row blocks."""
+        return matrix_view(self.shape, self.pair, self.part)
 
     @property
     def rank(self) -> int | None:
@@ -159,16 +169,21 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
+    holds = experts.HeldParameters(entries)
+    modules = holds.modules()
+    _refuse_multihead_attention(adapter, entries)
     wanted = _wanted(adapter)
-    names = resolve_names(wanted, entries, key_map, optional=tie_info.may_create,
+    names = resolve_names(wanted, lambda name: name in entries or name in modules, key_map, base.config,
+                          optional=tie_info.may_create, base_names=entries,
                           describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
+    adapter = settle_parameters(adapter, lambda module: holds(names(module)))
     intents = _intents(adapter, names)
-    for name, intent in experts.expert_intents(adapter, names, entries).items():
+    for name, intent in experts.expert_intents(adapter, names, entries, holds).items():
         if name in intents:
             raise AdapterError(f"{adapter.file.path}: {name!r} gets both a per-module LoRA and a target_parameters "
                                f"LoRA; PEFT applies one adapter kind per module")
         intents[name] = _Intent(pair=intent)
-    _check_untrained_targets(adapter, names, entries)
+    _check_untrained_targets(adapter, names, entries, holds, base.config)
     where = base.locations()
     recipes = {n: ties.Recipe(_source(where, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
@@ -188,6 +203,16 @@ def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_
                                predicted_peak_bytes=_predict_peak(plan.ops))
 
 
+def _refuse_multihead_attention(adapter: Adapter, entries: dict[str, TensorEntry]) -> None:
+    """LoRA on an nn.MultiheadAttention lands on its `in_proj_weight` (and on `out_proj`, which the adapter
+    check refuses); a renamed Linear merge of it would be wrong, so no rename may be suggested for it."""
+    for pair in adapter.pairs:
+        if f"{pair.module}.weight" not in entries and f"{pair.module}.in_proj_weight" in entries:
+            raise AdapterError(f"{adapter.file.path}: {pair.a.name!r}: module {pair.module!r} is an "
+                               f"nn.MultiheadAttention (the base has {pair.module}.in_proj_weight); LoRA on it is "
+                               f"not supported, serve it as an adapter")
+
+
 def _wanted(adapter: Adapter) -> dict[str, str]:
     """In-model target name -> the adapter key behind it (for messages)."""
     wanted = {t: PREFIX + e.name[len(PREFIX):] for t, e in adapter.replacements.items()}
@@ -197,6 +222,11 @@ def _wanted(adapter: Adapter) -> dict[str, str]:
             wanted[f"{pair.module}.bias"] = pair.bias.name
     for rows in adapter.tokens:
         wanted[f"{rows.module}.weight"] = rows.values.name
+    # Modules owning targeted parameters (or that might): the module must exist, whatever it holds.
+    for pp in adapter.param_pairs:
+        wanted[pp.module] = pp.a.name
+    for module, parts in adapter.undecided.items():
+        wanted[module] = next(iter(parts.values())).name
     return wanted
 
 
@@ -250,11 +280,13 @@ class _Context:
         dtype = (existing or source.entry).dtype
         _check_replacement(name, existing, source, dtype)
         shape = source.entry.shape
-        rows, cols = as_matrix(shape)
+        rows, cols = matrix_view(shape, recipe.pair, recipe.part)
         block_rows = max(1, min(rows, self.block_bytes // max(4 * cols, 1)))
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
+        round_delta = (self.rounding == "peft" and recipe.pair is not None and recipe.part == "weight"
+                       and _peft_rounds_delta(recipe.pair, self.adapter.config))
         op = TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, False,
-                      recipe.tokens, self.rounding, self.check_finite)
+                      recipe.tokens, self.rounding, self.check_finite, round_delta)
         if recipe.pair is not None:
             op = dataclasses.replace(op, transpose=_check_pair(op, (self.base.config or {}).get("model_type")))
         if recipe.tokens is not None:
@@ -291,6 +323,24 @@ def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
+def matrix_view(shape: tuple[int, ...], pair: LoraPair | None, part: str) -> tuple[int, int]:
+    """`as_matrix`, except for a convolution weight (out, in, *kernel) that takes a LoRA delta: it is
+    streamed as the matrix (out, in·prod(kernel)) it is in memory, whose product B @ A is the delta and
+    whose rows are the filters DoRA normalises, so a row block holds whole filters."""
+    if pair is not None and pair.kind == "conv" and part == "weight":
+        return shape[0], math.prod(shape[1:])
+    return as_matrix(shape)
+
+
+def _peft_rounds_delta(pair: LoraPair, config: dict) -> bool:
+    """Whether PEFT rounds ΔW to W's dtype before adding it: for embedding LoRA, target_parameters and
+    MiCA (init_lora_weights="mica"); Linear and convolution LoRA add the fp32 delta, rounding once, and
+    DoRA rounds its product once."""
+    if pair.magnitude is not None:
+        return False
+    return pair.kind in ("embedding", "experts") or config.get("init_lora_weights") == "mica"
+
+
 def _check_replacement(name: str, existing: TensorEntry | None, source: Operand, dtype: str) -> None:
     if not source.in_adapter or existing is None:
         return
@@ -315,6 +365,9 @@ def _check_pair(op: TensorOp, model_type: str | None) -> bool:
             raise MismatchError(f"{op.name}: bias shape {list(shape)} does not fit {pair.bias.name!r} "
                                 f"{list(pair.bias.shape)}")
         return False
+    if pair.kind == "conv":
+        _check_conv(op)
+        return False
     out, inp = pair.b.shape[0], pair.a.shape[1]
     straight, transposed = shape == (out, inp), shape == (inp, out)
     if pair.kind == "embedding":
@@ -333,6 +386,20 @@ def _check_pair(op: TensorOp, model_type: str | None) -> bool:
     return not straight
 
 
+def _check_conv(op: TensorOp) -> None:
+    """A convolution weight is (out, in, *kernel), lora_A (r, in, *kernel), lora_B (out, r, 1, ...), and
+    DoRA's magnitude (1, out, 1, ...)."""
+    pair, shape = op.pair, op.shape
+    want = (pair.b.shape[0], *pair.a.shape[1:])
+    if shape != want:
+        raise MismatchError(f"{op.name}: shape {list(shape)} does not fit the convolution LoRA lora_B "
+                            f"{list(pair.b.shape)}, lora_A {list(pair.a.shape)} (expected {list(want)}); is the "
+                            f"adapter for another model?")
+    if pair.magnitude is not None and pair.magnitude.shape != (1, shape[0], *[1] * (len(shape) - 2)):
+        raise MismatchError(f"{op.name}: DoRA magnitude {pair.magnitude.name!r} has shape "
+                            f"{list(pair.magnitude.shape)}, expected {[1, shape[0], *[1] * (len(shape) - 2)]}")
+
+
 def _check_tokens(op: TensorOp) -> None:
     rows, shape = op.tokens, op.shape
     bad = next((i for i in rows.indices if not 0 <= i < shape[0]), None)
@@ -343,21 +410,43 @@ def _check_tokens(op: TensorOp) -> None:
                             f"{list(shape[1:])} expected")
 
 
-def _check_untrained_targets(adapter: Adapter, names: NameMap, entries: dict[str, TensorEntry]) -> None:
+def _check_untrained_targets(adapter: Adapter, names: NameMap, entries: dict[str, TensorEntry],
+                             holds: experts.HeldParameters, base_config: dict | None) -> None:
     """PEFT injects by config: a targeted module without tensors in the file keeps its initialisation,
-    which is a non-zero delta with init_lora_weights=false or DoRA (spec E1). Refuse those."""
+    which is a non-zero delta with init_lora_weights=false or DoRA. Refuse those.
+
+    Which modules PEFT targets is decided the way PEFT decides it: on the model transformers builds in
+    memory, so on-disk names are mapped back to in-model names, and tensors of modules that do not exist
+    in memory (the per-expert layers of models whose experts transformers fuses) are not candidates."""
     config = adapter.config
     if config.get("init_lora_weights", True) is not False and not config.get("use_dora"):
         return
-    have = {names(f"{p.module}.weight") for p in adapter.pairs}
-    targeted = [n for n, e in entries.items() if n.endswith(".weight") and len(e.shape) == 2
-                and targets_module(config, n[:-len(".weight")])]
-    missing = [n for n in targeted if n not in have]
+    trained = {names(p.module) for p in (*adapter.pairs, *adapter.param_pairs)}
+    missing = sorted(m for m in holds.modules()
+                     if m not in trained and _peft_targets(config, m, names.inverse(m), entries, holds, base_config))
     if missing:
         why = "init_lora_weights=false" if config.get("init_lora_weights", True) is False else "use_dora=true"
-        raise AdapterError(f"{adapter.root / 'adapter_config.json'}: target_modules covers "
-                           f"{missing[0][:-len('.weight')]!r} ({len(missing)} such modules) but the file has no "
-                           f"factors for it; with {why} PEFT would add a random or non-zero delta there")
+        raise AdapterError(f"{adapter.root / 'adapter_config.json'}: the config targets {missing[0]!r} "
+                           f"({len(missing)} such modules) but the file has no factors for it; with {why} PEFT "
+                           f"would add a random or non-zero delta there")
+
+
+def _peft_targets(config: dict, disk: str, module: str, entries: dict[str, TensorEntry],
+                  holds: experts.HeldParameters, base_config: dict | None) -> bool:
+    """Whether PEFT wraps in-model `module` (stored as `disk`): a layer matched by target_modules, or a
+    module owning a parameter matched by target_parameters."""
+    weight = entries.get(f"{disk}.weight")
+    if weight is not None and _is_layer(weight, config, base_config) and targets_module(config, module):
+        return True
+    return bool(set(targeted_parameters(config, module)) & holds(disk))
+
+
+def _is_layer(weight: TensorEntry, config: dict, base_config: dict | None) -> bool:
+    """A weight of a layer PEFT could wrap: at least 2-D (exactly 2-D for a literal "all-linear", which
+    means Linear layers only), and of a module that exists in memory."""
+    dims = len(weight.shape)
+    wanted = dims == 2 if config.get("target_modules") == "all-linear" else dims >= 2
+    return wanted and is_module_in_memory(weight.name, base_config)
 
 
 def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str, TensorEntry],
@@ -370,12 +459,12 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
     head = ops.get(tie_info.head) if tie_info.head else None
     if embed is not None and head is not None and embed.shape[0] != head.shape[0]:
         raise MismatchError(f"the merged {tie_info.embed} has {embed.shape[0]} rows but {tie_info.head} has "
-                            f"{head.shape[0]}; the adapter resized one and not the other (spec E3)")
+                            f"{head.shape[0]}; the adapter resized one and not the other")
     if embed is not None and head is None and tie_info.head in entries and not tie_info.tied \
             and entries[tie_info.head].shape[0] != embed.shape[0]:
         raise MismatchError(f"the adapter resizes {tie_info.embed} to {embed.shape[0]} rows but carries no "
                             f"{tie_info.head} (it has {entries[tie_info.head].shape[0]}); PEFT does not save a "
-                            f"resized lm_head with embedding LoRA (spec E3) — add it with modules_to_save")
+                            f"resized lm_head with embedding LoRA — add it with modules_to_save")
     if embed is not None and config.get("vocab_size") not in (None, embed.shape[0]):
         updates["vocab_size"] = embed.shape[0]
     if untied:
@@ -436,16 +525,16 @@ def _output_bytes(plan: MergePlan) -> int:
 
 def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
     """Runtime + the largest op's working set (compute.Workspace): the factors, raw and in fp32; a read
-    buffer and RING_SIZE output buffers per row block; fp32 sub-block scratch (2 x 1 MiB unless one row is
-    larger); token rows, and DoRA's norms."""
+    buffer and RING_SIZE output buffers per row block; fp32 sub-block scratch (1 MiB each, unless a row is
+    larger: the delta scratch holds at least two rows); token rows, and DoRA's norms."""
     worst = 0
     for op in ops:
-        row_elems = as_matrix(op.shape)[1]
+        row_elems = op.matrix[1]
         row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
         extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
         extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
         extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
-        scratch = 3 * max(1 << 20, 4 * row_elems) + op.block_rows * row_elems  # + the finiteness mask
+        scratch = 3 * max(1 << 20, 8 * row_elems) + op.block_rows * row_elems  # + the finiteness mask
         worst = max(worst, extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch)
     return RUNTIME_BYTES + THREADS_BYTES + worst
 
@@ -453,7 +542,7 @@ def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
 def _render_lines(plan: MergePlan, detail: bool):
     base, adapter = plan.base, plan.adapter
     n_tensors = sum(len(s.source.entries) for s in plan.shards)
-    yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {_gb(plan.total_size)})"
+    yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {human_bytes(plan.total_size)})"
     dora = " DoRA" if adapter.config.get("use_dora") else ""
     yield (f"adapter: {adapter.root}  (LoRA{dora} r={adapter.config['r']} alpha={adapter.config['lora_alpha']}"
            f"{' rsLoRA' if adapter.config.get('use_rslora') else ''}, {len(adapter.pairs)} modules"
@@ -474,10 +563,10 @@ def _render_lines(plan: MergePlan, detail: bool):
         changed = {k: v for k, v in plan.config.items() if (base.config or {}).get(k) != v and k != "text_config"}
         yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
     if plan.rounding != "single":
-        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA and target_parameters)"
+        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA, target_parameters and MiCA)"
     files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0) + 1  # + the manifest
     sides = ", ".join(p.name for p in base.side_files) or "no side files"
-    yield f"output:  {_gb(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
+    yield f"output:  {human_bytes(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
     if adapter.redundant:
@@ -517,13 +606,13 @@ def _describe(op: TensorOp, name: str | None = None) -> str:
         what = "dora" if op.pair.magnitude is not None else "bias" if op.part == "bias" else op.pair.kind
         if what == "experts" and op.pair.experts == 1:
             what = f"parameter {op.pair.param}"
+        if what == "dora" and op.pair.kind == "conv":
+            what = "conv dora"
         t = " transposed" if op.transpose and op.pair.kind != "embedding" else ""
         parts.append(f"{what} r={op.rank} scale={op.scale:.6g}{t}")
+        if op.round_delta:
+            parts.append(f"delta rounded to {op.dtype} first (as PEFT)")
     if op.tokens is not None:
         parts.append(f"{len(op.tokens.indices)} token rows")
     verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
     return f"{verb} {name or op.name}  " + ", ".join(parts)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"

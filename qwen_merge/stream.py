@@ -21,7 +21,7 @@ from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormE
                       cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors, merge_rows,
                       split_experts)
 from .errors import FormatError, MismatchError
-from .plan import RING_SIZE, ShardPlan, TensorOp, as_matrix
+from .plan import RING_SIZE, ShardPlan, TensorOp
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 
@@ -136,7 +136,7 @@ def op_blocks(op: TensorOp, files: Files, workspace: Workspace, blocks: Containe
     """Compute one tensor in row blocks: read rows of the source, round them to the output dtype if needed,
     add the delta (and DoRA), overwrite token rows; yield each finished block (only block indexes in
     `blocks`, when given)."""
-    shape = as_matrix(op.shape)
+    shape = op.matrix
     reader = _RowReader(op, files, workspace, shape)
     if op.pair is not None and op.part == "bias":
         vector = _load(files, op.pair.bias, op, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
@@ -201,19 +201,17 @@ def _factors(op: TensorOp, files: Files, reader: _RowReader) -> Factors:
     pair = op.pair
     if pair.kind == "experts":  # the fused factors serve every expert of a layer: split them once
         return expert_factors(files.experts(op), expert=pair.expert, rows=pair.rows,
-                              transposed=pair.transposed, round_delta=op.rounding == "peft")
+                              transposed=pair.transposed, round_delta=op.round_delta)
     magnitude = _load(files, pair.magnitude, op) if pair.magnitude is not None else None
-    round_delta = op.rounding == "peft" and pair.kind == "embedding" and magnitude is None
     factors = make_factors(_load(files, pair.a, op), _load(files, pair.b, op), pair.scale, op.transpose,
-                           round_delta=round_delta, magnitude=magnitude)
+                           round_delta=op.round_delta, magnitude=magnitude)
     if magnitude is None or not op.transpose:
         return factors
     sumsq = None  # DoRA per column needs every row first: a first pass over the blocks for the norms
     for row0 in range(0, reader.shape[0], op.block_rows):
         rows = min(op.block_rows, reader.shape[0] - row0)
-        part = column_sumsq(reader.rows(row0, rows), factors, row0,
-                            reader.workspace.next_block(rows, reader.shape[1:], op.dtype))
-        sumsq = part if sumsq is None else sumsq.add_(part)
+        sumsq = column_sumsq(reader.rows(row0, rows), factors, row0,
+                             reader.workspace.next_block(rows, reader.shape[1:], op.dtype), sumsq)
     try:
         return finish_column_norms(sumsq, factors)
     except ZeroNormError as e:

@@ -2,7 +2,7 @@
 
 A file is `u64 LE N` + `N` bytes of JSON + the data buffer. Tensors are described by coordinates only
 (`TensorEntry`); reading bytes is the caller's job. Validation follows the Rust reference reader
-(spec format-io.md §1.3) and is stricter in one place: duplicate JSON keys are rejected.
+(the `safetensors` crate) and is stricter in one place: duplicate JSON keys are rejected.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ In a tied model lm_head's weight is the embedding's parameter, so in the unmerge
   * trainable tokens on the embedding also change the head's rows (PEFT ties the wrapper).
 If both sides end up with the same recipe the checkpoint stays tied and the matrix is stored once (or
 twice, identically, when the base stored lm_head); otherwise lm_head is written separately and
-`tie_word_embeddings` becomes false. PEFT's own merge gets several of these wrong (spec §7).
+`tie_word_embeddings` becomes false. PEFT's own merge gets several of these wrong (PEFT issues #2018, #2777).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: Callabl
 
     With `ensure_weight_tying`, PEFT saves lm_head's factors as the embedding's, transposed, and the shared
     matrix under both names. The signature is the values, not the flag: after training the saved copies
-    can differ, and then PEFT's unmerged model uses lm_head's own (spec §7)."""
+    can differ, and then PEFT's unmerged model uses lm_head's own."""
     own_source = h is not None and h.source is not None and h.source.in_adapter
     source = h.source if own_source else e.source
     pair = h.pair if h is not None else None

@@ -25,10 +25,11 @@ from .checkpoint import MANIFEST_NAME
 from .compute import compute_threads, tensor_bytes
 from .errors import FormatError, QwenMergeError
 from .merge import _planned
-from .plan import DEFAULT_BLOCK_BYTES, MergePlan, ShardPlan, TensorOp, as_matrix
+from .plan import DEFAULT_BLOCK_BYTES, MergePlan, ShardPlan, TensorOp
 from .stream import Files, MergedBlock, RawSpan, new_workspace, open_files, read_exact, shard_pieces
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
 from .ties import TieInfo
+from .units import human_bytes
 
 PathLike = str | os.PathLike
 CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
@@ -51,7 +52,7 @@ class VerifyReport:
     def summary(self) -> str:
         how = "every row block" if self.full else "the first, middle and last row block (--full: all)"
         verdict = "OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)"
-        return (f"verify: {verdict}; {self.checked_tensors} tensors checked, {self.checked_bytes / 1e6:.2f} MB "
+        return (f"verify: {verdict}; {self.checked_tensors} tensors checked, {human_bytes(self.checked_bytes)} "
                 f"compared; merged tensors recomputed on {how}")
 
 
@@ -244,13 +245,13 @@ class _Checker:
 
     def _blocks(self, op: TensorOp) -> set[int]:
         """The row blocks of a computed tensor to recompute: sampled, or all with --full."""
-        rows, _ = as_matrix(op.shape)
+        rows, _ = op.matrix
         count = 1 if op.pair is not None and op.part == "bias" else -(-rows // op.block_rows)
         return sampled_blocks(count, self.full)
 
     def _check_computed(self, where: str, op: TensorOp, entry: TensorEntry, pieces: Iterator, files: Files,
                         out_fd: int, start: int, path: Path) -> None:
-        rows, _ = as_matrix(op.shape)
+        rows, _ = op.matrix
         item = DTYPE_BITS[op.dtype] // 8
         row_bytes = entry.nbytes // max(rows, 1)
         bad, checked, first, worst, unmerged = 0, 0, None, 0, True

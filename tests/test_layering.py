@@ -12,10 +12,11 @@ ALLOWED = {
     "tensorfile": {"errors"},
     "checkpoint": {"errors", "tensorfile"},
     "adapter": {"errors", "tensorfile", "checkpoint"},
-    "names": {"errors"},
+    "architectures": set(),
+    "names": {"errors", "architectures"},
     "ties": {"errors"},
     "experts": {"errors", "tensorfile", "adapter"},
-    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts"},
+    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "architectures", "units"},
     "compute": set(),
     "stream": {"errors", "tensorfile", "adapter", "plan", "compute"},
     "units": set(),
@@ -26,12 +27,12 @@ ALLOWED = {
     "merge": {"errors", "tensorfile", "checkpoint", "adapter", "plan", "compute", "stream", "output", "pickled",
               "manifest", "progress", "units"},
     "demo": {"merge"},
-    "verify": {"errors", "tensorfile", "checkpoint", "plan", "stream", "compute", "merge", "ties"},
+    "verify": {"errors", "tensorfile", "checkpoint", "plan", "stream", "compute", "merge", "ties", "units"},
     "cli": {"errors", "merge", "demo", "verify", "units"},
     "__main__": {"cli"},
     "__init__": {"errors", "merge", "plan", "manifest", "verify"},
 }
-TORCH_FREE = {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan", "units", "progress"}
+TORCH_FREE = {"architectures", "errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "plan", "units", "progress"}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
