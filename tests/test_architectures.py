@@ -127,6 +127,17 @@ def test_rename_and_fusion_tables_match_transformers(arch_zoo, model_type):
                            if architectures.PER_EXPERT_TENSOR.match(n))
 
 
+@pytest.mark.parametrize("model_type", [t for t, a in ARCHS.items() if a.vision and not a.causal_lm])
+def test_text_only_view_is_not_offered_by_transformers(model_type):
+    """Text-only fine-tuners load Qwen3.5, Qwen3.5-MoE and Qwen4-Exp through AutoModelForCausalLM (tested
+    above); transformers 5.24 has no such class for the other vision-language types, so there is no such
+    adapter to merge."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_config(ARCHS[model_type].make_config())
+
+
 def test_plan_shows_the_renames(arch_zoo, merged_cases):
     case, _ = merged_cases("qwen2_audio", "all_linear_false")
     text = plan_merge(case.base, case.adapter).render()
