@@ -35,7 +35,6 @@ import re
 import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from builders import Streamed, checkpoint_entries, ulp_distance, write_safetensors  # noqa: E402
+
 CACHE_ROOT = REPO / "benchmarks" / ".cache"
 BUILD_VERSION = 1  # bump when the synthetic checkpoint layout changes
 
@@ -155,27 +158,10 @@ def gen_chunks(shape, init, gen, max_elems=8 * 1024 * 1024):
 
 def write_shard(path: Path, specs, gen):
     """Stream one safetensors shard to disk, tensor by tensor (bounded memory)."""
-    import torch  # noqa: F401
     ordered = sorted(specs, key=lambda s: s[0])  # reference writer: same dtype -> by name
-    header = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for name, shape, _ in ordered:
-        nb = numel(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nb]}
-        off += nb
-    hdr = json.dumps(header, separators=(",", ":")).encode()
-    hdr += b" " * ((8 - len(hdr) % 8) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hdr)))
-        f.write(hdr)
-        for name, shape, init in ordered:
-            for chunk in gen_chunks(shape, init, gen):
-                f.write(chunk.view(torch.int16).numpy().data)
-        f.flush()
-        os.fsync(f.fileno())
-    size = tmp.stat().st_size
-    assert size == 8 + len(hdr) + off, (size, len(hdr), off)
+    off = write_safetensors(tmp, {name: Streamed("BF16", shape, gen_chunks(shape, init, gen))
+                                  for name, shape, init in ordered}, {"format": "pt"}, fsync=True)
     os.replace(tmp, path)
     return off
 
@@ -522,31 +508,9 @@ def run_timed(label: str, cmd: list[str], env=None, sample=True, drop=False, log
 # correctness spot-check
 # --------------------------------------------------------------------------------------------
 
-def read_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
-
-
 def checkpoint_tensors(d: Path) -> dict[str, tuple[Path, dict]]:
-    idx = d / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists()
-             else ["model.safetensors"])
-    out = {}
-    for fn in files:
-        hdr = read_header(d / fn)
-        for k, v in hdr.items():
-            if k != "__metadata__":
-                out[k] = (d / fn, v)
-    return out
-
-
-def ordered_bits(t):
-    """bf16 tensor -> int32 where adjacent representable values differ by 1."""
-    import torch
-    u = t.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-    neg = (u & 0x8000) != 0
-    return torch.where(neg, -(u & 0x7FFF), u)
+    """name -> (shard path, header entry), from the headers only (tests/builders.py)."""
+    return {name: (d / shard, entry) for name, (shard, entry) in checkpoint_entries(d).items()}
 
 
 def spot_check(base: Path, adapter: Path, out: Path, cfg, strict_keys=True) -> dict:
@@ -587,7 +551,7 @@ def spot_check(base: Path, adapter: Path, out: Path, cfg, strict_keys=True) -> d
             A = fa.get_tensor(f"base_model.model.{mod}.lora_A.weight").float()
             B = fa.get_tensor(f"base_model.model.{mod}.lora_B.weight").float()
             ref = (w.float() + scale * (B @ A)).to(torch.bfloat16)
-            diff = (ordered_bits(o) - ordered_bits(ref)).abs()
+            diff = ulp_distance(o, ref)
             max_ulp = int(diff.max())
             changed = int((o.view(torch.int16) != w.view(torch.int16)).sum())
             max_ulp_all = max(max_ulp_all, max_ulp)

@@ -21,7 +21,7 @@ One run, for each adapter, measures (all after ``sync``, with a warm page cache)
   from a fresh interpreter after the imports);
 * contention: before each step the harness waits (``--idle-wait``) for the machine to go quiet, records the
   CPU other processes used, and leaves contended runs out of the medians when a quiet run exists;
-* a spot check of the merged output against ``rnd(fp32(W) + fl32(s·B_e@A_e))`` (fixtures_moe).
+* a spot check of the merged output against ``rnd(fp32(W) + fl32(s·B_e@A_e))`` (tests/builders.py).
 When ours misses 2x cp, one ``python -m cProfile -s tottime -m qwen_merge merge ...`` is run and its top
 15 lines printed.
 
@@ -52,8 +52,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench_merge import code_fingerprint, log, ours_command, rm_tree, run_timed, warm_read  # noqa: E402
-from fixtures_moe import (  # noqa: E402
+from builders import (  # noqa: E402
     SynthSpec,
+    adapter_tensors,
+    checkpoint_tensors,
+    expert_delta_loop,
+    single_rounding,
+    to_tensor,
+    ulp_distance,
     write_synthetic_fused_adapter,
     write_synthetic_linear_adapter,
     write_synthetic_moe,
@@ -122,14 +128,12 @@ def inproc(what: str, paths: list[str], env) -> dict:
 
 
 def spot_check(base: Path, adapter: Path, out: Path, fused: bool) -> str:
-    """A few merged tensors against rnd(fp32(W) + fl32(ΔW)) from fixtures_moe, and a few copies byte-equal."""
+    """A few merged tensors against rnd(fp32(W) + fl32(ΔW)) (tests/builders.py), and a few copies byte-equal."""
     import torch
-    from fixtures_models import checkpoint_tensors, to_tensor, ulp_distance
-    from fixtures_moe import expert_delta_loop, load_adapter_tensors, single_rounding
 
     spec_cfg = json.loads((base / "config.json").read_text())
     e_count, inter = spec_cfg["num_experts"], spec_cfg["moe_intermediate_size"]
-    a = load_adapter_tensors(adapter)
+    a = adapter_tensors(adapter)
     b_t, o_t = checkpoint_tensors(base), checkpoint_tensors(out)
     assert list(o_t) == list(b_t), "output tensor order differs from the base"
     scale = ALPHA / R

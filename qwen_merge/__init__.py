@@ -2,16 +2,45 @@
 
     >>> from qwen_merge import merge_shards, plan_merge, iter_merged   # doctest: +SKIP
     >>> report = merge_shards("base_dir", "adapter_dir", "out_dir")   # doctest: +SKIP
+
+The names below are imported on first use, so `import qwen_merge` (and `qwen-merge --help`) costs almost
+nothing; torch is imported only when a tensor is computed.
 """
 
-from .errors import AdapterError, DiskFullError, FormatError, MismatchError, OutputError, QwenMergeError
-from .manifest import VERSION as __version__
-from .merge import MergeReport, iter_merged, merge_shards, plan_merge
-from .plan import MergePlan, PlannedMerge
-from .verify import VerifyReport, verify_merge
+from __future__ import annotations
 
-__all__ = [
-    "merge_shards", "plan_merge", "iter_merged", "MergePlan", "PlannedMerge", "MergeReport",
-    "QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError", "DiskFullError",
-    "__version__", "verify_merge", "VerifyReport",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+from .version import VERSION as __version__
+
+_EXPORTS = {
+    "merge_shards": "merge", "plan_merge": "merge", "iter_merged": "merge", "MergeReport": "merge",
+    "verify_merge": "verify", "VerifyReport": "verify",
+    "MergeOptions": "options", "Rounding": "options",
+    "MergePlan": "plan", "TensorOp": "plan",
+    **dict.fromkeys(("QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError",
+                     "DiskFullError", "OptionError", "NonFiniteError", "ZeroNormError", "AlreadyMergedError"),
+                    "errors"),
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from .errors import (AdapterError, AlreadyMergedError, DiskFullError, FormatError, MismatchError,
+                         NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
+    from .merge import MergeReport, iter_merged, merge_shards, plan_merge
+    from .options import MergeOptions, Rounding
+    from .plan import MergePlan, TensorOp
+    from .verify import VerifyReport, verify_merge
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qwen_merge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from .checkpoint import read_json
@@ -41,11 +42,22 @@ UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA rewrites the base weights and is not supported",
     "monteclora_config": "MonteCLoRA has its own merge and is not supported",
 }
+
+
+class Kind(str, Enum):
+    """The layer a LoRA pair adapts, which decides the shape of its delta."""
+
+    LINEAR = "linear"        # A (r, in), B (out, r): ΔW = s·B@A
+    EMBEDDING = "embedding"  # A (r, V), B (d, r): ΔW = s·(B@A)ᵀ
+    CONV = "conv"            # A (r, in, *kernel), B (out, r, 1, ...): ΔW of the (out, in·prod(kernel)) view
+    EXPERTS = "experts"      # a target_parameters pair (PEFT's ParamWrapper), split per expert
+
+
 # Key suffixes (after the module path) and what they are. VeLoRA's projection is used by its training
 # forward only (PEFT merges a VeLoRA layer as plain LoRA): it is checked and accounted for, not merged.
 FACTOR_SUFFIXES = {
-    ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
-    ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
+    ".lora_A.weight": (Kind.LINEAR, "A"), ".lora_B.weight": (Kind.LINEAR, "B"),
+    ".lora_embedding_A": (Kind.EMBEDDING, "A"), ".lora_embedding_B": (Kind.EMBEDDING, "B"),
     ".lora_magnitude_vector": (None, "magnitude"), ".lora_B.bias": (None, "bias"),
     ".lora_velora_embed": (None, "velora"),
 }
@@ -63,12 +75,11 @@ REDUNDANT_INFIXES = (".original_module.", ".modules_to_save.")
 class LoraPair:
     """The factors of one adapted module `module` (an in-model path such as `model.layers.0.mlp.up_proj`).
 
-    `kind` is "linear" (A (r, in), B (out, r)), "embedding" (A (r, V), B (d, r), delta transposed) or "conv"
-    (A (r, in, *kernel), B (out, r, 1, ...), the delta of the (out, in·prod(kernel)) matrix view);
+    `kind` is LINEAR, EMBEDDING or CONV (see `Kind`);
     `magnitude` is DoRA's trained magnitude, `bias` the LoRA bias (`lora_bias=True`)."""
 
     module: str
-    kind: str
+    kind: Kind
     a: TensorEntry
     b: TensorEntry
     rank: int
@@ -110,7 +121,7 @@ class ExpertPair:
     expert: int | None = None
     rows: tuple[int, int] | None = None
     transposed: bool = False
-    kind: str = "experts"
+    kind: Kind = Kind.EXPERTS
     magnitude: None = None
     bias: None = None
 
@@ -233,7 +244,7 @@ def module_scale(config: dict, module: str) -> tuple[int, float, float]:
 def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
     factors: dict[str, dict[str, TensorEntry]] = {}
     params: dict[tuple[str, int], dict[str, TensorEntry]] = {}
-    kinds: dict[str, str] = {}
+    kinds: dict[str, Kind] = {}
     replacements, tokens, redundant = {}, {}, []
     for entry in file.entries:
         if not entry.name.startswith(PREFIX):
@@ -244,7 +255,7 @@ def _sort_tensors(root: Path, config: dict, file: TensorFile) -> Adapter:
         if factor is not None:
             module, (kind, role) = factor
             module, depth = _unnest(module)
-            if _targets_parameter(config, module) and kind == "linear":
+            if _targets_parameter(config, module) and kind == Kind.LINEAR:
                 params.setdefault((module, depth), {})[role] = entry
                 continue
             _check_lora_key(file.path, entry.name, module, depth)
@@ -292,7 +303,7 @@ def settle_parameters(adapter: Adapter, holds: Callable[[str], Collection[str]])
         if set(targeted_parameters(adapter.config, module)) & set(holds(module)):
             params.append(_param_pair(path, module, 0, parts))
         else:
-            kind = "linear" if "A" in parts else None
+            kind = Kind.LINEAR if "A" in parts else None
             pairs.append(_pair(path, module, parts, kind, adapter.config))
     return dataclasses.replace(adapter, pairs=tuple(pairs), param_pairs=tuple(params), undecided={})
 
@@ -349,7 +360,7 @@ def _check_redundant(path: Path, redundant: list[str], replacements: dict[str, T
                                f"{PREFIX}{plain!r} tensor PEFT saves beside it; cannot tell which to use")
 
 
-def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | None, config: dict) -> LoraPair:
+def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: Kind | None, config: dict) -> LoraPair:
     _refuse_nested_layer(path, module, next(iter(parts.values())).name)
     if "A" not in parts or "B" not in parts:
         have = next(iter(parts.values())).name
@@ -366,7 +377,7 @@ def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: str | No
     if a.shape[0] != rank:
         raise MismatchError(f"{path}: module {module!r}: tensors have rank {a.shape[0]} but the config says "
                             f"r={rank} (r / rank_pattern); the scale alpha/r would be wrong")
-    if "bias" in parts and kind == "embedding":
+    if "bias" in parts and kind == Kind.EMBEDDING:
         raise AdapterError(f"{path}: {parts['bias'].name!r}: a LoRA bias on an embedding does not exist in PEFT")
     if config.get("use_dora") and "magnitude" not in parts:
         raise AdapterError(f"{path}: use_dora is set but module {module!r} has no lora_magnitude_vector; "
@@ -397,12 +408,12 @@ def _refuse_nested_layer(path: Path, module: str, key: str) -> None:
                        f"this nesting is not a LoRA layout this version merges")
 
 
-def _factor_kind(path: Path, module: str, a: TensorEntry, b: TensorEntry, kind: str | None) -> str:
-    """"linear" or "embedding" for 2-D factors; "conv" for a convolution's A (r, in, *kernel) and
+def _factor_kind(path: Path, module: str, a: TensorEntry, b: TensorEntry, kind: Kind | None) -> Kind:
+    """LINEAR or EMBEDDING for 2-D factors; CONV for a convolution's A (r, in, *kernel) and
     B (out, r, 1, ...). A grouped convolution's B has r / groups columns; PEFT cannot merge it either."""
     if len(a.shape) == 2 and len(b.shape) == 2:
-        return kind or "linear"
-    conv = kind != "embedding" and len(a.shape) == len(b.shape) >= 3 and all(d == 1 for d in b.shape[2:])
+        return kind or Kind.LINEAR
+    conv = kind != Kind.EMBEDDING and len(a.shape) == len(b.shape) >= 3 and all(d == 1 for d in b.shape[2:])
     if not conv:
         raise AdapterError(f"{path}: module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are "
                            f"neither 2-D (Linear, Embedding) nor convolution factors (r, in, *kernel) and "
@@ -411,7 +422,7 @@ def _factor_kind(path: Path, module: str, a: TensorEntry, b: TensorEntry, kind: 
         raise AdapterError(f"{path}: module {module!r} is a convolution with groups={a.shape[0] // b.shape[1]} "
                            f"(lora_B {list(b.shape)} has r/groups columns for r={a.shape[0]}); PEFT cannot merge "
                            f"LoRA on grouped convolutions either; serve it as an adapter")
-    return "conv"
+    return Kind.CONV
 
 
 def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> TokenRows:
@@ -435,26 +446,58 @@ def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> T
 
 def targets_module(config: dict, module: str) -> bool:
     """Whether PEFT would inject LoRA into `module` under this config (PEFT's check_target_module_exists)."""
-    if _matches(config.get("exclude_modules"), module) or _matches(config.get("modules_to_save"), module):
+    return TargetMatcher(config)(module)
+
+
+class TargetMatcher:
+    """PEFT's test of a module name against target_modules, exclude_modules, modules_to_save and
+    layers_to_transform, prepared once for a config so that thousands of names are cheap to test."""
+
+    def __init__(self, config: dict) -> None:
+        self.exclude = _Spec(config.get("exclude_modules"))
+        self.saved = _Spec(config.get("modules_to_save"))
+        target = config.get("target_modules")
+        self.all_linear = target == "all-linear"
+        self.target = _Spec(None if self.all_linear else target)
+        layers = config.get("layers_to_transform")
+        self.layers = None if layers is None else set(layers if isinstance(layers, list) else [layers])
+        self.layers_pattern = config.get("layers_pattern")
+
+    def __call__(self, module: str) -> bool:
+        if self.all_linear:
+            hit = not module.endswith(("lm_head", "embed_tokens", "wte", "wpe"))
+        else:
+            hit = self.target.matches(module)
+        if not hit or self.exclude.matches(module) or self.saved.matches(module):
+            return False
+        if self.layers is not None:
+            index = _layer_index(module, self.layers_pattern)
+            return index is not None and index in self.layers
+        return True
+
+
+class _Spec:
+    """A list of names (a module matches by its whole name or a dot-aligned suffix) or one regex (full
+    match), as PEFT reads target_modules and exclude_modules."""
+
+    def __init__(self, spec: object) -> None:
+        self.regex = re.compile(spec) if isinstance(spec, str) else None
+        self.names = frozenset(spec) if isinstance(spec, list) else frozenset()
+        self.last_parts = frozenset(n.rpartition(".")[2] for n in self.names)
+
+    def matches(self, module: str) -> bool:
+        if self.regex is not None:
+            return self.regex.fullmatch(module) is not None
+        if module[module.rfind(".") + 1:] not in self.last_parts:  # no name can end the same way
+            return False
+        if module in self.names:
+            return True
+        dot = module.find(".")
+        while dot != -1:  # `module.endswith("." + name)` for any name, as a lookup per suffix
+            if module[dot + 1:] in self.names:
+                return True
+            dot = module.find(".", dot + 1)
         return False
-    target = config.get("target_modules")
-    if target == "all-linear":
-        hit = not module.endswith(("lm_head", "embed_tokens", "wte", "wpe"))
-    else:
-        hit = _matches(target, module)
-    layers = config.get("layers_to_transform")
-    if hit and layers is not None:
-        index = _layer_index(module, config.get("layers_pattern"))
-        hit = index is not None and index in (layers if isinstance(layers, list) else [layers])
-    return hit
-
-
-def _matches(spec: object, module: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
-    if isinstance(spec, list):
-        return any(module == t or module.endswith("." + t) for t in spec)
-    return False
 
 
 def _layer_index(module: str, pattern: object) -> int | None:

@@ -119,8 +119,11 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
         raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor -> shard file")
     if not isinstance(metadata, dict):
         raise FormatError(f"{index_path}: 'metadata' must be an object, found {type(metadata).__name__}")
+    checked: set[object] = set()  # thousands of tensors name a few shards: check each name once
     for tensor, shard in weight_map.items():
-        _check_shard_name(index_path, tensor, shard)
+        if not (isinstance(shard, str) and shard in checked):
+            _check_shard_name(index_path, tensor, shard)
+            checked.add(shard)
     return dict(weight_map), dict(metadata)
 
 

@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import OutputError, QwenMergeError
+from .errors import OptionError, OutputError, QwenMergeError
+from .version import VERSION
 from .units import human_bytes
 
 
@@ -66,6 +67,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser = _Parser(prog="qwen-merge", description="Merge a PEFT LoRA adapter into a "
                      "safetensors checkpoint, streaming shard by shard with bounded memory.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"qwen-merge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
     plan.add_argument("base", help="model folder or .safetensors file")
@@ -163,13 +165,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    key_map = {}
+    """The merge options the command line sets, as `options=` for the library functions."""
+    from .options import MergeOptions
+
+    key_map = []
     for item in args.map:
         old, sep, new = item.partition("=")
         if not sep or not old:
-            raise QwenMergeError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
-        key_map[old] = new
-    return {"rounding": args.rounding, "key_map": key_map or None, "allow_pickle": args.allow_pickle}
+            raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
+        key_map.append((old, new))
+    return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle)}
 
 
 def _demo(args: argparse.Namespace) -> int:

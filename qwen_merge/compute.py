@@ -16,6 +16,7 @@ target_parameters).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ class Factors:
     row_vector: bool = False
 
 
-class ZeroNormError(ArithmeticError):
+class ZeroNormFound(ArithmeticError):
     """DoRA's ‖W + ΔW‖ is zero for row (or column) `index`: the merged weight would be NaN."""
 
     def __init__(self, index: int, axis: str) -> None:
@@ -104,14 +105,12 @@ class BlockBuffers:
 
 
 class Workspace:
-    """Byte buffers reused by every tensor of a run, so their pages are faulted in once, not per tensor.
+    """Scratch buffers reused by every tensor of a run, so their pages are faulted in once, not per tensor.
+    The output buffers of the blocks a run hands on are not here: they belong to the `pieces.BlockRing`,
+    which knows when their consumers are done with them."""
 
-    Output buffers rotate through `ring` slots with a counter that runs across tensors: the block handed
-    out last stays untouched while the next one is computed (a writer thread may still be writing it).
-    """
-
-    def __init__(self, ring: int) -> None:
-        self._ring, self._counter, self._buffers = ring, 0, {}
+    def __init__(self) -> None:
+        self._buffers: dict[str, bytearray] = {}
 
     def raw(self, role: str, nbytes: int) -> memoryview:
         buffer = self._buffers.get(role)
@@ -123,12 +122,15 @@ class Workspace:
         nbytes = math.prod(shape) * TORCH_DTYPES[dtype].itemsize
         return as_tensor(self.raw(role, nbytes), dtype, shape)
 
-    def next_block(self, rows: int, row_shape: tuple[int, ...], dtype: str) -> BlockBuffers:
-        slot, self._counter = self._counter % self._ring, self._counter + 1
+    def block(self, rows: int, row_shape: tuple[int, ...], dtype: str, out: torch.Tensor | None = None
+              ) -> BlockBuffers:
+        """Buffers for a block of `rows` rows: fp32 scratch, and `out` (scratch too when not given: a pass
+        whose result is not handed on, such as DoRA's column norms)."""
         sub = max(1, min(rows, SUB_BLOCK_BYTES // (4 * math.prod(row_shape) or 1)))
+        if out is None:
+            out = self.tensor("out", dtype, (rows, *row_shape))
         return BlockBuffers(self.tensor("w32", "F32", (sub, *row_shape)),
-                            self.tensor("delta", "F32", (max(2, sub), *row_shape)),
-                            self.tensor(f"out{slot}", dtype, (rows, *row_shape)))
+                            self.tensor("delta", "F32", (max(2, sub), *row_shape)), out)
 
 
 def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
@@ -138,7 +140,7 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
     measured twice as fast as whole-block passes (2.4 vs 1.2 GB/s of bf16 on one core).
 
     Raises:
-        ZeroNormError: DoRA's norm of a row is zero.
+        ZeroNormFound: DoRA's norm of a row is zero.
     """
     step = buffers.w32.shape[0]
     for i in range(0, w_rows.shape[0], step):
@@ -153,7 +155,11 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
 def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers, out: torch.Tensor
                   ) -> torch.Tensor:
     """V = fp32(W) + fl32(fl32(lhs @ rhs) · s) for the rows of `w`, in the fp32 scratch buffer."""
-    delta = _product(factors, row0, w.shape[0], buffers.delta)             # fl32(B @ A), fp32 accumulation
+    rows = w.shape[0]
+    if _fusable(factors, rows):  # one pass fewer: W + B@A in the GEMM, the same bits (see _fused_add_exact)
+        acc = buffers.delta[:rows].copy_(w)                                # fp32(W), exact
+        return acc.addmm_(factors.lhs[row0:row0 + rows], factors.rhs)      # fl32(W + fl32(B @ A))
+    delta = _product(factors, row0, rows, buffers.delta)                   # fl32(B @ A), fp32 accumulation
     if factors.scale != 1.0:
         delta.mul_(factors.scale)                                          # fl32(· fl32(s))
     if factors.round_delta:
@@ -161,6 +167,24 @@ def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBu
     if w.dtype == torch.float32:
         return delta.add_(w)
     return delta.add_(buffers.w32[:w.shape[0]].copy_(w))                   # fp32(W) + Δ, W promoted exactly
+
+
+def _fusable(factors: Factors, rows: int) -> bool:
+    return (factors.scale == 1.0 and not factors.round_delta and factors.group_rows is None
+            and not factors.row_vector and rows >= 2 and _fused_add_exact(factors.rhs.shape[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_add_exact(inner: int) -> bool:
+    """Whether `W.addmm_(L, R)` gives the bits of `mm(L, R) + W` for this inner dimension, checked once.
+
+    A GEMM that completes each dot product before adding C (one K block) does; where it splits K into
+    blocks and adds C first (measured here: inner 1 and ≥ 512), the sum is ordered otherwise, and the
+    merge keeps the separate add that PEFT's order needs."""
+    g = torch.Generator().manual_seed(inner)
+    lhs, rhs = torch.randn(8, inner, generator=g), torch.randn(inner, 67, generator=g)
+    w = torch.randn(8, 67, generator=g) * 3
+    return torch.equal(torch.mm(lhs, rhs).add_(w), w.clone().addmm_(lhs, rhs))
 
 
 def _product(factors: Factors, row0: int, rows: int, scratch: torch.Tensor) -> torch.Tensor:
@@ -228,6 +252,38 @@ def expert_factors(split: ExpertFactors, *, expert: int | None, rows: tuple[int,
     return Factors(split.lhs.reshape(experts * out, rank), split.rhs, split.scale, round_delta, group_rows=out)
 
 
+def merge_experts(w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scale: float, round_delta: bool,
+                  out: torch.Tensor, workspace: Workspace) -> None:
+    """Many experts' tensors at once: out[k] = rnd(fp32(w[k]) + fl32(fl32(lhs[k] @ rhs[k]) · s)).
+
+    `w` and `out` are (n, rows, cols) views (they may be strided: one expert's tensors sit between
+    another's on disk), `lhs` (n, rows, r), `rhs` (n, r, cols). The same operations as `merge_rows`,
+    batched over experts in chunks that fit the cache; callers use it only where `batched_exact` holds,
+    so every expert gets the bits its own product would."""
+    n, rows, cols = w.shape
+    step = max(1, SUB_BLOCK_BYTES // (4 * rows * cols))
+    for k in range(0, n, step):
+        m = min(step, n - k)
+        delta = workspace.tensor("batch_delta", "F32", (m, rows, cols))
+        torch.bmm(lhs[k:k + m], rhs[k:k + m], out=delta)                   # fl32(B_e @ A_e)
+        if scale != 1.0:
+            delta.mul_(scale)
+        if round_delta:
+            delta.copy_(out[k:k + m].copy_(delta))                         # PEFT: W + rnd_W(ΔW)
+        delta.add_(workspace.tensor("batch_w32", "F32", (m, rows, cols)).copy_(w[k:k + m]))
+        out[k:k + m].copy_(delta)                                          # the one rounding
+
+
+@functools.lru_cache(maxsize=None)
+def batched_exact(rows: int, rank: int, cols: int) -> bool:
+    """Whether a batched product of these shapes gives each item the bits of its own `torch.mm`, checked
+    once per shape: the GEMM kernel can differ between the two for small or odd shapes (measured here:
+    3 x 5 with rank 2), and then experts are merged one by one."""
+    g = torch.Generator().manual_seed(rows * 7919 + rank * 31 + cols)
+    lhs, rhs = torch.randn(3, rows, rank, generator=g), torch.randn(3, rank, cols, generator=g)
+    return all(torch.equal(torch.bmm(lhs, rhs)[k], torch.mm(lhs[k], rhs[k])) for k in range(3))
+
+
 def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:
     """m / ‖V‖, shaped to broadcast over V: per row, or per column when `col_norm` was precomputed."""
     if factors.col_norm is not None:
@@ -235,7 +291,7 @@ def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:
     norm = torch.linalg.norm(v, dim=1)
     zero = torch.nonzero(norm == 0)
     if len(zero):
-        raise ZeroNormError(row0 + int(zero[0]), "row")
+        raise ZeroNormFound(row0 + int(zero[0]), "row")
     return (factors.magnitude[row0:row0 + v.shape[0]] / norm).view(-1, 1)
 
 
@@ -261,11 +317,11 @@ def finish_column_norms(sumsq: torch.Tensor, factors: Factors) -> Factors:
     """Attach ‖V[:, j]‖ (fp32) to the factors for the second pass.
 
     Raises:
-        ZeroNormError: a column's norm is zero.
+        ZeroNormFound: a column's norm is zero.
     """
     zero = torch.nonzero(sumsq == 0)
     if len(zero):
-        raise ZeroNormError(int(zero[0]), "column")
+        raise ZeroNormFound(int(zero[0]), "column")
     return dataclasses.replace(factors, col_norm=sumsq.sqrt())
 
 

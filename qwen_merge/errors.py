@@ -28,3 +28,19 @@ class OutputError(QwenMergeError):
 
 class DiskFullError(OutputError):
     """The output filesystem ran out of space; the message says how much was needed and free."""
+
+
+class OptionError(QwenMergeError):
+    """An option has a value this version does not accept (a rounding mode, a block size, a --map)."""
+
+
+class NonFiniteError(MismatchError):
+    """An adapter tensor holds NaN or Inf, or the merge overflows the stored dtype (fp16)."""
+
+
+class ZeroNormError(MismatchError):
+    """DoRA's norm ‖W + ΔW‖ of a row or column is zero, so the merged weight would be NaN."""
+
+
+class AlreadyMergedError(MismatchError):
+    """The base's manifest shows this adapter was merged into it already; merging again applies it twice."""

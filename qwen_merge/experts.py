@@ -47,6 +47,13 @@ class HeldParameters:
         """Every on-disk module path that owns a parameter."""
         return set(self._leaves) | self._expert_modules
 
+    def owners(self, param: str) -> set[str]:
+        """The on-disk modules that own a parameter named `param`."""
+        found = {m for m, leaves in self._leaves.items() if param in leaves}
+        if param in PER_EXPERT:
+            found |= {m for m in self._expert_modules if param in self(m)}
+        return found
+
 
 def expert_intents(adapter: Adapter, names: Callable[[str], str], entries: dict[str, TensorEntry],
                    holds: HeldParameters) -> dict[str, ExpertPair]:

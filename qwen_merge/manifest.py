@@ -1,5 +1,5 @@
-"""Provenance and resumability: what identifies a merge, the manifest written beside the shards, and the
-state an interrupted run leaves for `resume`.
+"""Provenance: what identifies a merge, the manifest written beside the shards, what differs between two
+identities (for refusing a resume), and whether a destination already holds this very merge.
 
 The identity holds only what determines the output bytes (tool version, input files and sizes, the
 adapter's SHA-256, resolved options) and nothing that varies between runs (no time, path, host or
@@ -8,20 +8,16 @@ user), so two merges of the same inputs write byte-identical folders, manifest i
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, read_json
-from .errors import MismatchError, OutputError
-from .output import partial_folder_of, sha256_file, write_error
+from .errors import AlreadyMergedError, OutputError
+from .output import partial_folder_of, sha256_file
 from .plan import MergePlan
-
-VERSION = "0.1.0"
-STATE_NAME = "qwen_merge.partial.json"
+from .version import VERSION
 
 
-def identity(plan: MergePlan, options: dict) -> dict:
+def identity(plan: MergePlan) -> dict:
     """Everything that determines the output bytes, and nothing else."""
     base, adapter = plan.base, plan.adapter
     return {
@@ -32,7 +28,7 @@ def identity(plan: MergePlan, options: dict) -> dict:
                  "merged_adapters": previous_adapters(base.root)},
         "adapter": {"weights_sha256": sha256_file(adapter.file.path), "weights_size": adapter.file.size,
                     "config_sha256": sha256_file(adapter.root / "adapter_config.json")},
-        "options": options,
+        "options": plan.options.identity(),
     }
 
 
@@ -57,45 +53,16 @@ def check_not_merged_twice(ident: dict, base: Path, force: bool) -> None:
     """Refuse to merge an adapter into a checkpoint that already contains it (unsloth #3633)."""
     if force or ident["adapter"]["weights_sha256"] not in ident["base"]["merged_adapters"]:
         return
-    raise MismatchError(f"{base / MANIFEST_NAME}: this base was already merged with this adapter "
+    raise AlreadyMergedError(f"{base / MANIFEST_NAME}: this base was already merged with this adapter "
                         f"(sha256 {ident['adapter']['weights_sha256'][:12]}…); merging again applies the delta "
                         f"twice. Pass force=True (--force) if that is really wanted")
 
 
 def manifest(ident: dict, plan: MergePlan, shards: dict[str, dict]) -> dict:
     counts = {"merged": len(plan.merges), "other_ops": len(plan.ops) - len(plan.merges), "copied": plan.copied}
-    return {**ident, "counts": counts, "output": {"shards": shards, "tie": plan.tie,
+    tie = str(plan.tie) if plan.tie is not None else None
+    return {**ident, "counts": counts, "output": {"shards": shards, "tie": tie,
                                                    "renames": [list(r) for r in plan.renames]}}
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    """Replace `path` with `value` as JSON (sorted keys, so equal values give equal bytes), durably."""
-    temp = path.with_name(path.name + ".tmp")
-    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except OSError as e:
-        raise write_error(path, e) from None
-
-
-def load_state(folder: Path, ident: dict) -> dict[str, dict]:
-    """The shards an interrupted run completed, if it ran with the same identity."""
-    path = folder / STATE_NAME
-    if not path.is_file():
-        return {}  # killed before the first state was written: nothing was recorded complete
-    state = read_json(path, STATE_NAME)
-    if changes := differences(state.get("identity") or {}, ident):
-        raise OutputError(f"{folder}: cannot resume, the interrupted merge had other inputs or options "
-                          f"({'; '.join(changes)}); rerun with the same ones, or remove the folder to start over")
-    done = state.get("done", {})
-    for name, info in done.items():
-        if not (folder / name).is_file() or (folder / name).stat().st_size != info.get("size"):
-            raise OutputError(f"{folder / name}: a shard recorded as complete is missing or has the wrong size")
-    return done
 
 
 def finished_merge(dest: Path, ident: dict) -> bool:

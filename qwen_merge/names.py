@@ -39,6 +39,11 @@ class NameMap:
     """Prefix renames from in-model to on-disk names, applied in order; the first whose prefix matches wins."""
 
     renames: tuple[tuple[str, str], ...]
+    _backward: tuple[tuple[str, str], ...] = ()  # (on-disk prefix, in-model prefix), longest first
+
+    def __post_init__(self) -> None:
+        backward = tuple(sorted(((new, old) for old, new in self.renames), key=lambda r: -len(r[0])))
+        object.__setattr__(self, "_backward", backward)
 
     def __call__(self, name: str) -> str:
         for old, new in self.renames:
@@ -48,7 +53,7 @@ class NameMap:
 
     def inverse(self, name: str) -> str:
         """The in-model name of an on-disk name (the longest matching on-disk prefix wins)."""
-        for old, new in sorted(self.renames, key=lambda r: -len(r[1])):
+        for new, old in self._backward:
             if name.startswith(new):
                 return old + name[len(new):]
         return name

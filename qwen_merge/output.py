@@ -1,5 +1,6 @@
-"""The destination: refuse unsafe ones, build the output in a temporary folder beside it, write shard files
-from a stream of pieces, and move the folder into place only when everything is complete and synced.
+"""The destination: refuse unsafe ones, build the output in a temporary folder beside it, copy side files
+and write JSON there durably, and move the folder into place only when everything is complete and synced.
+(The shards themselves are written by `writer`.)
 """
 
 from __future__ import annotations
@@ -10,19 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
-from .compute import tensor_bytes
 from .errors import DiskFullError, OutputError
-from .stream import Piece, RawSpan
 from .units import human_bytes
-
-COPY_CHUNK = 64 << 20
-INLINE_WRITE_BYTES = 256 << 10
 
 
 def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool, resume: bool = False) -> None:
@@ -99,105 +93,6 @@ def publish(temp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_shard(path: Path, header: bytes, pieces: Iterable[Piece],
-                on_bytes: Callable[[int], None]) -> int:
-    """Write a shard: header, then each piece at its place. Unchanged spans are coalesced and copied
-    in the kernel. Writes run on one background thread while the next piece is computed; only one
-    write is in flight, which is what lets `stream` reuse a block's buffer two blocks later.
-    Returns the file size. The data is not yet synced: call `fsync_file` before publishing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-write") as pool:
-            in_flight: list[Future] = []
-
-            def submit(job: Callable[[], None], nbytes: int) -> None:
-                # Wait for the write in flight first, small or not: the stream reuses a block's buffer
-                # two blocks later, so at most one block may ever be pending (a skipped wait here once
-                # let a tensor's first block overwrite the previous tensor's block mid-write).
-                if in_flight:
-                    in_flight.pop().result()  # re-raises a failed write here, before more work is done
-                if nbytes < INLINE_WRITE_BYTES:
-                    job()  # handing a small write to the thread costs more than doing it
-                else:
-                    in_flight.append(pool.submit(job))
-
-            size = _write_pieces(fd, header, pieces, path, submit, on_bytes)
-            if in_flight:
-                in_flight.pop().result()
-    finally:
-        os.close(fd)
-    return size
-
-
-def _write_pieces(fd: int, header: bytes, pieces: Iterable[Piece], path: Path,
-                  submit: Callable[[Callable[[], None], int], None], on_bytes: Callable[[int], None]) -> int:
-    _write_all(fd, memoryview(header), 0, path)
-    pos, pending = len(header), None  # pending: a RawSpan of unchanged bytes not yet copied
-
-    def flush() -> None:
-        nonlocal pos
-        if pending:
-            submit(partial(_copy_span, pending.fd, fd, pending.offset, pos, pending.length, path, on_bytes),
-                   pending.length)
-            pos += pending.length
-
-    for piece in pieces:
-        if isinstance(piece, RawSpan):
-            if pending and pending.fd == piece.fd and pending.offset + pending.length == piece.offset:
-                pending = RawSpan(piece.fd, pending.offset, pending.length + piece.length)
-                continue
-            flush()
-            pending = piece
-        else:
-            flush()
-            pending = None
-            data = tensor_bytes(piece.rows)
-            submit(partial(_write_block, fd, data, pos, path, on_bytes), len(data))
-            pos += len(data)
-    flush()
-    return pos
-
-
-def _copy_span(src: int, fd: int, offset: int, pos: int, length: int, path: Path,
-               on_bytes: Callable[[int], None]) -> None:
-    for done in range(0, length, COPY_CHUNK):
-        n = min(COPY_CHUNK, length - done)
-        _copy_range(src, fd, offset + done, pos + done, n, path)
-        on_bytes(n)
-
-
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, n: int, path: Path) -> int:
-    """Copy n bytes in the kernel (reflink where the filesystem offers it), else through a buffer."""
-    done = 0
-    try:
-        while done < n:
-            got = os.copy_file_range(src, dst, n - done, src_off + done, dst_off + done)
-            if got == 0:
-                raise OutputError(f"{path}: source ended early while copying at byte {src_off + done}")
-            done += got
-        return done
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-            raise write_error(path, e) from None
-    data = os.pread(src, n - done, src_off + done)
-    _write_all(dst, memoryview(data), dst_off + done, path)
-    return n
-
-
-def _write_block(fd: int, data: memoryview, pos: int, path: Path, on_bytes: Callable[[int], None]) -> None:
-    _write_all(fd, data, pos, path)
-    on_bytes(len(data))
-
-
-def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    try:
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-    except OSError as e:
-        raise write_error(path, e) from None
-
-
 def write_error(path: Path, e: OSError) -> OutputError:
     """One-line error for a failed write; running out of space (or of the file-size limit) is DiskFullError."""
     if e.errno == errno.EFBIG:
@@ -225,7 +120,11 @@ def sha256_file(path: Path) -> str:
 
 def write_json(path: Path, value: dict) -> int:
     """Write JSON the way transformers does (indent 2, trailing newline); returns the byte count."""
-    data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
+    return write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> int:
+    """Write a small file durably; returns the byte count."""
     try:
         with open(path, "wb") as f:
             f.write(data)
@@ -236,26 +135,26 @@ def write_json(path: Path, value: dict) -> int:
     return len(data)
 
 
+def write_json_atomic(path: Path, value: dict) -> None:
+    """Replace `path` with `value` as JSON (sorted keys, so equal values give equal bytes), durably."""
+    temp = path.with_name(path.name + ".tmp")
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
 def copy_side_file(source: Path, folder: Path) -> int:
     try:
         shutil.copyfile(source, folder / source.name)
     except OSError as e:
         raise write_error(folder / source.name, e) from None
     return source.stat().st_size
-
-
-def finish_file(part: Path, final: Path) -> dict:
-    """Flush a written file to disk, hash it, and give it its final name; returns its size and SHA-256."""
-    fd = os.open(part, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # Linux syncs a file's data through any descriptor of it
-    except OSError as e:
-        raise write_error(part, e) from None
-    finally:
-        os.close(fd)
-    info = {"size": part.stat().st_size, "sha256": sha256_file(part)}
-    os.replace(part, final)
-    return info
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,5 +1,6 @@
 """Decide everything before the first byte is written: which tensor merges with which factors, how,
-into which output file, with which header — from headers and JSON only, no tensor data.
+into which output file, with which header — from headers and JSON only, never tensor data (the one
+value comparison the tied-embedding decision needs is passed in).
 
 Every adapter module must land on exactly one base tensor with fitting shapes, or planning fails.
 """
@@ -9,39 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
-
-import numpy
-from collections import Counter
 from dataclasses import dataclass
 
-from . import experts, ties
-from .adapter import PREFIX, Adapter, LoraPair, TokenRows, settle_parameters, targeted_parameters, targets_module
-from .architectures import is_module_in_memory
+from . import experts, memory, targets, ties
+from .adapter import Adapter, Kind, TokenRows, settle_parameters
 from .checkpoint import Checkpoint
 from .errors import AdapterError, MismatchError
 from .names import NameMap, resolve_names
+from .options import MergeOptions, Rounding
+from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import DTYPE_BITS, FLOAT_DTYPES, TensorEntry, TensorFile, encode_header
-from .units import human_bytes
+
+BATCH_BYTES = 4 << 20  # most bytes of adjacent per-expert tensors merged as one batch (one read, one block)
+BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out); PEFT forces
 # fan_in_fan_out per module for them, whatever the saved config says.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
-DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
-# Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
-RUNTIME_BYTES = 256 << 20
-THREADS_BYTES = 16 << 20  # the writer and finisher threads: stacks, heap arenas, the hashing buffer
-RING_SIZE = 2  # merged row blocks alive at once: one being written while the next is computed
-ROUNDINGS = ("single", "peft")
-
-
-@dataclass(frozen=True, slots=True)
-class Operand:
-    """An input tensor: which file (a base shard or the adapter) and where in it."""
-
-    file: TensorFile
-    entry: TensorEntry
-    in_adapter: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,21 +35,21 @@ class TensorOp:
 
     Start from `source` (the base tensor, another base tensor for a new untied lm_head, or an adapter
     tensor that replaces it), round it to `dtype` if it is stored in another one, add the LoRA delta of
-    `pair` (to the weight, or to the bias when `part == "bias"`; with DoRA when the pair has a
-    magnitude), then overwrite the `tokens` rows. `round_delta`: the delta is rounded to `dtype` before it
-    is added, as PEFT's merge does for this kind of layer (only with rounding="peft")."""
+    `pair` (to the weight, or to the bias when `part` is BIAS; with DoRA when the pair has a magnitude),
+    then overwrite the `tokens` rows. `transpose`: W is stored (in, out) (embeddings, GPT-2 Conv1D).
+    `round_delta`: the delta is rounded to `dtype` before it is added, as PEFT's merge does for this
+    kind of layer (only with Rounding.PEFT). `check_finite`: stop on NaN/Inf in the factors or the result."""
 
     name: str
     shard: str
     dtype: str
     shape: tuple[int, ...]
-    source: Operand
+    source: Source
     block_rows: int
-    pair: LoraPair | None = None
-    part: str = "weight"
+    pair: Pair | None = None
+    part: Part = Part.WEIGHT
     transpose: bool = False
     tokens: TokenRows | None = None
-    rounding: str = "single"
     check_finite: bool = True
     round_delta: bool = False
 
@@ -86,8 +71,19 @@ class TensorOp:
         """Bytes can be copied as they are from the source (a same-dtype replacement)."""
         return self.pair is None and self.tokens is None and self.source.entry.dtype == self.dtype
 
+    @property
+    def batchable(self) -> bool:
+        """One expert's small tensor that takes a slice of a fused-expert LoRA: it can be merged in one
+        batched product with its neighbours (`follows`), instead of paying a tensor's overhead alone."""
+        return (self.pair is not None and self.pair.kind == Kind.EXPERTS and self.pair.expert is not None
+                and self.tokens is None and self.source.entry.dtype == self.dtype
+                and self.source.entry.nbytes <= BATCH_TENSOR_BYTES)
 
-PlannedMerge = TensorOp  # the name the first release exported
+    def follows(self, other: TensorOp) -> bool:
+        """Whether this op's source bytes come right after `other`'s, in the same file, with the same
+        options: two batchable ops that can be read and written as one span."""
+        return (self.source.file is other.source.file and self.source.entry.start == other.source.entry.end
+                and (self.check_finite, self.round_delta) == (other.check_finite, other.round_delta))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +112,16 @@ class MergePlan:
 
     base: Checkpoint
     adapter: Adapter
+    options: MergeOptions
     shards: tuple[ShardPlan, ...]
     ops: tuple[TensorOp, ...]
     copied: int
     config: dict | None
     renames: tuple[tuple[str, str], ...]
-    tie: str | None
-    rounding: str
+    tie: ties.TieDecision | None
     output_bytes: int = 0
     predicted_peak_bytes: int = 0
+    index_json: bytes = b""  # the output's index file, as written (empty without an index)
 
     @property
     def merges(self) -> tuple[TensorOp, ...]:
@@ -142,178 +139,118 @@ class MergePlan:
 
     def render(self, detail: bool = False) -> str:
         """A human-readable report: what happens to each tensor, totals, and predicted peak memory."""
-        return "\n".join(_render_lines(self, detail))
+        from .report import render  # the report reads the plan; the plan does not depend on it
+
+        return render(self, detail)
 
 
-@dataclass(frozen=True, slots=True)
-class _Intent:
-    """What the adapter asks of one on-disk tensor."""
-
-    replacement: TensorEntry | None = None
-    pair: LoraPair | None = None
-    part: str = "weight"
-    tokens: TokenRows | None = None
-
-
-def make_plan(base: Checkpoint, adapter: Adapter, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-              rounding: str = "single", key_map: dict[str, str] | None = None,
-              allow_nonfinite: bool = False) -> MergePlan:
+def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues
+              ) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
+
+    `same_values(x, y, transposed)` says whether two adapter tensors hold the same values (y transposed),
+    which the tied-embedding decision needs.
 
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
         AdapterError: the config asks for something the file cannot provide.
     """
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
     holds = experts.HeldParameters(entries)
     modules = holds.modules()
-    _refuse_multihead_attention(adapter, entries)
-    wanted = _wanted(adapter)
-    names = resolve_names(wanted, lambda name: name in entries or name in modules, key_map, base.config,
-                          optional=tie_info.may_create, base_names=entries,
+    targets.refuse_multihead_attention(adapter, entries)
+    wanted = targets.wanted(adapter)
+    names = resolve_names(wanted, lambda name: name in entries or name in modules, dict(options.key_map),
+                          base.config, optional=tie_info.may_create, base_names=entries,
                           describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
     adapter = settle_parameters(adapter, lambda module: holds(names(module)))
-    intents = _intents(adapter, names)
-    for name, intent in experts.expert_intents(adapter, names, entries, holds).items():
-        if name in intents:
+    where = base.locations()
+    recipes = _recipes(adapter, names, where)
+    for name, pair in experts.expert_intents(adapter, names, entries, holds).items():
+        if name in recipes:
             raise AdapterError(f"{adapter.file.path}: {name!r} gets both a per-module LoRA and a target_parameters "
                                f"LoRA; PEFT applies one adapter kind per module")
-        intents[name] = _Intent(pair=intent)
-    _check_untrained_targets(adapter, names, entries, holds, base.config)
-    where = base.locations()
-    recipes = {n: ties.Recipe(_source(where, adapter, n, i), i.pair, i.part, i.tokens) for n, i in intents.items()}
-    recipes, added, tie = ties.decide(tie_info, recipes, adapter.config,
-                                      lambda name: _source(where, adapter, name, _Intent()),
-                                      lambda x, y, transposed: _same_values(adapter.file, x, y, transposed))
-    ctx = _Context(base, adapter, entries, block_bytes, rounding, not allow_nonfinite)
+        recipes[name] = Recipe(_base_source(where, name), pair)
+    targets.check_untrained_targets(adapter, names, names.inverse, entries, holds, base.config)
+    recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
+                                      same_values)
+    builder = _OpBuilder(base, adapter, entries, options)
     try:
-        ops = {name: ctx.op(name, recipe) for name, recipe in recipes.items()}
+        ops = {name: builder.op(name, recipe) for name, recipe in recipes.items()}
     except MismatchError as e:  # the checks speak of tensors; name the adapter they come from too
-        raise MismatchError(f"{adapter.file.path}: {e}") from None
-    config = _output_config(base, ops, entries, tie_info, untied=bool(tie and "untied" in tie))
+        raise MismatchError(f"{adapter.file.path}: {e}") from e
+    untied = tie is not None and tie.tie is ties.Tie.UNTIED
+    config = _output_config(base, ops, entries, tie_info, untied=untied)
     shards = _layout(base, ops, added)
-    plan = MergePlan(base, adapter, shards, tuple(op for s in shards for op in _ops_in_order(s)),
+    plan = MergePlan(base, adapter, options, shards, tuple(op for s in shards for op in _ops_in_order(s)),
                      copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
-                     renames=names.renames, tie=tie, rounding=rounding)
-    return dataclasses.replace(plan, output_bytes=_output_bytes(plan),
-                               predicted_peak_bytes=_predict_peak(plan.ops))
+                     renames=names.renames, tie=tie)
+    index = (json.dumps(plan.index_document(), indent=2) + "\n").encode() if base.index_name else b""
+    return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
+                               predicted_peak_bytes=memory.predict_peak(plan.ops))
 
 
-def _refuse_multihead_attention(adapter: Adapter, entries: dict[str, TensorEntry]) -> None:
-    """LoRA on an nn.MultiheadAttention lands on its `in_proj_weight` (and on `out_proj`, which the adapter
-    check refuses); a renamed Linear merge of it would be wrong, so no rename may be suggested for it."""
-    for pair in adapter.pairs:
-        if f"{pair.module}.weight" not in entries and f"{pair.module}.in_proj_weight" in entries:
-            raise AdapterError(f"{adapter.file.path}: {pair.a.name!r}: module {pair.module!r} is an "
-                               f"nn.MultiheadAttention (the base has {pair.module}.in_proj_weight); LoRA on it is "
-                               f"not supported, serve it as an adapter")
-
-
-def _wanted(adapter: Adapter) -> dict[str, str]:
-    """In-model target name -> the adapter key behind it (for messages)."""
-    wanted = {t: PREFIX + e.name[len(PREFIX):] for t, e in adapter.replacements.items()}
-    for pair in adapter.pairs:
-        wanted[f"{pair.module}.weight"] = pair.a.name
-        if pair.bias is not None:
-            wanted[f"{pair.module}.bias"] = pair.bias.name
-    for rows in adapter.tokens:
-        wanted[f"{rows.module}.weight"] = rows.values.name
-    # Modules owning targeted parameters (or that might): the module must exist, whatever it holds.
-    for pp in adapter.param_pairs:
-        wanted[pp.module] = pp.a.name
-    for module, parts in adapter.undecided.items():
-        wanted[module] = next(iter(parts.values())).name
-    return wanted
-
-
-def _intents(adapter: Adapter, names: NameMap) -> dict[str, _Intent]:
-    intents: dict[str, _Intent] = {}
+def _recipes(adapter: Adapter, names: NameMap, where: dict[str, tuple[TensorFile, TensorEntry]]
+             ) -> dict[str, Recipe]:
+    """On-disk tensor name -> how the adapter's replacements, LoRA pairs and token rows make it."""
+    recipes: dict[str, Recipe] = {}
 
     def add(target: str, key: str, **fields) -> None:
         name = names(target)
-        current = intents.get(name, _Intent())
+        current = recipes.get(name) or Recipe(_base_source(where, name))
         for field in fields.keys() - {"part"}:
-            if getattr(current, field) is not None:
+            value = getattr(current, field)  # a base source is only the default: a replacement may take it
+            if value is not None and (field != "source" or value.in_adapter):
                 raise AdapterError(f"{adapter.file.path}: {key!r} and another tensor both set the {field} of {name!r}")
-        intents[name] = dataclasses.replace(current, **fields)
+        recipes[name] = dataclasses.replace(current, **fields)
 
     for target, entry in adapter.replacements.items():
-        add(target, entry.name, replacement=entry)
+        add(target, entry.name, source=Source(adapter.file, entry, True))
     for pair in adapter.pairs:
         add(f"{pair.module}.weight", pair.a.name, pair=pair)
         if pair.bias is not None:
-            add(f"{pair.module}.bias", pair.bias.name, pair=pair, part="bias")
+            add(f"{pair.module}.bias", pair.bias.name, pair=pair, part=Part.BIAS)
     for rows in adapter.tokens:
         add(f"{rows.module}.weight", rows.values.name, tokens=rows)
-    for name, intent in intents.items():
-        if intent.pair is not None and intent.tokens is not None:
+    for name, recipe in recipes.items():
+        if recipe.pair is not None and recipe.tokens is not None:
             raise AdapterError(f"{adapter.file.path}: {name!r} has both a LoRA delta and trainable tokens; "
                                f"PEFT does not combine them on one module")
-    return intents
+    return recipes
 
 
-def _source(where: dict[str, tuple[TensorFile, TensorEntry]], adapter: Adapter, name: str, intent: _Intent
-            ) -> Operand | None:
-    if intent.replacement is not None:
-        return Operand(adapter.file, intent.replacement, True)
-    if name not in where:
-        return None
-    return Operand(*where[name], False)
+def _base_source(where: dict[str, tuple[TensorFile, TensorEntry]], name: str) -> Source | None:
+    return Source(*where[name], False) if name in where else None
 
 
 @dataclass(frozen=True, slots=True)
-class _Context:
+class _OpBuilder:
     base: Checkpoint
     adapter: Adapter
     entries: dict[str, TensorEntry]
-    block_bytes: int
-    rounding: str
-    check_finite: bool
+    options: MergeOptions
 
-    def op(self, name: str, recipe: ties.Recipe) -> TensorOp:
+    def op(self, name: str, recipe: Recipe) -> TensorOp:
         source = recipe.source
         existing = self.entries.get(name)
         dtype = (existing or source.entry).dtype
         _check_replacement(name, existing, source, dtype)
         shape = source.entry.shape
         rows, cols = matrix_view(shape, recipe.pair, recipe.part)
-        block_rows = max(1, min(rows, self.block_bytes // max(4 * cols, 1)))
+        block_rows = max(1, min(rows, self.options.block_bytes // max(4 * cols, 1)))
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
-        round_delta = (self.rounding == "peft" and recipe.pair is not None and recipe.part == "weight"
-                       and _peft_rounds_delta(recipe.pair, self.adapter.config))
-        op = TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, False,
-                      recipe.tokens, self.rounding, self.check_finite, round_delta)
+        round_delta = (self.options.rounding is Rounding.PEFT and recipe.pair is not None
+                       and recipe.part == Part.WEIGHT and _peft_rounds_delta(recipe.pair, self.adapter.config))
+        transpose = False
         if recipe.pair is not None:
-            op = dataclasses.replace(op, transpose=_check_pair(op, (self.base.config or {}).get("model_type")))
+            transpose = _check_pair(name, dtype, shape, recipe.pair, recipe.part,
+                                    (self.base.config or {}).get("model_type"))
         if recipe.tokens is not None:
-            _check_tokens(op)
-        return op
-
-
-def _same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bool) -> bool:
-    """Whether two adapter tensors hold the same values (bit for bit), `y` read transposed. Reads their
-    bytes: the one place planning looks at tensor data, for the tied-embedding signature."""
-    if x.dtype != y.dtype or x.shape != (y.shape[::-1] if transposed else y.shape):
-        return False
-    if not transposed:
-        return all(a == b for a, b in zip(_chunks(file, x), _chunks(file, y), strict=True))
-    bits = {1: numpy.uint8, 2: numpy.uint16, 4: numpy.uint32, 8: numpy.uint64}[DTYPE_BITS[x.dtype] // 8]
-    with open(file.path, "rb") as f:
-        def read(e: TensorEntry) -> numpy.ndarray:
-            f.seek(file.data_offset + e.start)
-            return numpy.frombuffer(f.read(e.nbytes), dtype=bits).reshape(e.shape)
-        return bool(numpy.array_equal(read(x), read(y).T))
-
-
-def _chunks(file: TensorFile, e: TensorEntry, size: int = 16 << 20):
-    with open(file.path, "rb") as f:
-        for start in range(e.start, e.end, size):
-            f.seek(file.data_offset + start)
-            yield f.read(min(size, e.end - start))
+            _check_tokens(name, shape, recipe.tokens)
+        return TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, transpose,
+                        recipe.tokens, not self.options.allow_nonfinite, round_delta)
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -323,25 +260,25 @@ def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def matrix_view(shape: tuple[int, ...], pair: LoraPair | None, part: str) -> tuple[int, int]:
+def matrix_view(shape: tuple[int, ...], pair: Pair | None, part: Part) -> tuple[int, int]:
     """`as_matrix`, except for a convolution weight (out, in, *kernel) that takes a LoRA delta: it is
     streamed as the matrix (out, in·prod(kernel)) it is in memory, whose product B @ A is the delta and
     whose rows are the filters DoRA normalises, so a row block holds whole filters."""
-    if pair is not None and pair.kind == "conv" and part == "weight":
+    if pair is not None and pair.kind == Kind.CONV and part == Part.WEIGHT:
         return shape[0], math.prod(shape[1:])
     return as_matrix(shape)
 
 
-def _peft_rounds_delta(pair: LoraPair, config: dict) -> bool:
+def _peft_rounds_delta(pair: Pair, config: dict) -> bool:
     """Whether PEFT rounds ΔW to W's dtype before adding it: for embedding LoRA, target_parameters and
     MiCA (init_lora_weights="mica"); Linear and convolution LoRA add the fp32 delta, rounding once, and
     DoRA rounds its product once."""
     if pair.magnitude is not None:
         return False
-    return pair.kind in ("embedding", "experts") or config.get("init_lora_weights") == "mica"
+    return pair.kind in (Kind.EMBEDDING, Kind.EXPERTS) or config.get("init_lora_weights") == "mica"
 
 
-def _check_replacement(name: str, existing: TensorEntry | None, source: Operand, dtype: str) -> None:
+def _check_replacement(name: str, existing: TensorEntry | None, source: Source, dtype: str) -> None:
     if not source.in_adapter or existing is None:
         return
     entry = source.entry
@@ -353,100 +290,59 @@ def _check_replacement(name: str, existing: TensorEntry | None, source: Operand,
                             f"{list(existing.shape)}; only the row count (vocabulary) may change")
 
 
-def _check_pair(op: TensorOp, model_type: str | None) -> bool:
-    """Check the factors fit the tensor; return whether the delta is transposed."""
-    pair, shape = op.pair, op.shape
-    if op.dtype not in FLOAT_DTYPES:
-        raise MismatchError(f"{op.name}: base dtype {op.dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
-    if pair.kind == "experts":
+def _check_pair(name: str, dtype: str, shape: tuple[int, ...], pair: Pair, part: Part, model_type: str | None
+                ) -> bool:
+    """Check the factors fit tensor `name`; return whether the delta is transposed."""
+    if dtype not in FLOAT_DTYPES:
+        raise MismatchError(f"{name}: base dtype {dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
+    if pair.kind == Kind.EXPERTS:
         return pair.transposed  # shapes were matched when the expert LoRA was assigned
-    if op.part == "bias":
+    if part == Part.BIAS:
         if shape != (pair.b.shape[0],) or pair.bias.shape != (pair.b.shape[0],):
-            raise MismatchError(f"{op.name}: bias shape {list(shape)} does not fit {pair.bias.name!r} "
+            raise MismatchError(f"{name}: bias shape {list(shape)} does not fit {pair.bias.name!r} "
                                 f"{list(pair.bias.shape)}")
         return False
-    if pair.kind == "conv":
-        _check_conv(op)
+    if pair.kind == Kind.CONV:
+        _check_conv(name, shape, pair)
         return False
     out, inp = pair.b.shape[0], pair.a.shape[1]
     straight, transposed = shape == (out, inp), shape == (inp, out)
-    if pair.kind == "embedding":
+    if pair.kind == Kind.EMBEDDING:
         straight = False
     elif straight and transposed:  # square: shapes cannot tell, the architecture does (PEFT forces it per module)
         straight = model_type not in CONV1D_MODEL_TYPES
     if not (straight or transposed):
-        want = [inp, out] if pair.kind == "embedding" else [out, inp]
-        raise MismatchError(f"{op.name}: shape {list(shape)} does not fit lora_B {list(pair.b.shape)} @ lora_A "
+        want = [inp, out] if pair.kind == Kind.EMBEDDING else [out, inp]
+        raise MismatchError(f"{name}: shape {list(shape)} does not fit lora_B {list(pair.b.shape)} @ lora_A "
                             f"{list(pair.a.shape)} (expected {want}); is the adapter for another model?")
     if pair.magnitude is not None:
         size = shape[1] if not straight else shape[0]
         if pair.magnitude.shape != (size,):
-            raise MismatchError(f"{op.name}: DoRA magnitude {pair.magnitude.name!r} has shape "
+            raise MismatchError(f"{name}: DoRA magnitude {pair.magnitude.name!r} has shape "
                                 f"{list(pair.magnitude.shape)}, expected [{size}]")
     return not straight
 
 
-def _check_conv(op: TensorOp) -> None:
+def _check_conv(name: str, shape: tuple[int, ...], pair: Pair) -> None:
     """A convolution weight is (out, in, *kernel), lora_A (r, in, *kernel), lora_B (out, r, 1, ...), and
     DoRA's magnitude (1, out, 1, ...)."""
-    pair, shape = op.pair, op.shape
     want = (pair.b.shape[0], *pair.a.shape[1:])
     if shape != want:
-        raise MismatchError(f"{op.name}: shape {list(shape)} does not fit the convolution LoRA lora_B "
+        raise MismatchError(f"{name}: shape {list(shape)} does not fit the convolution LoRA lora_B "
                             f"{list(pair.b.shape)}, lora_A {list(pair.a.shape)} (expected {list(want)}); is the "
                             f"adapter for another model?")
     if pair.magnitude is not None and pair.magnitude.shape != (1, shape[0], *[1] * (len(shape) - 2)):
-        raise MismatchError(f"{op.name}: DoRA magnitude {pair.magnitude.name!r} has shape "
+        raise MismatchError(f"{name}: DoRA magnitude {pair.magnitude.name!r} has shape "
                             f"{list(pair.magnitude.shape)}, expected {[1, shape[0], *[1] * (len(shape) - 2)]}")
 
 
-def _check_tokens(op: TensorOp) -> None:
-    rows, shape = op.tokens, op.shape
+def _check_tokens(name: str, shape: tuple[int, ...], rows: TokenRows) -> None:
     bad = next((i for i in rows.indices if not 0 <= i < shape[0]), None)
     if bad is not None:
-        raise MismatchError(f"{op.name}: trainable token id {bad} is outside the {shape[0]} rows of the tensor")
+        raise MismatchError(f"{name}: trainable token id {bad} is outside the {shape[0]} rows of the tensor")
     if len(shape) != 2 or rows.values.shape[1:] != shape[1:]:
-        raise MismatchError(f"{op.name}: {rows.values.name!r} has shape {list(rows.values.shape)}, rows of "
+        raise MismatchError(f"{name}: {rows.values.name!r} has shape {list(rows.values.shape)}, rows of "
                             f"{list(shape[1:])} expected")
-
-
-def _check_untrained_targets(adapter: Adapter, names: NameMap, entries: dict[str, TensorEntry],
-                             holds: experts.HeldParameters, base_config: dict | None) -> None:
-    """PEFT injects by config: a targeted module without tensors in the file keeps its initialisation,
-    which is a non-zero delta with init_lora_weights=false or DoRA. Refuse those.
-
-    Which modules PEFT targets is decided the way PEFT decides it: on the model transformers builds in
-    memory, so on-disk names are mapped back to in-model names, and tensors of modules that do not exist
-    in memory (the per-expert layers of models whose experts transformers fuses) are not candidates."""
-    config = adapter.config
-    if config.get("init_lora_weights", True) is not False and not config.get("use_dora"):
-        return
-    trained = {names(p.module) for p in (*adapter.pairs, *adapter.param_pairs)}
-    missing = sorted(m for m in holds.modules()
-                     if m not in trained and _peft_targets(config, m, names.inverse(m), entries, holds, base_config))
-    if missing:
-        why = "init_lora_weights=false" if config.get("init_lora_weights", True) is False else "use_dora=true"
-        raise AdapterError(f"{adapter.root / 'adapter_config.json'}: the config targets {missing[0]!r} "
-                           f"({len(missing)} such modules) but the file has no factors for it; with {why} PEFT "
-                           f"would add a random or non-zero delta there")
-
-
-def _peft_targets(config: dict, disk: str, module: str, entries: dict[str, TensorEntry],
-                  holds: experts.HeldParameters, base_config: dict | None) -> bool:
-    """Whether PEFT wraps in-model `module` (stored as `disk`): a layer matched by target_modules, or a
-    module owning a parameter matched by target_parameters."""
-    weight = entries.get(f"{disk}.weight")
-    if weight is not None and _is_layer(weight, config, base_config) and targets_module(config, module):
-        return True
-    return bool(set(targeted_parameters(config, module)) & holds(disk))
-
-
-def _is_layer(weight: TensorEntry, config: dict, base_config: dict | None) -> bool:
-    """A weight of a layer PEFT could wrap: at least 2-D (exactly 2-D for a literal "all-linear", which
-    means Linear layers only), and of a module that exists in memory."""
-    dims = len(weight.shape)
-    wanted = dims == 2 if config.get("target_modules") == "all-linear" else dims >= 2
-    return wanted and is_module_in_memory(weight.name, base_config)
 
 
 def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str, TensorEntry],
@@ -495,7 +391,10 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str]) -
             (op.shape, op.dtype) == (own[n].shape, own[n].dtype) for n, op in shard_ops.items())
         entries = source.entries if unchanged else _pack(names, shard_ops, own)
         metadata = {**(source.metadata or {}), "format": "pt"}
-        header = encode_header(entries, metadata, pad_to=source.data_offset - 8 if unchanged else 0)
+        if unchanged and metadata == source.metadata and source.header:
+            header = source.header  # the same layout: the source's own header, byte for byte
+        else:
+            header = encode_header(entries, metadata, pad_to=source.data_offset - 8 if unchanged else 0)
         shards.append(ShardPlan(source.path.name, source, tuple(entries), header, shard_ops))
     return tuple(shards)
 
@@ -517,102 +416,6 @@ def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
     return [shard.ops[e.name] for e in shard.entries if e.name in shard.ops]
 
 
-def _output_bytes(plan: MergePlan) -> int:
-    index = len(json.dumps(plan.index_document(), indent=2)) + 1 if plan.base.index_name else 0
+def _output_bytes(plan: MergePlan, index_bytes: int) -> int:
     side = sum(p.stat().st_size for p in plan.base.side_files)
-    return sum(s.size for s in plan.shards) + side + index
-
-
-def _predict_peak(ops: tuple[TensorOp, ...]) -> int:
-    """Runtime + the largest op's working set (compute.Workspace): the factors, raw and in fp32; a read
-    buffer and RING_SIZE output buffers per row block; fp32 sub-block scratch (1 MiB each, unless a row is
-    larger: the delta scratch holds at least two rows); token rows, and DoRA's norms."""
-    worst = 0
-    for op in ops:
-        row_elems = op.matrix[1]
-        row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
-        extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
-        extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
-        extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
-        scratch = 3 * max(1 << 20, 8 * row_elems) + op.block_rows * row_elems  # + the finiteness mask
-        worst = max(worst, extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch)
-    return RUNTIME_BYTES + THREADS_BYTES + worst
-
-
-def _render_lines(plan: MergePlan, detail: bool):
-    base, adapter = plan.base, plan.adapter
-    n_tensors = sum(len(s.source.entries) for s in plan.shards)
-    yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {human_bytes(plan.total_size)})"
-    dora = " DoRA" if adapter.config.get("use_dora") else ""
-    yield (f"adapter: {adapter.root}  (LoRA{dora} r={adapter.config['r']} alpha={adapter.config['lora_alpha']}"
-           f"{' rsLoRA' if adapter.config.get('use_rslora') else ''}, {len(adapter.pairs)} modules"
-           f"{f', {len(adapter.param_pairs)} target_parameters pairs' if adapter.param_pairs else ''})")
-    for old, new in plan.renames:
-        yield f"rename:  adapter names {old}* -> base names {new}*"
-    yield from _tensor_lines(plan, detail)
-    groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
-    summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
-    yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
-    others = len(plan.ops) - len(plan.merges)
-    if others:
-        yield f"other:   {others} tensors replaced, converted or with token rows set"
-    yield f"copied:  {plan.copied} tensors byte-for-byte"
-    if plan.tie:
-        yield f"tied embeddings: {plan.tie}"
-    if plan.config is not None:
-        changed = {k: v for k, v in plan.config.items() if (base.config or {}).get(k) != v and k != "text_config"}
-        yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
-    if plan.rounding != "single":
-        yield f"rounding: {plan.rounding} (PEFT's double rounding for embedding LoRA, target_parameters and MiCA)"
-    files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0) + 1  # + the manifest
-    sides = ", ".join(p.name for p in base.side_files) or "no side files"
-    yield f"output:  {human_bytes(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
-    if base.skipped:
-        yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
-    if adapter.redundant:
-        yield f"ignored: {len(adapter.redundant)} adapter tensors that duplicate modules_to_save copies"
-    yield f"predicted peak memory: {plan.predicted_peak_bytes / 2**20:.0f} MiB"
-
-
-EXPERT_INDEX = re.compile(r"\.(experts)\.\d+\.")
-
-
-def _tensor_lines(plan: MergePlan, detail: bool):
-    """One line per tensor; without `detail`, tensors that differ only in their expert index share a line
-    (a 30B-A3B plan is 144 expert lines instead of 18,432) and copies are only counted."""
-    if detail:
-        for shard in plan.shards:
-            for e in shard.entries:
-                op = shard.ops.get(e.name)
-                yield f"  {_describe(op) if op else 'copy     ' + e.name}  [{shard.name}]"
-        return
-    groups: dict[tuple[str, str], list[TensorOp]] = {}
-    for op in plan.ops:
-        pattern = EXPERT_INDEX.sub(r".\1.*.", op.name)
-        groups.setdefault((pattern, _describe(op, pattern)), []).append(op)
-    for (_, text), ops in groups.items():
-        shards = sorted({op.shard for op in ops})
-        count = f"  x{len(ops)} experts" if len(ops) > 1 else ""
-        yield f"  {text}{count}  [{', '.join(shards)}]"
-
-
-def _describe(op: TensorOp, name: str | None = None) -> str:
-    parts = []
-    if op.source.in_adapter or op.source.entry.name != op.name:
-        parts.append(f"from {op.source.entry.name}")
-    if op.source.entry.dtype != op.dtype:
-        parts.append(f"{op.source.entry.dtype}->{op.dtype}")
-    if op.pair is not None:
-        what = "dora" if op.pair.magnitude is not None else "bias" if op.part == "bias" else op.pair.kind
-        if what == "experts" and op.pair.experts == 1:
-            what = f"parameter {op.pair.param}"
-        if what == "dora" and op.pair.kind == "conv":
-            what = "conv dora"
-        t = " transposed" if op.transpose and op.pair.kind != "embedding" else ""
-        parts.append(f"{what} r={op.rank} scale={op.scale:.6g}{t}")
-        if op.round_delta:
-            parts.append(f"delta rounded to {op.dtype} first (as PEFT)")
-    if op.tokens is not None:
-        parts.append(f"{len(op.tokens.indices)} token rows")
-    verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
-    return f"{verb} {name or op.name}  " + ", ".join(parts)
+    return sum(s.size for s in plan.shards) + side + index_bytes

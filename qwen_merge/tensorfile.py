@@ -56,6 +56,7 @@ class TensorFile:
     metadata: dict[str, str] | None
     data_offset: int
     size: int
+    header: bytes = b""  # the file's first `data_offset` bytes as read: length prefix and JSON
 
     def entry_map(self) -> dict[str, TensorEntry]:
         return {e.name: e for e in self.entries}
@@ -86,16 +87,17 @@ def read_header(path: str | os.PathLike) -> TensorFile:
     metadata = _check_metadata(path, header.pop("__metadata__", None))
     entries = sorted((_parse_entry(path, k, v) for k, v in header.items()), key=lambda e: (e.start, e.end))
     _check_tiling(path, entries, size - 8 - n)
-    return TensorFile(path, tuple(entries), metadata, 8 + n, size)
+    return TensorFile(path, tuple(entries), metadata, 8 + n, size, prefix + raw)
 
 
 def _decode_json(path: Path, raw: bytes) -> dict:
     def no_duplicates(pairs: list) -> dict:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
+        found = dict(pairs)
+        if len(found) != len(pairs):  # the reference reader keeps the last value; a header this odd is refused
+            keys = [k for k, _ in pairs]
             dup = next(k for k in keys if keys.count(k) > 1)
             raise FormatError(f"{path}: header names tensor {dup!r} twice")
-        return dict(pairs)
+        return found
 
     try:
         text = raw.decode("utf-8")
@@ -119,6 +121,20 @@ def _check_metadata(path: Path, meta: object) -> dict[str, str] | None:
 
 
 def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
+    # The common case, checked in one expression: a checkpoint has thousands of entries to vouch for.
+    if type(info) is dict and len(info) == 3:
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (dtype in DTYPE_BITS and type(shape) is list and type(offsets) is list and len(offsets) == 2
+                and all(type(d) is int and d >= 0 for d in shape) and type(offsets[0]) is int
+                and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
+            bits = math.prod(shape) * DTYPE_BITS[dtype]
+            if bits % 8 == 0 and bits // 8 == offsets[1] - offsets[0]:
+                return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return _refuse_entry(path, name, info)
+
+
+def _refuse_entry(path: Path, name: str, info: object) -> TensorEntry:
+    """The full checks, one message per broken rule (an entry may also carry extra keys, as some writers add)."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise FormatError(f"{where}: entry must be an object, found {type(info).__name__}")

@@ -14,8 +14,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from enum import Enum
 
+from .recipe import Pair, Part, Recipe, Source
+from .tensorfile import TensorEntry
+
+SameValues = Callable[[TensorEntry, TensorEntry, bool], bool]  # (x, y, y transposed) -> bit-equal
 
 EMBED_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
                "language_model.model.embed_tokens.weight", "transformer.wte.weight")
@@ -25,23 +29,29 @@ UNTIED_BY_DEFAULT = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llam
                                "phi3", "deepseek_v2", "deepseek_v3", "olmo2", "glm4", "glm4_moe"})
 
 
+class Tie(Enum):
+    """KEPT: embedding and lm_head merge to the same matrix, the checkpoint stays tied. UNTIED: they
+    differ, lm_head is written separately and tie_word_embeddings becomes false."""
+
+    KEPT = "kept tied"
+    UNTIED = "untied"
+
+
 @dataclass(frozen=True, slots=True)
-class Recipe:
-    """How an output tensor is made: start from `source`, add `pair`'s delta (to `part`), set `tokens`
-    rows. `shard_of` names the tensor beside which a new tensor is stored."""
+class TieDecision:
+    """What was decided for a tied base, and between which two tensors."""
 
-    source: Any
-    pair: Any = None
-    part: str = "weight"
-    tokens: Any = None
-    shard_of: str | None = None
+    tie: Tie
+    embed: str
+    head: str
+    stored_once: bool = False  # KEPT on a base that stores the matrix once: no lm_head is written
 
-    @property
-    def changes(self) -> bool:
-        return self.source.in_adapter or self.pair is not None or self.tokens is not None
-
-    def key(self) -> tuple:
-        return (self.source.in_adapter, self.source.entry.name, id(self.pair), id(self.tokens))
+    def __str__(self) -> str:
+        if self.tie is Tie.KEPT:
+            once = ", stored once" if self.stored_once else ""
+            return f"kept tied: {self.embed} and {self.head} merge to the same matrix{once}"
+        return (f"untied: {self.embed} and {self.head} differ after the merge, so {self.head} is written "
+                f"separately and tie_word_embeddings is set to false")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,33 +81,30 @@ class TieInfo:
         return self.tied and not self.head_stored and target.endswith(HEAD_NAMES[0])
 
 
-def decide(info: TieInfo, recipes: dict[str, Recipe], config: dict, base_operand: Callable[[str], Any],
-           same_values: Callable[[Any, Any, bool], bool]) -> tuple[dict[str, Recipe], dict[str, str], str | None]:
+def decide(info: TieInfo, recipes: dict[str, Recipe], config: dict, base_source: Callable[[str], Source],
+           same_values: SameValues) -> tuple[dict[str, Recipe], dict[str, str], TieDecision | None]:
     """Return the final recipes, new tensors (name -> the tensor they are stored after) and the decision.
 
-    `base_operand(name)` gives the base checkpoint's tensor `name` as a recipe source; `same_values(x, y,
-    transposed)` compares two adapter tensors' values (y transposed)."""
+    `base_source(name)` is the base checkpoint's tensor `name`; `same_values(x, y, transposed)` compares
+    two adapter tensors' values (y transposed)."""
     head = info.head
     if not info.tied or (info.embed not in recipes and head not in recipes):
         return recipes, {}, None
-    e = recipes.get(info.embed) or Recipe(base_operand(info.embed))
+    e = recipes.get(info.embed) or Recipe(base_source(info.embed))
     h = _head_recipe(e, recipes.get(head), config, same_values)
     recipes = {n: r for n, r in recipes.items() if n != head}
     if e.key() == h.key():
         if info.head_stored:
             recipes[head] = dataclasses.replace(e, shard_of=None)
-        return recipes, {}, (f"kept tied: {info.embed} and {head} merge to the same matrix"
-                             + ("" if info.head_stored else ", stored once"))
+        return recipes, {}, TieDecision(Tie.KEPT, info.embed, head, stored_once=not info.head_stored)
     if e.changes:
         recipes[info.embed] = e
     recipes[head] = dataclasses.replace(h, shard_of=info.embed)
     added = {} if info.head_stored else {head: info.embed}
-    return recipes, added, (f"untied: {info.embed} and {head} differ after the merge, so {head} is written "
-                            f"separately and tie_word_embeddings is set to false")
+    return recipes, added, TieDecision(Tie.UNTIED, info.embed, head)
 
 
-def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: Callable[[Any, Any, bool], bool]
-                 ) -> Recipe:
+def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: SameValues) -> Recipe:
     """lm_head in the unmerged model: its own saved matrix, else the embedding's source; its own LoRA;
     the embedding's trainable-token rows (PEFT ties that wrapper).
 
@@ -113,10 +120,10 @@ def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: Callabl
     if own_source and e.source.in_adapter and e.source.entry.shape == source.entry.shape \
             and same_values(e.source.entry, source.entry, False):
         source = e.source  # one trained matrix saved under both names
-    return Recipe(source, pair, "weight", tokens)
+    return Recipe(source, pair, Part.WEIGHT, tokens)
 
 
-def _transposed_twins(embed_pair: Any, head_pair: Any, same_values: Callable[[Any, Any, bool], bool]) -> bool:
+def _transposed_twins(embed_pair: Pair, head_pair: Pair, same_values: SameValues) -> bool:
     if head_pair.a.shape != embed_pair.b.shape[::-1] or head_pair.b.shape != embed_pair.a.shape[::-1]:
         return False
     return same_values(head_pair.a, embed_pair.b, True) and same_values(head_pair.b, embed_pair.a, True)

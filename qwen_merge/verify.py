@@ -2,7 +2,7 @@
 
 The plan of BASE + ADAPTER (same options) is the expected layout of the output: its files, index, shard
 headers and config. Tensors the plan copies are compared byte for byte with their source; tensors it
-computes are recomputed by the merge's own code (`stream.shard_pieces` / `op_blocks`) and compared byte
+computes are recomputed by the merge's own code (`pieces.shard_pieces` / `stream.Computer`) and compared byte
 for byte — on the first, middle and last row block of each by default, on every block with `full`.
 Everything is read in chunks or row blocks, so memory stays bounded whatever the shard size.
 
@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy
 
 from .checkpoint import MANIFEST_NAME
-from .compute import compute_threads, tensor_bytes
 from .errors import FormatError, QwenMergeError
-from .merge import _planned
-from .plan import DEFAULT_BLOCK_BYTES, MergePlan, ShardPlan, TensorOp
-from .stream import Files, MergedBlock, RawSpan, new_workspace, open_files, read_exact, shard_pieces
+from .merge import LazyComputer, _planned
+from .options import MergeOptions
+from .pieces import Block, BlockRing, RawSpan, shard_pieces
+from .plan import MergePlan, ShardPlan, TensorOp
+from .sources import Files, read_exact
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
 from .ties import TieInfo
 from .units import human_bytes
@@ -57,8 +58,9 @@ class VerifyReport:
 
 
 def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: bool = False,
-                 rounding: str = "single", key_map: dict[str, str] | None = None, allow_pickle: bool = False,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> VerifyReport:
+                 options: MergeOptions | None = None, rounding: str | None = None,
+                 key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
+                 block_bytes: int | None = None) -> VerifyReport:
     """Check that `output` is the merge of `adapter` into `base`, reading headers, JSON and bytes only.
 
     Checks (each failure is one line of `problems`): the files present (no shard, index or side file
@@ -72,7 +74,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
 
     Args:
         output: the merged folder to check.
-        base, adapter, rounding, key_map, allow_pickle, block_bytes: those of the merge, as for `plan_merge`.
+        base, adapter, options, rounding, key_map, allow_pickle, block_bytes: those of the merge, as for
+            `plan_merge`.
         full: recompute every row block of computed tensors instead of a sample.
 
     Returns:
@@ -93,7 +96,9 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     if not out.is_dir():
         raise FormatError(f"{out}: expected the merged model folder, found a file")
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
-    with _planned(base, adapter, rounding, key_map, allow_pickle, block_bytes, allow_nonfinite=True) as plan:
+    options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
+                              block_bytes=block_bytes, allow_nonfinite=True)
+    with _planned(base, adapter, options) as plan:
         checker = _Checker(plan, out, full)
         checker.run()
     return VerifyReport(not checker.problems, tuple(checker.problems), checker.tensors, checker.bytes, full)
@@ -110,7 +115,7 @@ class _Checker:
         self.problems: list[str] = []
         self.tensors = self.bytes = 0
         self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
-        self._reads = new_workspace()  # grow-only read buffers by role, apart from the merge's own
+        self._reads: dict[str, bytearray] = {}  # grow-only read buffers by role, apart from the merge's own
         self.config: dict | None = None  # the output's config.json, once parsed
 
     def problem(self, line: str) -> None:
@@ -121,12 +126,11 @@ class _Checker:
         if self.plan.base.index_name and self.plan.base.index_name in present:
             self._check_index(self.out / self.plan.base.index_name)
         with ExitStack() as stack:
-            files = stack.enter_context(open_files(self.plan.adapter.file))
-            stack.enter_context(compute_threads(1))
-            workspace = new_workspace()
+            files = stack.enter_context(Files())
+            compute = LazyComputer(self.plan, files, BlockRing(1), stack, threads=1)  # the merge's own GEMMs
             for shard in self.plan.shards:
                 if shard.name in present:
-                    self._check_shard(shard, files, workspace)
+                    self._check_shard(shard, files, compute)
             self._check_config(present)
             self._check_tie(files)
         self._check_side_files(present)
@@ -181,7 +185,7 @@ class _Checker:
 
     # -- shards ----------------------------------------------------------------------------------------
 
-    def _check_shard(self, shard: ShardPlan, files: Files, workspace) -> None:
+    def _check_shard(self, shard: ShardPlan, files: Files, compute: LazyComputer) -> None:
         path = self.out / shard.name
         try:
             got = read_header(path)
@@ -189,7 +193,8 @@ class _Checker:
             self.problem(f"{e} (header of the merged shard)")
             return
         ok, have = self._check_header(shard, got), got.entry_map()
-        for entry, pieces in shard_pieces(shard, files, workspace, self._blocks):  # lazy: starts when iterated
+        sampled = lambda op: compute(op, self._blocks(op))  # noqa: E731 - only the sampled row blocks
+        for entry, pieces in shard_pieces(shard, files, sampled):  # lazy: starts when iterated
             if have.get(entry.name) == entry:
                 self.stored[entry.name] = (got, entry)
                 self._check_tensor(shard, got, entry, pieces, files)
@@ -256,8 +261,9 @@ class _Checker:
         row_bytes = entry.nbytes // max(rows, 1)
         bad, checked, first, worst, unmerged = 0, 0, None, 0, True
         for block in pieces:  # only the blocks `self._blocks` selected are computed
-            assert isinstance(block, MergedBlock)
-            mine = tensor_bytes(block.rows)
+            assert isinstance(block, Block)
+            mine = bytes(block.data)
+            block.release()
             theirs = self._read("out", out_fd, start + block.offset, len(mine), path)
             checked += len(mine) // item
             if _same(mine, theirs):
@@ -378,7 +384,10 @@ class _Checker:
     # -- bytes -----------------------------------------------------------------------------------------
 
     def _read(self, role: str, fd: int, offset: int, length: int, path: Path) -> memoryview:
-        view = self._reads.raw(role, length)
+        buffer = self._reads.get(role)
+        if buffer is None or len(buffer) < length:
+            buffer = self._reads[role] = bytearray(length)
+        view = memoryview(buffer)[:length]
         read_exact(fd, view, offset, path)
         return view
 

@@ -1,4 +1,4 @@
-"""Session fixtures: tiny real transformers checkpoints and real PEFT adapters (see fixtures_models.py)."""
+"""Session fixtures: the tiny real checkpoints and adapters of builders.py, each built once per session."""
 
 from __future__ import annotations
 
@@ -18,31 +18,37 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from fixtures_models import Zoo  # noqa: E402
+import builders  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> Zoo:
-    """Lazily built bases and adapters, shared by the whole session. Treat them as read-only."""
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
     import torch
 
     torch.set_num_threads(2)
-    return Zoo(tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
+def zoo(tmp_path_factory) -> builders.Zoo:
+    """Table 1 (builders.BASES / ADAPTERS), built lazily and shared by the whole session. Read-only."""
+    return builders.Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def arts(tmp_path_factory) -> builders.ArtifactZoo:
+    """Table 2 (builders.ABASES / AADAPTERS), built lazily and shared by the whole session. Read-only."""
+    return builders.ArtifactZoo(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """qwen_merge.demo's base and adapter (seed 0), built once. Read-only: copy before editing."""
+    return builders.demo_pair(tmp_path_factory.mktemp("demo-pristine"), seed=0)
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the observed element-wise differences against PEFT (collected by test_against_peft)."""
-    mod = sys.modules.get("test_against_peft")
-    stats = getattr(mod, "ULP_STATS", None)
-    if not stats:
-        return
-    terminalreporter.section("merged elements that differ from PEFT merge_and_unload")
-    for variant, (n_diff, n_total, max_ulp) in stats.items():
-        terminalreporter.write_line(
-            f"{variant:>16}: {n_diff:6d} / {n_total:8d} ({n_diff / n_total:.5%}), max {max_ulp} ulp"
-        )
+    """Print the observed element-wise differences collected by the tests (builders.record / note)."""
+    for section in sorted(builders.ULP_STATS):
+        terminalreporter.section(section)
+        for line in builders.stats_lines(section):
+            terminalreporter.write_line(line)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from builders import MergeCache, build_tiny_base, logits
+
 H, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 32, 4, 2, 8, 64, 256, 3
 IMAGE, VIDEO, VISION_START, VISION_END, AUDIO, AUDIO_START, AUDIO_END = 250, 251, 252, 253, 254, 248, 249
 PATCH, TEMPORAL_PATCH, MERGE = 4, 2, 2
@@ -201,11 +203,8 @@ def model_class(arch: Arch, causal_lm: bool):
 def build_base(arch: Arch, folder: Path, seed: int = 0) -> Path:
     import transformers
 
-    torch.manual_seed(seed)
-    model = getattr(transformers, arch.model_class)._from_config(arch.make_config(), dtype=torch.bfloat16)
-    model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
-    assert len(list(folder.glob("*.safetensors"))) >= 3, f"{arch.model_type}: fewer than 3 shards"
-    return folder
+    return build_tiny_base(arch.make_config(), folder, seed=seed, max_shard_size=SHARD_SIZE,
+                           model_class=getattr(transformers, arch.model_class))
 
 
 def load(arch: Arch, folder: Path, causal_lm: bool = False):
@@ -225,11 +224,6 @@ def model_inputs(arch: Arch, causal_lm: bool) -> dict:
     pixels = torch.randn(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH, generator=g)
     return {"input_ids": ids, "pixel_values": pixels.to(torch.bfloat16), "image_grid_thw": torch.tensor([IMAGE_GRID]),
             "mm_token_type_ids": (ids == IMAGE).int()}  # 1 marks image tokens, as the processors return it
-
-
-@torch.no_grad()
-def logits(model, inputs: dict) -> torch.Tensor:
-    return model(**inputs).logits.float()
 
 
 def make_case(arch: Arch, kind: AdapterKind, base: Path, base_model, folder: Path) -> Case:
@@ -271,6 +265,7 @@ class ArchZoo:
         self._bases: dict[str, Path] = {}
         self._models: dict[tuple[str, bool], object] = {}
         self._cases: dict[tuple[str, str], Case] = {}
+        self.merges = MergeCache(root / "merged")
 
     def base(self, model_type: str) -> Path:
         if model_type not in self._bases:
@@ -304,6 +299,11 @@ class ArchZoo:
             self._cases[key] = make_case(arch, kind, self.base(model_type), self.base_model(model_type, kind.causal_lm),
                                          folder)
         return self._cases[key]
+
+    def merged(self, model_type: str, kind_name: str) -> tuple[Case, Path | None]:
+        """The case and our merge of it (once per session); None where PEFT could not build the adapter."""
+        case = self.case(model_type, kind_name)
+        return case, None if case.error is not None else self.merges(case.base, case.adapter).out
 
 
 def all_cases() -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """End-to-end: qwen_merge's streamed merge against real PEFT merge_and_unload on real checkpoints.
 
-For every variant of fixtures_models.ADAPTERS (bf16/fp16/fp32 bases, tied and untied, sharded and
+For every variant of builders.ADAPTERS (bf16/fp16/fp32 bases, tied and untied, sharded and
 single-file, rsLoRA, rank/alpha patterns, layers_to_transform, bf16/fp16 adapter files, GPT-2 Conv1D):
 * untouched tensors are byte-identical to the base;
 * merged tensors equal PEFT's merge_and_unload() except for rare elements, each at most 1 ulp away;
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures_models import (
+from builders import (
     ADAPTERS,
     BASES,
     DTYPES,
@@ -30,50 +30,46 @@ from fixtures_models import (
     expected_rank_alpha_scale,
     peft_merged_state_dict,
     read_header,
+    record,
     shard_files,
     tensor_bytes,
     to_tensor,
-    tree_hash,
     ulp_distance,
 )
-from qwen_merge import MergeReport, iter_merged, merge_shards, plan_merge
+from qwen_merge import MergeReport, iter_merged, plan_merge
 
 # Largest share of merged elements allowed to differ from PEFT (each by at most 1 ulp).
 # bf16/fp16: the fp32 sum is rounded once to 8/11 mantissa bits, so an fp32 GEMM-order difference
 # almost never shows. fp32: nothing hides such a difference, so the share is larger.
 MAX_DIFF_SHARE = {"bf16": 1e-4, "fp16": 1e-4, "fp32": 1e-3}
-ULP_STATS: dict[str, tuple[int, int, int]] = {}  # variant -> (differing elements, merged elements, max ulp)
 
 
 class Result:
-    def __init__(self, variant: str, base: Path, adapter: Path, out: Path, report, before, after):
-        self.variant, self.base, self.adapter, self.out = variant, base, adapter, out
-        self.report, self.inputs_before, self.inputs_after = report, before, after
+    """The session's merge of a variant (builders.Zoo.merged), with its PEFT reference computed on first use."""
+
+    def __init__(self, variant: str, merged):
+        self.variant, self.base, self.adapter, self.out = variant, merged.base, merged.adapter, merged.out
+        self.report, self.inputs_before, self.inputs_after = merged.report, merged.inputs_before, merged.inputs_after
         self.spec = ADAPTERS[variant]
         self.base_spec = BASES[self.spec.base]
-        self.modules = adapter_modules(adapter)  # module -> rank, from the file
+        self.modules = adapter_modules(self.adapter)  # module -> rank, from the file
         self.expected_merged = {m + ".weight" for m in self.modules}
         self._ref = None
 
     @property
     def reference(self) -> dict[str, torch.Tensor]:
         if self._ref is None:
-            self._ref = peft_merged_state_dict(self.base, self.adapter, DTYPES[self.base_spec.dtype])
+            self._ref = peft_merged_state_dict(self.base, self.adapter, dtype=DTYPES[self.base_spec.dtype])
         return self._ref
 
 
 @pytest.fixture(scope="module")
-def merged(zoo, tmp_path_factory):
+def merged(zoo):
     cache: dict[str, Result] = {}
 
     def get(variant: str) -> Result:
         if variant not in cache:
-            base, adapter = zoo.pair(variant)
-            before = (tree_hash(base), tree_hash(adapter))
-            out = tmp_path_factory.mktemp("merged") / variant
-            report = merge_shards(base, adapter, out, progress=False)
-            after = (tree_hash(base), tree_hash(adapter))
-            cache[variant] = Result(variant, base, adapter, out, report, before, after)
+            cache[variant] = Result(variant, zoo.merged(variant))
         return cache[variant]
 
     return get
@@ -111,7 +107,7 @@ def test_merged_tensors_match_peft(merged, variant):
         n_merged += ours.numel()
         max_ulp = max(max_ulp, worst)
 
-    ULP_STATS[variant] = (n_diff, n_merged, max_ulp)
+    record("merged elements that differ from PEFT merge_and_unload", variant, n_diff, n_merged, max_ulp)
     print(f"\n[{variant}] {n_diff} of {n_merged} merged elements differ from PEFT (max {max_ulp} ulp)")
     share = MAX_DIFF_SHARE[res.base_spec.dtype]
     assert n_diff <= share * n_merged, f"{n_diff}/{n_merged} elements differ from PEFT (bound {share:.4%})"

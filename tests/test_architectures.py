@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import pytest
 
-from fixtures_arch import ARCHS, ArchZoo, all_cases, load, logits, saved_config
-from fixtures_models import checkpoint_tensors, to_tensor, ulp_distance
+from builders import checkpoint_tensors, logits, to_tensor, ulp_distance
+from fixtures_arch import ARCHS, ArchZoo, all_cases, load, saved_config
 from qwen_merge import merge_shards, plan_merge
 from qwen_merge import architectures
 from qwen_merge.names import NameMap
@@ -33,21 +33,9 @@ def arch_zoo(tmp_path_factory) -> ArchZoo:
 
 
 @pytest.fixture(scope="session")
-def merged_cases(arch_zoo, tmp_path_factory):
-    """case key -> (Case, our output folder), merged once per session."""
-    done = {}
-
-    def get(model_type: str, kind: str):
-        if (model_type, kind) not in done:
-            case = arch_zoo.case(model_type, kind)
-            out = None
-            if case.error is None:
-                out = tmp_path_factory.mktemp(f"{model_type}-{kind}") / "merged"
-                merge_shards(case.base, case.adapter, out, progress=False)
-            done[(model_type, kind)] = (case, out)
-        return done[(model_type, kind)]
-
-    return get
+def merged_cases(arch_zoo):
+    """(model type, adapter kind) -> (Case, our output folder), merged once per session."""
+    return arch_zoo.merged
 
 
 def _ulps(dtype: str, shape: tuple[int, ...], a: bytes, b: bytes) -> int:

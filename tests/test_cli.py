@@ -3,63 +3,37 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from fixtures_models import tree_hash
+from builders import one_error_line, run_cli, tree_hash
 from qwen_merge import merge_shards, plan_merge
 
 
-def run_cli(repo_root: Path, *args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return subprocess.run(
-        [sys.executable, "-m", "qwen_merge", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected exactly one stderr line, got: {proc.stderr!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
-
-
-def test_plan_prints_counts(zoo, repo_root, tmp_path):
+def test_plan_prints_counts(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
     plan = plan_merge(base, adapter)
-    proc = run_cli(repo_root, "plan", base, adapter, cwd=tmp_path)
+    proc = run_cli("plan", base, adapter, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert str(len(plan.merges)) in proc.stdout, proc.stdout
     assert str(plan.copied) in proc.stdout, proc.stdout
     assert os.listdir(tmp_path) == [], "plan wrote files"
 
 
-def test_plan_detail_lists_tensors(zoo, repo_root, tmp_path):
+def test_plan_detail_lists_tensors(zoo, tmp_path):
     base, adapter = zoo.pair("patterns")
     plan = plan_merge(base, adapter)
-    proc = run_cli(repo_root, "plan", base, adapter, "--detail", cwd=tmp_path)
+    proc = run_cli("plan", base, adapter, "--detail", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for m in plan.merges:
         assert m.name in proc.stdout, m.name
 
 
-def test_merge_quiet(zoo, repo_root, tmp_path):
+def test_merge_quiet(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
     before = (tree_hash(base), tree_hash(adapter))
     out = tmp_path / "cli_out"
-    proc = run_cli(repo_root, "merge", base, adapter, out, "--quiet", cwd=tmp_path)
+    proc = run_cli("merge", base, adapter, out, "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", f"--quiet printed on stderr: {proc.stderr!r}"
     reference = tmp_path / "api_out"
@@ -69,15 +43,15 @@ def test_merge_quiet(zoo, repo_root, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["api_out", "cli_out"]
 
 
-def test_merge_shows_progress_and_overwrite(zoo, repo_root, tmp_path):
+def test_merge_shows_progress_and_overwrite(zoo, tmp_path):
     base, adapter = zoo.pair("gpt2")
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale").write_text("x")
-    proc = run_cli(repo_root, "merge", base, adapter, out, cwd=tmp_path)
-    assert_one_error_line(proc)  # non-empty folder without --overwrite
+    proc = run_cli("merge", base, adapter, out, cwd=tmp_path)
+    one_error_line(proc)  # non-empty folder without --overwrite
     assert (out / "stale").exists()
-    proc = run_cli(repo_root, "merge", base, adapter, out, "--overwrite", cwd=tmp_path)
+    proc = run_cli("merge", base, adapter, out, "--overwrite", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip(), "no progress on stderr without --quiet"
     assert "\r" not in proc.stderr, "progress redrew a bar (carriage returns) into a pipe"
@@ -86,7 +60,7 @@ def test_merge_shows_progress_and_overwrite(zoo, repo_root, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["dest_is_base", "missing_base", "missing_adapter_config", "peft_type"])
-def test_user_error_is_one_line(zoo, repo_root, tmp_path, case):
+def test_user_error_is_one_line(zoo, tmp_path, case):
     base, adapter = zoo.pair("basic")
     out = tmp_path / "out"
     if case == "dest_is_base":
@@ -106,8 +80,8 @@ def test_user_error_is_one_line(zoo, repo_root, tmp_path, case):
         (bad / "adapter_config.json").write_text(text)
         args = ("merge", base, bad, out)
     before = tree_hash(base)
-    proc = run_cli(repo_root, *args, cwd=tmp_path)
-    line = assert_one_error_line(proc)
+    proc = run_cli(*args, cwd=tmp_path)
+    line = one_error_line(proc)
     if case == "missing_adapter_config":
         assert "adapter_config.json" in line
     if case == "peft_type":
@@ -116,19 +90,19 @@ def test_user_error_is_one_line(zoo, repo_root, tmp_path, case):
     assert tree_hash(base) == before
     # the same error through `plan`
     if case != "dest_is_base":
-        assert_one_error_line(run_cli(repo_root, "plan", *args[1:3], cwd=tmp_path))
+        one_error_line(run_cli("plan", *args[1:3], cwd=tmp_path))
 
 
-def test_debug_shows_traceback(zoo, repo_root, tmp_path):
+def test_debug_shows_traceback(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
-    proc = run_cli(repo_root, "merge", base, adapter, base, "--debug", cwd=tmp_path)
+    proc = run_cli("merge", base, adapter, base, "--debug", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr, proc.stderr
     assert "OutputError" in proc.stderr, proc.stderr
 
 
-def test_demo(repo_root, tmp_path):
-    proc = run_cli(repo_root, "demo", cwd=tmp_path, timeout=600)
+def test_demo(tmp_path):
+    proc = run_cli("demo", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout.strip(), "demo printed nothing"

@@ -17,7 +17,6 @@ are byte-identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,18 +24,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
+from builders import (ADAPTER_ST, copy_tree, edit_tensors, file_sha256, one_error_line, rewrite_adapter, run_cli,
+                      start_cli, tree_hash, write_linear_pair)
 from qwen_merge import QwenMergeError, merge_shards
 
-REPO = Path(__file__).resolve().parent.parent
 SHARDS, PER_SHARD, ROWS, COLS, RANK = 8, 4, 2048, 3072, 16
 STATE = "qwen_merge.partial.json"
 MANIFEST = "qwen_merge.json"
@@ -52,45 +49,9 @@ def partial_of(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.qwen-merge-partial"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {p.name: sha256(p) if p.is_file() else "dir" for p in sorted(folder.iterdir())}
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
-    return e
-
-
-def cli_args(inputs: "Inputs", dest: Path, *extra: str, adapter: Path | None = None, base: Path | None = None):
-    return [sys.executable, "-m", "qwen_merge", "merge", str(base or inputs.base), str(adapter or inputs.adapter),
-            str(dest), "--quiet", *extra]
-
-
-def run_cli(inputs: "Inputs", dest: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_args(inputs, dest, *extra, **kw), capture_output=True, text=True, env=env(),
-                          cwd=REPO, timeout=300)
-
-
-def start_cli(inputs: "Inputs", dest: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(cli_args(inputs, dest, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env(), cwd=REPO)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
+def merge_args(inputs: "Inputs", dest: Path, *extra: str) -> list:
+    """`qwen-merge merge` of the cached inputs into dest, quietly."""
+    return ["merge", inputs.base, inputs.adapter, dest, "--quiet", *extra]
 
 
 def read_state(partial: Path) -> dict:
@@ -113,33 +74,17 @@ class Inputs:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash-inputs")
     base, adapter = root / "base", root / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    g = torch.Generator().manual_seed(7)
-    weight_map, factors = {}, {}
-    for s in range(SHARDS):
-        tensors = {}
-        for t in range(PER_SHARD):
-            layer = s * PER_SHARD + t
-            name = f"model.layers.{layer}.mlp.up_proj.weight"
-            tensors[name] = (torch.randn(ROWS, COLS, generator=g) * 0.02).to(torch.bfloat16)
-            weight_map[name] = shard_name(s)
-            key = f"base_model.model.model.layers.{layer}.mlp.up_proj"
-            factors[key + ".lora_A.weight"] = torch.randn(RANK, COLS, generator=g) * 0.01
-            factors[key + ".lora_B.weight"] = torch.randn(ROWS, RANK, generator=g) * 0.01
-        save_file(tensors, base / shard_name(s), metadata={"format": "pt"})
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen3", "num_hidden_layers": SHARDS * PER_SHARD}))
-    save_file(factors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     # alpha/r = 1.5: not a power of two, so the scale is a separate pass (more work per tensor)
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": RANK, "lora_alpha": 24, "target_modules": ["up_proj"]}))
+    write_linear_pair(base, adapter, {shard_name(s): [(f"model.layers.{s * PER_SHARD + t}.mlp.up_proj.weight", ROWS,
+                                                       COLS, True) for t in range(PER_SHARD)] for s in range(SHARDS)},
+                      rank=RANK, alpha=24, seed=7, factor_std=0.01, target_modules=["up_proj"],
+                      base_config={"model_type": "qwen3", "num_hidden_layers": SHARDS * PER_SHARD})
 
-    input_hashes = {"base": snapshot(base), "adapter": snapshot(adapter)}
+    input_hashes = {"base": tree_hash(base), "adapter": tree_hash(adapter)}
     os.sync()  # the timed reference run must not pay for writing back the inputs just built
     reference = root / "reference"
     begin = time.monotonic()
-    proc = start_cli(Inputs(base, adapter, reference, {}, 0, 0), reference)
+    proc = start_cli(*merge_args(Inputs(base, adapter, reference, {}, 0, 0), reference))
     startup = published = None
     while proc.poll() is None:
         now = time.monotonic() - begin
@@ -151,7 +96,7 @@ def inputs(tmp_path_factory):
     _, stderr = proc.communicate()
     assert proc.returncode == 0, stderr
     assert startup is not None and published is not None
-    yield Inputs(base, adapter, reference, snapshot(reference), startup, published - startup, input_hashes)
+    yield Inputs(base, adapter, reference, tree_hash(reference), startup, published - startup, input_hashes)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -167,7 +112,7 @@ def killed_state(inputs, tmp_path_factory):
     """A partial folder left by a run SIGKILLed after its first shards were recorded complete."""
     root = tmp_path_factory.mktemp("crash-killed")
     dest = root / "out"
-    proc = start_cli(inputs, dest)
+    proc = start_cli(*merge_args(inputs, dest))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if len(read_state(partial_of(dest)).get("done", {})) >= 2:
@@ -184,7 +129,7 @@ def killed_state(inputs, tmp_path_factory):
 
 def place_partial(killed_state: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copytree(killed_state, partial_of(dest)))
+    return copy_tree(killed_state, partial_of(dest))
 
 
 def check_partial(partial: Path, inputs: Inputs, verified: dict) -> int:
@@ -199,7 +144,7 @@ def check_partial(partial: Path, inputs: Inputs, verified: dict) -> int:
         st = path.stat()
         key = (name, st.st_ino, st.st_mtime_ns, st.st_size)
         if key not in verified:
-            assert sha256(path) == inputs.ref_hashes[name], f"{name} recorded complete but its bytes differ"
+            assert file_sha256(path) == inputs.ref_hashes[name], f"{name} recorded complete but its bytes differ"
             verified[key] = True
     return len(done)
 
@@ -231,7 +176,7 @@ def test_sigkill_at_random_moments_then_resume(inputs, tmp_path):
         final = kills >= KILLS and resuming
         state = partial / STATE
         old_state = state.stat().st_mtime_ns if state.exists() else None
-        proc = start_cli(inputs, dest, *(["--resume"] if resuming else []))
+        proc = start_cli(*merge_args(inputs, dest, *(["--resume"] if resuming else [])))
         begin = time.monotonic()
         # Some kills land inside start-up (before, or just as, anything is written). The others land at a
         # random moment of the merge itself, measured from when this run (re)writes its state file, across
@@ -259,7 +204,7 @@ def test_sigkill_at_random_moments_then_resume(inputs, tmp_path):
         assert set(beside) <= {"out", partial.name}, f"unexpected files beside the destination: {beside}"
         if killed:
             kills += 1
-            assert not dest.exists() or snapshot(dest) == inputs.ref_hashes, \
+            assert not dest.exists() or tree_hash(dest) == inputs.ref_hashes, \
                 f"kill #{kills} at {time.monotonic() - begin:.2f} s left an incomplete destination"
             n_done = check_partial(partial, inputs, verified)
             if dest.exists():  # killed after the rename that published it: complete, checked above
@@ -275,7 +220,7 @@ def test_sigkill_at_random_moments_then_resume(inputs, tmp_path):
         else:
             assert proc.returncode == 0, stderr
             assert stderr == "", stderr
-            assert snapshot(dest) == inputs.ref_hashes, f"run {runs} (resume={resuming}) differs from the reference"
+            assert tree_hash(dest) == inputs.ref_hashes, f"run {runs} (resume={resuming}) differs from the reference"
             assert not partial.exists(), "a finished run left its partial folder"
             finished += 1
             resumed_finished += resuming
@@ -287,8 +232,8 @@ def test_sigkill_at_random_moments_then_resume(inputs, tmp_path):
     assert kinds["with shards complete"] >= 3, kinds
     assert kinds["with a shard half-written"] >= 3, kinds
     assert resumed_finished >= 1
-    assert snapshot(dest) == inputs.ref_hashes
-    assert {"base": snapshot(inputs.base), "adapter": snapshot(inputs.adapter)} == inputs.input_hashes, \
+    assert tree_hash(dest) == inputs.ref_hashes
+    assert {"base": tree_hash(inputs.base), "adapter": tree_hash(inputs.adapter)} == inputs.input_hashes, \
         "an input changed"
 
 
@@ -298,9 +243,9 @@ def test_resume_continues_and_matches(inputs, killed_state, tmp_path):
     partial = place_partial(killed_state, dest)
     done = read_state(partial)["done"]
     kept = {name: (partial / name).stat() for name in done}
-    proc = run_cli(inputs, dest, "--resume")
+    proc = run_cli(*merge_args(inputs, dest, "--resume"))
     assert proc.returncode == 0, proc.stderr
-    assert snapshot(dest) == inputs.ref_hashes
+    assert tree_hash(dest) == inputs.ref_hashes
     for name, before in kept.items():
         after = (dest / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{name} was rewritten"
@@ -311,25 +256,22 @@ def test_resume_true_from_the_api(inputs, killed_state, tmp_path):
     dest = tmp_path / "out"
     place_partial(killed_state, dest)
     merge_shards(inputs.base, inputs.adapter, dest, progress=False, resume=True)
-    assert snapshot(dest) == inputs.ref_hashes
+    assert tree_hash(dest) == inputs.ref_hashes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def _edit_adapter_weights(inputs: Inputs, root: Path) -> dict:
-    adapter = Path(shutil.copytree(inputs.adapter, root / "adapter"))
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    key = sorted(tensors)[0]
-    tensors[key][0, 0] += 1.0
-    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    adapter = copy_tree(inputs.adapter, root / "adapter")
+
+    def bump(tensors: dict) -> None:
+        tensors[min(tensors)][0, 0] += 1.0
+
+    edit_tensors(adapter / ADAPTER_ST, bump)
     return {"adapter": adapter}
 
 
 def _edit_adapter_config(inputs: Inputs, root: Path) -> dict:
-    adapter = Path(shutil.copytree(inputs.adapter, root / "adapter"))
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["lora_alpha"] = 25
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    return {"adapter": adapter}
+    return {"adapter": rewrite_adapter(inputs.adapter, root / "adapter", config={"lora_alpha": 25})}
 
 
 def _base_copy(inputs: Inputs, root: Path) -> Path:
@@ -380,7 +322,7 @@ def test_resume_refused_when_inputs_or_options_changed(change, inputs, killed_st
     gives."""
     dest = tmp_path / "dest" / "out"
     partial = place_partial(killed_state, dest)
-    before = snapshot(partial)
+    before = tree_hash(partial)
     changed = CHANGES[change](inputs, tmp_path)
     base, adapter = changed.get("base", inputs.base), changed.get("adapter", inputs.adapter)
     options = {k: v for k, v in changed.items() if k not in ("base", "adapter")}
@@ -390,40 +332,40 @@ def test_resume_refused_when_inputs_or_options_changed(change, inputs, killed_st
         message = str(e)
         assert "\n" not in message.strip(), message
         assert not dest.exists(), "a refused resume wrote the destination"
-        assert partial.exists() and snapshot(partial) == before, (
+        assert partial.exists() and tree_hash(partial) == before, (
             f"a refused resume deleted or changed the interrupted work (message: {message!r})")
         return
     fresh = tmp_path / "fresh"
     merge_shards(base, adapter, fresh, progress=False, **options)
-    assert snapshot(dest) == snapshot(fresh), (
+    assert tree_hash(dest) == tree_hash(fresh), (
         f"resume after a change ({change}) mixed shards of the old and new inputs instead of refusing")
 
 
 def test_cli_resume_refused_with_other_options(inputs, killed_state, tmp_path):
     dest = tmp_path / "out"
     partial = place_partial(killed_state, dest)
-    before = snapshot(partial)
-    line = one_error_line(run_cli(inputs, dest, "--resume", "--rounding", "peft"))
+    before = tree_hash(partial)
+    line = one_error_line(run_cli(*merge_args(inputs, dest, "--resume", "--rounding", "peft")))
     assert str(partial) in line, line
     assert not dest.exists()
-    assert partial.exists() and snapshot(partial) == before, f"the refusal deleted the interrupted work: {line}"
+    assert partial.exists() and tree_hash(partial) == before, f"the refusal deleted the interrupted work: {line}"
 
 
 def test_plain_rerun_over_partial_is_refused(inputs, killed_state, tmp_path):
     dest = tmp_path / "out"
     partial = place_partial(killed_state, dest)
-    before = snapshot(partial)
-    line = one_error_line(run_cli(inputs, dest))
+    before = tree_hash(partial)
+    line = one_error_line(run_cli(*merge_args(inputs, dest)))
     assert "--resume" in line and str(partial) in line, line
-    assert not dest.exists() and snapshot(partial) == before
+    assert not dest.exists() and tree_hash(partial) == before
     with pytest.raises(QwenMergeError, match="resume"):
         merge_shards(inputs.base, inputs.adapter, dest, progress=False)
-    assert not dest.exists() and snapshot(partial) == before
+    assert not dest.exists() and tree_hash(partial) == before
 
 
 def test_ctrl_c_leaves_a_resumable_state(inputs, tmp_path):
     dest = tmp_path / "out"
-    proc = start_cli(inputs, dest)
+    proc = start_cli(*merge_args(inputs, dest))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not read_state(partial_of(dest)).get("done"):
         time.sleep(0.002)
@@ -437,15 +379,15 @@ def test_ctrl_c_leaves_a_resumable_state(inputs, tmp_path):
     assert proc.returncode == 130, stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--resume" in lines[0], stderr
     assert not dest.exists() and partial_of(dest).exists()
-    assert run_cli(inputs, dest, "--resume").returncode == 0
-    assert snapshot(dest) == inputs.ref_hashes
+    assert run_cli(*merge_args(inputs, dest, "--resume")).returncode == 0
+    assert tree_hash(dest) == inputs.ref_hashes
 
 
 def test_two_independent_runs_are_byte_identical(inputs, tmp_path):
     """An API run equals the CLI reference run, manifest included (the kill chain compares further CLI runs);
     the manifest holds no path, host or time."""
     merge_shards(inputs.base, inputs.adapter, tmp_path / "api", progress=False)
-    assert snapshot(tmp_path / "api") == inputs.ref_hashes
+    assert tree_hash(tmp_path / "api") == inputs.ref_hashes
     text = (tmp_path / "api" / MANIFEST).read_text()
     manifest = json.loads(text)
     for varying in (str(tmp_path), str(inputs.base), str(inputs.reference), socket.gethostname()):

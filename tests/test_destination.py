@@ -6,21 +6,18 @@ folder is left beside the destination.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from fixtures_models import checkpoint_tensors, tree_hash
+from builders import checkpoint_tensors, copy_tree, tree_hash
 from qwen_merge import OutputError, QwenMergeError, merge_shards, plan_merge
 
 
 @pytest.fixture
 def inputs(zoo, tmp_path):
     """Private copies of a real base and adapter (tests here may point the destination into them)."""
-    base = shutil.copytree(zoo.base("qwen_bf16"), tmp_path / "base")
-    adapter = shutil.copytree(zoo.adapter("basic"), tmp_path / "adapter")
-    return Path(base), Path(adapter)
+    return copy_tree(zoo.base("qwen_bf16"), tmp_path / "base"), copy_tree(zoo.adapter("basic"), tmp_path / "adapter")
 
 
 def _listing(folder: Path) -> list[str]:
@@ -89,8 +86,8 @@ def test_destination_symlink_to_base_with_overwrite_never_touches_base(inputs, t
 
 
 def test_destination_is_folder_of_single_file_base(zoo, tmp_path):
-    base = shutil.copytree(zoo.base("qwen_bf16_single"), tmp_path / "base")
-    adapter = shutil.copytree(zoo.adapter("basic_single"), tmp_path / "adapter")
+    base = copy_tree(zoo.base("qwen_bf16_single"), tmp_path / "base")
+    adapter = copy_tree(zoo.adapter("basic_single"), tmp_path / "adapter")
     _assert_refused(base, adapter, base, overwrite=True, base_arg=base / "model.safetensors")
 
 

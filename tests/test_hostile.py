@@ -18,7 +18,6 @@ through, and the Hugging Face cache layout (`snapshots/<rev>/x -> ../../blobs/<h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,49 +31,30 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from qwen_merge import (AdapterError, FormatError, MismatchError, OutputError, QwenMergeError, merge_shards)
-from qwen_merge.demo import build_adapter, build_base
+from qwen_merge import (AdapterError, AlreadyMergedError, FormatError, MismatchError, NonFiniteError, OutputError,
+                        QwenMergeError, merge_shards)
 
-REPO = Path(__file__).resolve().parent.parent
+from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, cli_env, copy_tree, edit_json, edit_tensors,
+                      file_sha256, read_header, run_cli, tree_hash, write_checkpoint, write_lora_adapter)
+
 S1, S2, S3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
-INDEX = "model.safetensors.index.json"
-ADAPTER_ST = "adapter_model.safetensors"
-ADAPTER_CFG = "adapter_config.json"
-PREFIX = "base_model.model."
 Q0 = "model.layers.0.self_attn.q_proj"
 MOUNTS: list[Path] = []  # tmpfs mounts made by cases, unmounted when the module ends
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> content hash, for every file, folder and symlink under `folder` (links not followed
-    into folders; a link records its target and, if it resolves to a file, that file's hash)."""
-    out: dict[str, str] = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root) / name
-            rel = os.path.relpath(path, folder)
-            if path.is_symlink():
-                target = os.readlink(path)
-                digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "-"
-                out[rel] = f"link:{target}:{digest}"
-            elif path.is_dir():
-                out[rel + "/"] = "dir"
-            else:
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
 def read_st(path: Path) -> tuple[dict, bytes]:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    """(header, data buffer) of a safetensors file."""
+    n, header = read_header(path)
+    return header, path.read_bytes()[8 + n:]
 
 
 def write_st(path: Path, header: dict | bytes, data: bytes, length: int | None = None) -> None:
+    """A safetensors file from a header (a dict, or raw bytes that need not be valid) and a data buffer, with the
+    given length field."""
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
 
@@ -83,11 +63,8 @@ def tensors_in_order(header: dict) -> list[str]:
     return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
 
 
-def cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-m", "qwen_merge", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return run_cli(*args, timeout=120)
 
 
 def try_mount(target: Path, options: str) -> bool:
@@ -125,21 +102,15 @@ class Workspace:
 
 
 @pytest.fixture(scope="session")
-def pristine(tmp_path_factory) -> Path:
-    """The unedited tiny base and adapter, built once."""
-    root = tmp_path_factory.mktemp("hostile-pristine")
-    (root / "base").mkdir()
-    (root / "adapter").mkdir()
-    generator = torch.Generator().manual_seed(0)
-    build_base(root / "base", generator)
-    build_adapter(root / "adapter", generator)
-    return root
+def pristine(demo_inputs) -> Path:
+    """The folder holding the unedited tiny base and adapter (conftest's demo_inputs, built once)."""
+    return demo_inputs[0].parent
 
 
 def new_workspace(pristine: Path, root: Path) -> Workspace:
     root.mkdir(parents=True)
-    base = Path(shutil.copytree(pristine / "base", root / "base"))
-    adapter = Path(shutil.copytree(pristine / "adapter", root / "adapter"))
+    base = copy_tree(pristine / "base", root / "base")
+    adapter = copy_tree(pristine / "adapter", root / "adapter")
     (root / "dest_parent").mkdir()
     return Workspace(root, base, adapter, root / "dest_parent" / "out", base)
 
@@ -237,11 +208,9 @@ def _not_utf8(ws: Workspace) -> None:
 
 def _duplicate_across_shards(ws: Workspace) -> None:
     one = load_file(ws.base / S1)
-    two = load_file(ws.base / S2)
     name = sorted(one)[0]
     ws.vars["t"] = name
-    two[name] = one[name]
-    save_file(two, ws.base / S2, metadata={"format": "pt"})
+    edit_tensors(ws.base / S2, lambda two: two.__setitem__(name, one[name]))
 
 
 def edit_index(change: Callable[[dict, Workspace], None]):
@@ -327,29 +296,19 @@ def _missing_base(ws: Workspace) -> None:
     ws.base_arg = ws.root / "no-such-model"
 
 
-def edit_config(change: Callable[[dict], None]):
-    def edit(ws: Workspace) -> None:
-        path = ws.adapter / ADAPTER_CFG
-        config = json.loads(path.read_text())
-        change(config)
-        path.write_text(json.dumps(config, indent=2))  # NaN is written as NaN, as Python's json does
-    return edit
-
-
 def _cfg_set(key: str, value: object):
-    return edit_config(lambda c: c.__setitem__(key, value))
+    return lambda ws: edit_json(ws.adapter / ADAPTER_CFG, {key: value})  # NaN is written as NaN, as json does
 
 
 def _cfg_drop(key: str):
-    return edit_config(lambda c: c.pop(key))
+    def edit(ws: Workspace) -> None:
+        assert key in json.loads((ws.adapter / ADAPTER_CFG).read_text()), key
+        edit_json(ws.adapter / ADAPTER_CFG, {key: DROP})
+    return edit
 
 
 def edit_factors(change: Callable[[dict, Workspace], None]):
-    def edit(ws: Workspace) -> None:
-        tensors = load_file(ws.adapter / ADAPTER_ST)
-        change(tensors, ws)
-        save_file(tensors, ws.adapter / ADAPTER_ST, metadata={"format": "pt"})
-    return edit
+    return lambda ws: edit_tensors(ws.adapter / ADAPTER_ST, lambda tensors: change(tensors, ws))
 
 
 def _rank_mismatch(t: dict, ws: Workspace) -> None:
@@ -388,17 +347,11 @@ def _truncate_adapter(ws: Workspace) -> None:
 
 def _fp16_overflow(ws: Workspace) -> None:
     """A single-file fp16 base near the top of the fp16 range: W + s*B@A overflows to Inf."""
-    base = ws.root / "fp16-base"
-    base.mkdir()
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.full((32, 16), 60000.0, dtype=torch.float16)},
-              base / "model.safetensors", metadata={"format": "pt"})
-    adapter = ws.root / "fp16-adapter"
-    adapter.mkdir()
-    save_file({PREFIX + "model.layers.0.mlp.up_proj.lora_A.weight": torch.full((4, 16), 1.0),  # delta 2*4*1e4
-               PREFIX + "model.layers.0.mlp.up_proj.lora_B.weight": torch.full((32, 4), 1e4)},
-              adapter / ADAPTER_ST, metadata={"format": "pt"})
-    (adapter / ADAPTER_CFG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                                   "target_modules": ["up_proj"]}))
+    base = write_checkpoint(ws.root / "fp16-base", {"model.safetensors": {
+        "model.layers.0.mlp.up_proj.weight": torch.full((32, 16), 60000.0, dtype=torch.float16)}})
+    adapter = write_lora_adapter(ws.root / "fp16-adapter", {  # delta 2*4*1e4
+        "model.layers.0.mlp.up_proj": (torch.full((4, 16), 1.0), torch.full((32, 4), 1e4))},
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]})
     ws.base = ws.base_arg = base
     ws.adapter = adapter
 
@@ -536,12 +489,12 @@ CASES = [
     Case("adapter_key_without_prefix", edit_factors(_drop_prefix), AdapterError, ("{t}",), (ADAPTER_ST,)),
     Case("ab_rank_mismatch", edit_factors(_rank_mismatch), MismatchError, (Q0,), ADAPTER_FILES),
     Case("adapter_for_other_base", edit_factors(_other_base), MismatchError, (Q0,), ADAPTER_FILES),
-    Case("nan_in_lora_a", edit_factors(_poison("A", math.nan)), MismatchError, (Q0, "NaN"), ADAPTER_FILES),
-    Case("inf_in_lora_b", edit_factors(_poison("B", math.inf)), MismatchError, (Q0, "Inf"), ADAPTER_FILES),
+    Case("nan_in_lora_a", edit_factors(_poison("A", math.nan)), NonFiniteError, (Q0, "NaN"), ADAPTER_FILES),
+    Case("inf_in_lora_b", edit_factors(_poison("B", math.inf)), NonFiniteError, (Q0, "Inf"), ADAPTER_FILES),
     Case("all_keys_miss_base", edit_factors(_all_keys_miss), MismatchError, ("blocks",), ADAPTER_FILES),
-    Case("merge_overflows_fp16", _fp16_overflow, MismatchError, ("model.layers.0.mlp.up_proj.weight", "Inf"),
+    Case("merge_overflows_fp16", _fp16_overflow, NonFiniteError, ("model.layers.0.mlp.up_proj.weight", "Inf"),
          ("{adapter}", "model.safetensors")),
-    Case("adapter_already_merged_into_base", _already_merged, MismatchError, ("already merged",),
+    Case("adapter_already_merged_into_base", _already_merged, AlreadyMergedError, ("already merged",),
          ("qwen_merge.json",)),
     # --- the destination
     Case("dest_is_file", _dest_is_file, OutputError, ("not a folder",), ("{dest}",)),
@@ -577,7 +530,7 @@ def all_roots(ws: Workspace) -> list[Path]:
 
 
 def state_of(ws: Workspace) -> dict:
-    return {str(r): snapshot(r) for r in all_roots(ws)}
+    return {str(r): tree_hash(r) for r in all_roots(ws)}
 
 
 def check_nothing_written(ws: Workspace, before: dict, dest_existed: bool) -> None:
@@ -645,10 +598,8 @@ def cli_many(jobs: dict[str, list[object]], scratch: Path) -> dict[str, subproce
     """Run `qwen-merge <argv>` for every job (forked from one interpreter, two at a time)."""
     spec = {key: {"argv": [str(a) for a in argv], "stdout": str(scratch / f"{key}.out"),
                   "stderr": str(scratch / f"{key}.err")} for key, argv in jobs.items()}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     server = subprocess.run([sys.executable, "-c", FORK_SERVER], input=json.dumps(spec), capture_output=True,
-                            text=True, env=env, cwd=REPO, timeout=600)
+                            text=True, env=cli_env(), cwd=REPO, timeout=600)
     assert server.returncode == 0, server.stderr
     codes = json.loads(server.stdout.strip().splitlines()[-1])
     return {key: subprocess.CompletedProcess(job["argv"], codes[key], Path(job["stdout"]).read_text(),
@@ -728,10 +679,10 @@ def test_forked_cli_matches_a_real_process(case_id, cli_runs, pristine, tmp_path
 def test_unedited_inputs_merge(pristine, tmp_path):
     """Guard: the workspace every case starts from merges, so each refusal comes from its edit."""
     ws = new_workspace(pristine, tmp_path / "case")
-    before = snapshot(ws.base), snapshot(ws.adapter)
+    before = tree_hash(ws.base), tree_hash(ws.adapter)
     report = merge_shards(ws.base, ws.adapter, ws.dest, progress=False)
     assert report.merged == 28 and (ws.dest / S1).is_file()
-    assert (snapshot(ws.base), snapshot(ws.adapter)) == before
+    assert (tree_hash(ws.base), tree_hash(ws.adapter)) == before
 
 
 @pytest.mark.parametrize("role,value", [("A", math.nan), ("B", math.inf)])
@@ -748,7 +699,7 @@ def test_allow_nonfinite_lets_it_through(pristine, tmp_path, role, value):
 
     proc = cli("merge", ws.base, ws.adapter, ws.root / "cli_out", "--quiet", "--allow-nonfinite")
     assert proc.returncode == 0, proc.stderr
-    assert snapshot(ws.root / "cli_out") == snapshot(ws.dest)
+    assert tree_hash(ws.root / "cli_out") == tree_hash(ws.dest)
 
 
 def test_fp16_overflow_written_with_allow_nonfinite(pristine, tmp_path):
@@ -774,7 +725,7 @@ def test_force_merges_again_and_other_adapters_are_fine(pristine, tmp_path):
     assert len(history) == 1
     proc = cli("merge", ws.base, ws.adapter, tmp_path / "cli_forced", "--quiet", "--force")
     assert proc.returncode == 0, proc.stderr
-    assert snapshot(tmp_path / "cli_forced") == snapshot(tmp_path / "forced")
+    assert tree_hash(tmp_path / "cli_forced") == tree_hash(tmp_path / "forced")
 
 
 def _hf_cache(plain: Path, repo: Path, rev: str = "0123456789abcdef") -> Path:
@@ -785,7 +736,7 @@ def _hf_cache(plain: Path, repo: Path, rev: str = "0123456789abcdef") -> Path:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
     for path in sorted(plain.iterdir()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)
         shutil.copyfile(path, repo / "blobs" / digest)
         (snap / path.name).symlink_to(Path("..") / ".." / "blobs" / digest)
     return snap
@@ -795,16 +746,16 @@ def test_hf_cache_layout_merges(pristine, tmp_path):
     """`models--org--name/snapshots/<rev>/x -> ../../blobs/<hash>` is the cache's own layout: accepted, and
     the output is byte-identical to merging the same files from a plain folder."""
     snap = _hf_cache(pristine / "base", tmp_path / "hub" / "models--org--name")
-    before = snapshot(tmp_path / "hub")
+    before = tree_hash(tmp_path / "hub")
     merge_shards(snap, pristine / "adapter", tmp_path / "from_cache", progress=False)
     merge_shards(pristine / "base", pristine / "adapter", tmp_path / "from_plain", progress=False)
-    assert snapshot(tmp_path / "from_cache") == snapshot(tmp_path / "from_plain")
+    assert tree_hash(tmp_path / "from_cache") == tree_hash(tmp_path / "from_plain")
     assert not any(p.is_symlink() for p in (tmp_path / "from_cache").iterdir()), "output holds links"
-    assert snapshot(tmp_path / "hub") == before
+    assert tree_hash(tmp_path / "hub") == before
 
     proc = cli("merge", snap, pristine / "adapter", tmp_path / "cli_out", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert snapshot(tmp_path / "cli_out") == snapshot(tmp_path / "from_plain")
+    assert tree_hash(tmp_path / "cli_out") == tree_hash(tmp_path / "from_plain")
 
 
 def test_symlink_inside_the_folder_is_fine(pristine, tmp_path):
@@ -815,4 +766,4 @@ def test_symlink_inside_the_folder_is_fine(pristine, tmp_path):
     (base / S1).symlink_to(Path("store") / S1)
     merge_shards(base, pristine / "adapter", tmp_path / "out", progress=False)
     merge_shards(pristine / "base", pristine / "adapter", tmp_path / "plain", progress=False)
-    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "plain")
+    assert tree_hash(tmp_path / "out") == tree_hash(tmp_path / "plain")

@@ -15,13 +15,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -30,12 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from builders import REPO, cli_argv, cli_env, locate, one_error_line, run_cli, ulp_distance, write_linear_pair
 from qwen_merge import DiskFullError, merge_shards, plan_merge
-from qwen_merge.demo import build_adapter, build_base
 
-REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 RANK, ALPHA = 16, 32  # scale 2
 COLS = 16384
@@ -46,21 +42,6 @@ BIG_SHARDS = {
     "model-00002-of-00002.safetensors": [("model.layers.1.mlp.up_proj.weight", 20480, True),
                                          ("model.layers.1.mlp.down_proj.weight", 16384, True)],
 }
-CHUNK_ROWS = 1024
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH", "")) if p)
-    return e
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def says_needed_and_free(message: str) -> bool:
@@ -80,46 +61,17 @@ def assert_clean(dest: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ memory
 
-def _write_streamed(path: Path, tensors: list[tuple[str, int]], generator: torch.Generator) -> None:
-    """Write a bf16 safetensors file chunk by chunk (never holding a tensor): each 1024-row chunk is a
-    random block rolled by a chunk-dependent amount, so rows differ along the tensor."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, rows in tensors:
-        size = rows * COLS * 2
-        header[name] = {"dtype": "BF16", "shape": [rows, COLS], "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, rows in tensors:
-            block = (torch.randn(CHUNK_ROWS, COLS, generator=generator) * 0.02).to(torch.bfloat16)
-            for i in range(rows // CHUNK_ROWS):
-                f.write(torch.roll(block, shifts=37 * i + 1, dims=1).view(torch.int16).numpy().tobytes())
-
-
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory):
-    """Two 1.125 GiB shards and an adapter, written once; deleted when the module ends."""
+    """Two 1.125 GiB shards (written chunk by chunk, never held) and an adapter, written once; deleted when
+    the module ends."""
     root = tmp_path_factory.mktemp("limits-big")
     base, adapter = root / "base", root / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    g = torch.Generator().manual_seed(11)
-    weight_map, factors = {}, {}
-    for shard, tensors in BIG_SHARDS.items():
-        _write_streamed(base / shard, [(name, rows) for name, rows, _ in tensors], g)
-        for name, rows, merged in tensors:
-            weight_map[name] = shard
-            if merged:
-                module = "base_model.model." + name.removesuffix(".weight")
-                factors[module + ".lora_A.weight"] = torch.randn(RANK, COLS, generator=g) * 0.05
-                factors[module + ".lora_B.weight"] = torch.randn(rows, RANK, generator=g) * 0.05
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (base / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    save_file(factors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": ["up_proj", "down_proj"]}))
+    factors = write_linear_pair(
+        base, adapter, {shard: [(name, rows, COLS, merged) for name, rows, merged in tensors]
+                        for shard, tensors in BIG_SHARDS.items()},
+        rank=RANK, alpha=ALPHA, seed=11, factor_std=0.05, streamed=True, base_config={"model_type": "qwen3"},
+        target_modules=["up_proj", "down_proj"])
     for shard in BIG_SHARDS:
         assert (base / shard).stat().st_size > GIB
     yield base, adapter, factors
@@ -155,9 +107,8 @@ def test_merge_under_1gib_data_limit_with_shards_over_1gib(big_model, tmp_path):
     log = tmp_path / "stderr.txt"
     try:
         with open(log, "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
-                                     "--quiet"], preexec_fn=_limit_data, stdout=err, stderr=err, env=env(),
-                                    cwd=REPO)
+            proc = subprocess.Popen(cli_argv("merge", base, adapter, out, "--quiet"), preexec_fn=_limit_data,
+                                    stdout=err, stderr=err, env=cli_env(), cwd=REPO)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.returncode == 0, log.read_text()[-3000:]
@@ -177,33 +128,18 @@ def test_merge_under_1gib_data_limit_with_shards_over_1gib(big_model, tmp_path):
                         w = b.get_slice(name)[row0:row0 + 128]
                         got = o.get_slice(name)[row0:row0 + 128]
                         want = (w.float() + (bf[row0:row0 + 128] @ a) * scale).to(torch.bfloat16)
-                        ulps = (want.view(torch.int16).int() - got.view(torch.int16).int()).abs()
+                        ulps = ulp_distance(want, got)
                         assert int(ulps.max()) <= 1, f"{name} rows {row0}..: off by {int(ulps.max())} ulp"
                         assert int((ulps > 0).sum()) <= want.numel() // 1000, f"{name} rows {row0}..: too many 1-ulp"
         # the untouched 512 MiB tensor is byte-identical (same offsets: the header length is kept)
-        shard = "model-00001-of-00002.safetensors"
-        with open(base / shard, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        begin, end = header["model.layers.0.mlp.down_proj.weight"]["data_offsets"]
-        assert _sha256_range(base / shard, 8 + n + begin, end - begin) == \
-            _sha256_range(out / shard, 8 + n + begin, end - begin)
+        path, start, entry = locate(base, "model.layers.0.mlp.down_proj.weight")
+        size = entry["data_offsets"][1] - entry["data_offsets"][0]
+        assert _sha256_range(path, start, size) == _sha256_range(out / path.name, start, size)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- disk full
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("limits-small")
-    (root / "base").mkdir()
-    (root / "adapter").mkdir()
-    g = torch.Generator().manual_seed(0)
-    build_base(root / "base", g)
-    build_adapter(root / "adapter", g)
-    return root / "base", root / "adapter"
-
 
 def _file_size_limit(limit: int):
     def apply() -> None:
@@ -212,14 +148,12 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_file_size_limit_fails_cleanly(small_model, tmp_path):
-    base, adapter = small_model
+def test_file_size_limit_fails_cleanly(demo_inputs, tmp_path):
+    base, adapter = demo_inputs
     out = tmp_path / "dest" / "out"
     out.parent.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
-                           "--quiet"], preexec_fn=_file_size_limit(64 << 10), capture_output=True, text=True,
-                          env=env(), cwd=REPO, timeout=120)
-    line = error_line(proc)
+    proc = run_cli("merge", base, adapter, out, "--quiet", preexec_fn=_file_size_limit(64 << 10), timeout=120)
+    line = one_error_line(proc)
     assert_clean(out)
     assert_says_needed_and_free(line)
 
@@ -242,22 +176,10 @@ def tmpfs(folder: Path, size: str):
 
 
 def _bigger_model(root: Path) -> tuple[Path, Path]:
-    """Two 12 MiB shards, more than a 20 MiB tmpfs holds."""
+    """Two 12 MiB shards, more than a 20 MiB tmpfs holds (a LoRA on the first one's tensor)."""
     base, adapter = root / "base", root / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    g = torch.Generator().manual_seed(3)
-    weight_map = {}
-    for i in range(2):
-        shard = f"model-0000{i + 1}-of-00002.safetensors"
-        name = f"model.layers.{i}.mlp.up_proj.weight"
-        save_file({name: (torch.randn(2048, 3072, generator=g) * 0.02).to(torch.bfloat16)}, base / shard)
-        weight_map[name] = shard
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.randn(4, 3072, generator=g),
-               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.randn(2048, 4, generator=g)},
-              adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    write_linear_pair(base, adapter, {f"model-0000{i + 1}-of-00002.safetensors": [
+        (f"model.layers.{i}.mlp.up_proj.weight", 2048, 3072, i == 0)] for i in range(2)}, rank=4, alpha=8, seed=3)
     return base, adapter
 
 
@@ -276,19 +198,17 @@ def test_free_space_checked_before_writing(tmp_path):
         assert os.listdir(mount) == [], os.listdir(mount)
         assert shutil.disk_usage(mount).used == 0
 
-        proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
-                               "--quiet"], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
-        line = error_line(proc)
+        line = one_error_line(run_cli("merge", base, adapter, out, "--quiet", timeout=120))
         assert str(needed) in line
         assert os.listdir(mount) == []
 
 
-def test_running_out_of_space_while_writing(small_model, tmp_path):
+def test_running_out_of_space_while_writing(demo_inputs, tmp_path):
     """Free space a little above what the plan counts passes the pre-write check; the files' page rounding then
     fills the tmpfs while writing (ENOSPC) — in a shard, the state file, a side file, the index or the
     manifest, depending on the exact free space. Every such failure must be a DiskFullError with one line
     saying needed and free bytes, and leave nothing but what was there before."""
-    base, adapter = small_model
+    base, adapter = demo_inputs
     needed = plan_merge(base, adapter).output_bytes
     with tmpfs(tmp_path / "small", "4m") as mount:
         out = mount / "out"
@@ -327,8 +247,7 @@ def test_running_out_of_space_while_writing(small_model, tmp_path):
         # the same through the CLI, at the first setting that runs out mid-write
         filler.unlink()
         filler.write_bytes(b"\0" * (shutil.disk_usage(mount).free - needed - mid_write))
-        proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter), str(out),
-                               "--quiet"], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+        proc = run_cli("merge", base, adapter, out, "--quiet", timeout=120)
         if sorted(os.listdir(mount)) != ["filler"]:
             problems.append(f"CLI: left {sorted(os.listdir(mount))}")
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

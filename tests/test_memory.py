@@ -13,8 +13,7 @@ import subprocess
 import sys
 import textwrap
 
-import torch
-from safetensors.torch import save_file
+from builders import write_linear_pair
 
 ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16
 LIMIT_MIB = 600
@@ -22,6 +21,7 @@ LIMIT_MIB = 600
 CHILD = textwrap.dedent("""
     import json, resource, sys, threading, time
     import qwen_merge
+    import qwen_merge.stream  # torch and the compute code, which the merge imports when it computes
     from qwen_merge import merge_shards
 
     def anon_kib():
@@ -53,26 +53,11 @@ CHILD = textwrap.dedent("""
 
 
 def _build(tmp_path):
+    """Two shards of one merged up_proj each, written chunk by chunk."""
     base, adapter = tmp_path / "base", tmp_path / "adapter"
-    base.mkdir()
-    adapter.mkdir()
-    g = torch.Generator().manual_seed(0)
-    big = (torch.randn(ROWS, COLS, generator=g) * 0.02).to(torch.bfloat16)
-    names = {"model-00001-of-00002.safetensors": {"model.layers.0.mlp.up_proj.weight": big},
-             "model-00002-of-00002.safetensors": {"model.layers.1.mlp.up_proj.weight": big.clone()}}
-    for shard, tensors in names.items():
-        save_file(tensors, base / shard, metadata={"format": "pt"})
-    del big
-    weight_map = {t: s for s, ts in names.items() for t in ts}
-    (base / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 2 * ROWS * COLS * 2}, "weight_map": weight_map}))
-    factors = {}
-    for layer in range(2):
-        key = f"base_model.model.model.layers.{layer}.mlp.up_proj"
-        factors[key + ".lora_A.weight"] = torch.randn(RANK, COLS, generator=g)
-        factors[key + ".lora_B.weight"] = torch.randn(ROWS, RANK, generator=g)
-    save_file(factors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 32}))
+    write_linear_pair(base, adapter, {f"model-0000{i + 1}-of-00002.safetensors": [
+        (f"model.layers.{i}.mlp.up_proj.weight", ROWS, COLS, True)] for i in range(2)},
+        rank=RANK, alpha=32, seed=0, streamed=True)
     return base, adapter
 
 

@@ -1,6 +1,6 @@
 """Mixture-of-experts adapters on tiny Qwen3-MoE checkpoints (issue 4; peft-semantics.md §1.5, §3.5, E15).
 
-Model: hidden 32, moe_intermediate 16, 2 layers, 6 experts, vocab 128 (fixtures_moe.TINY). Ranks 4 and 3
+Model: hidden 32, moe_intermediate 16, 2 layers, 6 experts, vocab 128 (builders.TINY). Ranks 4 and 3
 are deliberately different from the expert count (E ≠ r is the case others got wrong).
 
 Fused ``target_parameters`` LoRA (real PEFT 0.21 on transformers 5, with the router ``gate.weight`` and
@@ -35,33 +35,42 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_models import checkpoint_tensors, tensor_bytes, tree_hash, ulp_distance
-from fixtures_moe import (
+from builders import (
     TINY,
+    MergeCache,
     SynthSpec,
+    adapter_tensors,
     bf16_ulp,
     build_fused_adapter,
     build_moe_base,
+    check_like_unmerged,
+    checkpoint_tensors,
     disk_tensors,
     double_rounding,
     fuse_checkpoint,
     fused_reference_deltas,
     header_names,
     linear_reference_deltas,
-    load_adapter_tensors,
+    load_base_model,
+    logits,
+    note,
+    peft_unmerged,
+    random_ids,
     rewrite_adapter,
     single_rounding,
     swap_nesting,
+    tensor_bytes,
+    tree_hash,
+    ulp_distance,
     write_expert_linear_adapter,
     write_synthetic_fused_adapter,
     write_synthetic_moe,
 )
-
 from qwen_merge import MismatchError, iter_merged, merge_shards, plan_merge
 
 H, I, E, L = TINY["hidden"], TINY["moe_intermediate"], TINY["experts"], TINY["layers"]
 I_NARROW = 8  # a second base with 2·I != H, so that gate_up_proj is not square
-ULP_STATS: dict[str, str] = {}
+STATS = "MoE: merged elements against the recomputed recipe and PEFT"
 
 # adapter name -> (base name, rank, alpha, target_parameters as given to LoraConfig)
 FUSED = {
@@ -77,6 +86,7 @@ class MoeZoo:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cache: dict[tuple, object] = {}
+        self.merges = MergeCache(root / "ours")
 
     def _once(self, key: tuple, build):
         if key not in self._cache:
@@ -118,12 +128,7 @@ class MoeZoo:
         """PEFT merge_and_unload() + save_pretrained (per-expert tensors on disk), read back from disk."""
 
         def build():
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
-            base = self.base(FUSED[adapter][0])
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-            merged = PeftModel.from_pretrained(model, self.adapter(adapter)).merge_and_unload()
+            merged = peft_unmerged(self.base(FUSED[adapter][0]), self.adapter(adapter)).merge_and_unload()
             out = self.root / "peft" / adapter
             merged.save_pretrained(out)
             return disk_tensors(out)
@@ -131,15 +136,8 @@ class MoeZoo:
         return self._once(("peft", adapter), build)
 
     def merged(self, base: str, adapter: str, rounding: str = "single") -> Path:
-        def build() -> Path:
-            out = self.root / "ours" / f"{base}-{adapter}-{rounding}"
-            b, a = self.base(base), self.adapter(adapter)
-            before = (tree_hash(b), tree_hash(a))
-            merge_shards(b, a, out, rounding=rounding, progress=False)
-            assert (tree_hash(b), tree_hash(a)) == before, "an input changed"
-            return out
-
-        return self._once(("merged", base, adapter, rounding), build)
+        """Our merge, once per session (inputs checked unchanged, nothing left beside the output)."""
+        return self.merges(self.base(base), self.adapter(adapter), rounding=rounding).out
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +164,7 @@ def test_fixture_shapes_have_e_ne_r(moe):
     """The fused adapters really are E·r-row factors with E != r, nested as PEFT 0.21 writes them."""
     for name in ("fused", "fused_rev"):
         _, r, _, _ = FUSED[name]
-        t = load_adapter_tensors(moe.adapter(name))
+        t = adapter_tensors(moe.adapter(name))
         assert r != E
         inner, outer = t["model.layers.0.mlp.experts.base_layer.lora_A.weight"], t["model.layers.0.mlp.experts.lora_A.weight"]
         assert tuple(inner.shape) == (E * r, H), "gate_up_proj (registered first) is the inner wrapper"
@@ -235,11 +233,11 @@ def test_fused_single_rounding_rounds_once_within_peft_bound(moe, adapter):
         if is_param:
             continue
         assert int(u.max()) <= 1, f"{name}: Linear target differs from PEFT by {int(u.max())} ulp"
-    ULP_STATS[f"{adapter} single"] = (f"{n_direct}/{n_total} elements 1 ulp from rnd(W+ΔW); {n_peft}/{n_total} "
-                                      f"differ from PEFT (max {max_peft_ulp} ulp on the bf16 grid, "
-                                      f"max |ours-peft| = {worst_share:.3f} of the bound; {n_over_tight} beyond "
-                                      f"u(rnd ΔW)/2 + u(result)/2)")
-    print(f"\n[{adapter} single] {ULP_STATS[f'{adapter} single']}")
+    text = (f"{n_direct}/{n_total} elements 1 ulp from rnd(W+ΔW); {n_peft}/{n_total} differ from PEFT (max "
+            f"{max_peft_ulp} ulp on the bf16 grid, max |ours-peft| = {worst_share:.3f} of the bound; {n_over_tight} "
+            f"beyond u(rnd ΔW)/2 + u(result)/2)")
+    note(STATS, f"{adapter} single", text)
+    print(f"\n[{adapter} single] {text}")
     assert n_direct <= 1e-3 * n_total
     assert n_peft > 0, "single rounding gave PEFT's double-rounded result everywhere: is it rounding twice?"
 
@@ -256,29 +254,17 @@ def test_target_parameters_order_and_nesting_do_not_matter(moe):
         key(plan_merge(moe.base("per_expert"), moe.adapter("fused_swapped")))
 
 
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
-
-
 def test_fused_merged_checkpoint_loads_with_unmerged_peft_logits(moe):
     """Tolerance as test_transformers_load.py: relative to the adapter's effect |unmerged - base|."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base, adapter = moe.base("per_expert"), moe.adapter("fused")
-    ids = torch.randint(0, TINY["vocab"], (2, 16), generator=torch.Generator().manual_seed(1234))
-    ours = _logits(AutoModelForCausalLM.from_pretrained(moe.merged("per_expert", "fused"), dtype=torch.bfloat16), ids)
-    base_logits = _logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), ids)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter)
-    unmerged = _logits(peft_model, ids)
-    peft_merged = _logits(peft_model.merge_and_unload(), ids)
-    effect, diff = (unmerged - base_logits).abs(), (ours - unmerged).abs()
-    print(f"\n[fused] |merged-unmerged| mean {diff.mean():.5f} max {diff.max():.5f}; effect mean "
-          f"{effect.mean():.4f} max {effect.max():.4f}; |merged-peft_merged| max {(ours - peft_merged).abs().max():.5f}")
-    assert effect.mean() > 0.05, "fixture error: the adapter barely changes the logits"
-    assert diff.mean() <= 0.03 * effect.mean()
-    assert diff.max() <= 0.25 * effect.max()
+    ids = random_ids(TINY["vocab"])
+    ours = logits(load_base_model(moe.merged("per_expert", "fused")), ids)
+    base_logits = logits(load_base_model(base), ids)
+    peft_model = peft_unmerged(base, adapter)
+    unmerged = logits(peft_model, ids)
+    peft_merged = logits(peft_model.merge_and_unload(), ids)
+    effect, _ = check_like_unmerged("fused", ours, unmerged, base_logits, min_effect=0.05)
+    print(f"[fused] |merged-peft_merged| max {(ours - peft_merged).abs().max():.5f}")
     assert (ours - peft_merged).abs().max() <= 0.05 * effect.max()
 
 
@@ -404,7 +390,7 @@ def test_per_expert_linear_lora(moe):
         assert int(u.max()) <= 1, f"{name}: {int(u.max())} ulp from rnd(W + s·B@A)"
         assert (t != w[name]).sum() > 0.5 * t.numel(), f"{name}: the delta did not land"
         n_diff, n_total = n_diff + int((u > 0).sum()), n_total + t.numel()
-    ULP_STATS["linear per-expert"] = f"{n_diff}/{n_total} elements 1 ulp from rnd(W + s·B@A)"
+    note(STATS, "linear per-expert", f"{n_diff}/{n_total} elements 1 ulp from rnd(W + s·B@A)")
     assert n_diff <= 1e-3 * n_total
     plan = plan_merge(base, adapter)
     assert len(plan.merges) == len(deltas)
@@ -414,14 +400,12 @@ def test_per_expert_linear_lora(moe):
 def test_per_expert_linear_merged_checkpoint_loads(moe):
     """transformers 5 fuses the merged per-expert tensors at load; the logits equal an fp32 un-merged
     reference built in memory on the fused parameters (gate = rows [:I] of gate_up_proj, up = [I:])."""
-    from transformers import AutoModelForCausalLM
-
     base, adapter = moe.base("per_expert"), moe.adapter("linear")
     deltas = linear_reference_deltas(adapter)
-    ids = torch.randint(0, TINY["vocab"], (2, 16), generator=torch.Generator().manual_seed(99))
-    ours = _logits(AutoModelForCausalLM.from_pretrained(moe.merged("per_expert", "linear"), dtype=torch.float32), ids)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    base_logits = _logits(model, ids)
+    ids = random_ids(TINY["vocab"], seed=99)
+    ours = logits(load_base_model(moe.merged("per_expert", "linear"), dtype=torch.float32), ids)
+    model = load_base_model(base, dtype=torch.float32)
+    base_logits = logits(model, ids)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, d in deltas.items():
@@ -435,13 +419,8 @@ def test_per_expert_linear_merged_checkpoint_loads(moe):
             else:
                 rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
                 params[f"{module}.gate_up_proj"][e, rows] += d.float()
-    unmerged = _logits(model, ids)
-    effect, diff = (unmerged - base_logits).abs(), (ours - unmerged).abs()
-    print(f"\n[linear] |merged-unmerged| mean {diff.mean():.5f} max {diff.max():.5f}; effect mean "
-          f"{effect.mean():.4f} max {effect.max():.4f}")
-    assert effect.mean() > 0.05, "fixture error: the adapter barely changes the logits"
-    assert diff.mean() <= 0.03 * effect.mean()
-    assert diff.max() <= 0.25 * effect.max()
+    unmerged = logits(model, ids)
+    check_like_unmerged("linear", ours, unmerged, base_logits, min_effect=0.05)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,6 +523,8 @@ def test_plan_of_many_experts_is_short(tmp_path, capsys):
 
 
 def test_report_ulp_stats():
-    """Prints the collected statistics (run with -s); always passes."""
-    for key, text in ULP_STATS.items():
-        print(f"\n[ulp] {key}: {text}")
+    """Prints the collected statistics (run with -s; they are in the session summary too); always passes."""
+    from builders import stats_lines
+
+    for line in stats_lines(STATS):
+        print(f"\n[ulp] {line}")

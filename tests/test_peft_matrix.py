@@ -21,23 +21,22 @@ and row blocks of a single row.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from fixtures_models import checkpoint_tensors, tree_hash, ulp_distance
+from builders import (PREFIX, checkpoint_tensors, disk_tensors, rewrite_adapter, tree_hash, ulp_distance,
+                      write_checkpoint)
 from peft_custom_cases import LORA_CASES, build_model
 from qwen_merge import AdapterError, QwenMergeError, merge_shards, plan_merge, verify_merge
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CASES = {name: (model_id, kwargs) for name, model_id, kwargs in LORA_CASES}
-PREFIX = "base_model.model."
 ULP_BOUND = 1
 COLUMN_NORM_CASES = {"Embedding + transformers Conv1D 1 DoRA", "Embedding + transformers Conv1D 2 DoRA",
                      "Embedding + transformers Conv1D 3 DoRA"}
@@ -86,19 +85,13 @@ def randomise(model: nn.Module, seed: int) -> None:
 
 def save_base(state: dict[str, torch.Tensor], folder: Path, sharded: bool) -> None:
     """A safetensors checkpoint: model.safetensors, or two shards and an HF index."""
-    folder.mkdir(parents=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    if not sharded or len(tensors) < 2:
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        return
-    names = list(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for shard, part in halves.items():
-        save_file({n: tensors[n] for n in part}, folder / shard, metadata={"format": "pt"})
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": size}, "weight_map": {n: s for s, part in halves.items() for n in part}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    names = list(state)
+    if not sharded or len(names) < 2:
+        halves = {"model.safetensors": names}
+    else:
+        halves = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    write_checkpoint(folder, {shard: {n: state[n] for n in part} for shard, part in halves.items()})
 
 
 def build_case(root: Path, make_model, config_kwargs: dict, seed: int) -> Built:
@@ -143,16 +136,9 @@ def matrix(tmp_path_factory) -> Matrix:
     return Matrix(tmp_path_factory.mktemp("peft_matrix"))
 
 
-def merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 def compare_with_peft(built: Built, out: Path) -> int:
     """Check the output against PEFT's merge; return the largest element distance in ulp."""
-    ours, base = merged_tensors(out), checkpoint_tensors(built.base)
+    ours, base = disk_tensors(out), checkpoint_tensors(built.base)
     raw = checkpoint_tensors(out)
     assert list(raw) == list(base), "tensor names or their order changed"
     assert set(built.reference) == set(base), "fixture error: PEFT's merged model has other tensors"
@@ -292,14 +278,14 @@ def test_conv3d_kernel_peft_crashes_on(matrix):
     merge_shards(built.base, built.adapter, out, progress=False)
     tensors = load_file(built.adapter / "adapter_model.safetensors")
     a, b = tensors[PREFIX + "proj.lora_A.weight"], tensors[PREFIX + "proj.lora_B.weight"]
-    w = merged_tensors(built.base)["proj.weight"]
+    w = disk_tensors(built.base)["proj.weight"]
     expected = w + 3.0 * torch.einsum("or,ri...->oi...", b.flatten(1), a)
-    assert int(ulp_distance(merged_tensors(out)["proj.weight"], expected).max()) <= ULP_BOUND
+    assert int(ulp_distance(disk_tensors(out)["proj.weight"], expected).max()) <= ULP_BOUND
 
     unmerged = PeftModel.from_pretrained(_patch_embed((1, 1, 3))(), built.adapter)
     x = torch.randn(2, 3, 2, 4, 6)
     merged = _patch_embed((1, 1, 3))()
-    merged.load_state_dict(merged_tensors(out))
+    merged.load_state_dict(disk_tensors(out))
     torch.testing.assert_close(merged.proj(x), unmerged.base_model.model.proj(x), rtol=1e-5, atol=1e-5)
 
 
@@ -311,7 +297,7 @@ def test_mha_lora_is_what_peft_computes_twice(matrix):
     """Why MHA LoRA is refused rather than mapped onto in_proj_weight / out_proj.weight: PEFT's merged
     out_proj is W + 2·s·B@A (its unmerged forward agrees), which a rename of the keys cannot give."""
     built = matrix.case("MHA 1 LoRA")
-    tensors, base = load_file(built.adapter / "adapter_model.safetensors"), merged_tensors(built.base)
+    tensors, base = load_file(built.adapter / "adapter_model.safetensors"), disk_tensors(built.base)
     delta = {m: tensors[f"{PREFIX}{m}.lora_B.weight"] @ tensors[f"{PREFIX}{m}.lora_A.weight"]
              for m in ("mha", "mha.base_layer.out_proj")}  # alpha / r = 1
     ref = built.reference
@@ -327,10 +313,7 @@ def test_velora_projection_needs_velora_config(matrix, tmp_path):
     """VeLoRA's projection vector only serves its training forward; without velora_config in the config
     the file does not say what it was trained with."""
     built = matrix.case("Vanilla MLP 10 LoRA with VeLoRA random")
-    adapter = shutil.copytree(built.adapter, tmp_path / "adapter")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config.pop("velora_config")
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    adapter = rewrite_adapter(built.adapter, tmp_path / "adapter", config=lambda config: config.pop("velora_config"))
     error = refusal(Built(built.base, adapter, None, None), tmp_path / "out")
     assert "lora_velora_embed" in str(error) and "velora_config" in str(error)
 
@@ -346,12 +329,12 @@ def test_mica_rounding_peft_is_peft_bit_for_bit(matrix):
     merge_shards(built.base, built.adapter, peft_out, progress=False, rounding="peft")
     assert compare_with_peft(built, peft_out) == 0
     merge_shards(built.base, built.adapter, single_out, progress=False)
-    single = merged_tensors(single_out)["lin0.weight"]
+    single = disk_tensors(single_out)["lin0.weight"]
     assert not torch.equal(single, built.reference["lin0.weight"])
     tensors = load_file(built.adapter / "adapter_model.safetensors")
     config = json.loads((built.adapter / "adapter_config.json").read_text())
     delta = tensors[PREFIX + "lin0.lora_B.weight"] @ tensors[PREFIX + "lin0.lora_A.weight"]
-    w = merged_tensors(built.base)["lin0.weight"]
+    w = disk_tensors(built.base)["lin0.weight"]
     assert torch.equal(single, (w.float() + delta * (config["lora_alpha"] / config["r"])).to(torch.bfloat16))
 
 

@@ -3,29 +3,20 @@
 An adapter trained on a vision-language wrapper says ``model.language_model.*`` where a text-only
 checkpoint says ``model.*``; a VLM checkpoint on disk says ``model.language_model.*`` where a text-only
 adapter says ``model.*``. Both are real adapters / bases rewritten on the byte level
-(fixtures_artifacts: "vlm_emb", "vlm_mts", "untied_vlm"); the merge must be byte-identical to the
+(builders, table 2: "vlm_emb", "vlm_mts", "untied_vlm"); the merge must be byte-identical to the
 plain pair (renamed accordingly) and the plan must show the rename. Other prefixes need an explicit
 key_map / --map; a situation where two renames fit is refused.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
-from fixtures_artifacts import EMBED, artifact_zoo, merged, run_cli
-from fixtures_models import checkpoint_tensors, tensor_bytes, tree_hash
+from builders import EMBED, checkpoint_tensors, rewrite_adapter, run_cli, tensor_bytes, tree_hash
 from qwen_merge import MismatchError, iter_merged, merge_shards, plan_merge
 
 FORWARD = ("model.language_model.", "model.")
 REVERSE = ("model.", "model.language_model.")
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory):
-    return artifact_zoo(tmp_path_factory)
 
 
 def _payloads(folder, rename=None):
@@ -39,25 +30,25 @@ def _payloads(folder, rename=None):
 
 
 @pytest.mark.parametrize("vlm,plain", [("vlm_emb", "emb"), ("vlm_mts", "mts_head")])
-def test_vlm_adapter_on_text_base(arts, tmp_path_factory, vlm, plain):
+def test_vlm_adapter_on_text_base(arts, vlm, plain):
     plan = plan_merge(arts.base("untied"), arts.adapter(vlm))
     assert tuple(plan.renames) == (FORWARD,), plan.renames
     text = plan.render()
     assert "model.language_model." in text, "render() does not show the rename"
-    ours = checkpoint_tensors(merged(arts, tmp_path_factory, vlm).out)
-    expected = checkpoint_tensors(merged(arts, tmp_path_factory, plain).out)
+    ours = checkpoint_tensors(arts.merged(vlm).out)
+    expected = checkpoint_tensors(arts.merged(plain).out)
     assert list(ours) == list(expected)
     for name in ours:
         assert ours[name] == expected[name], f"{name} differs from the merge of the un-renamed adapter"
 
 
 @pytest.mark.parametrize("plain", ["emb", "mts_head"])
-def test_text_adapter_on_vlm_base(arts, tmp_path_factory, plain):
+def test_text_adapter_on_vlm_base(arts, plain):
     plan = plan_merge(arts.base("untied_vlm"), arts.adapter(plain))
     assert tuple(plan.renames) == (REVERSE,), plan.renames
     assert "model.language_model." in plan.render()
-    ours = _payloads(merged(arts, tmp_path_factory, plain, base="untied_vlm").out, rename=("model.language_model.", "model."))
-    expected = checkpoint_tensors(merged(arts, tmp_path_factory, plain).out)
+    ours = _payloads(arts.merged(plain, base="untied_vlm").out, rename=("model.language_model.", "model."))
+    expected = checkpoint_tensors(arts.merged(plain).out)
     assert sorted(ours) == sorted(expected)
     assert "lm_head.weight" in ours  # not under model.: must not be renamed
     for name in ours:
@@ -69,13 +60,13 @@ def test_matching_names_need_no_rename(arts):
     assert tuple(plan_merge(arts.base("untied_vlm"), arts.adapter("vlm_emb")).renames) == ()
 
 
-def test_explicit_key_map(arts, tmp_path_factory):
+def test_explicit_key_map(arts):
     key_map = {"backbone.": "model."}
     plan = plan_merge(arts.base("untied"), arts.adapter("custom_emb"), key_map=key_map)
     assert tuple(plan.renames) == (("backbone.", "model."),), plan.renames
     assert "backbone." in plan.render()
-    ours = checkpoint_tensors(merged(arts, tmp_path_factory, "custom_emb", key_map=key_map).out)
-    expected = checkpoint_tensors(merged(arts, tmp_path_factory, "emb").out)
+    ours = checkpoint_tensors(arts.merged("custom_emb", key_map=key_map).out)
+    expected = checkpoint_tensors(arts.merged("emb").out)
     assert ours == expected
     streamed = {name: tensor_bytes(t) for name, t in iter_merged(arts.base("untied"), arts.adapter("custom_emb"),
                                                                   key_map=key_map)}
@@ -94,11 +85,11 @@ def test_unknown_prefix_without_key_map_is_refused(arts, tmp_path):
     assert (tree_hash(base), tree_hash(adapter)) == before
 
 
-def test_cli_map(arts, tmp_path_factory, tmp_path):
+def test_cli_map(arts, tmp_path):
     base, adapter = arts.base("untied"), arts.adapter("custom_emb")
     proc = run_cli("merge", base, adapter, tmp_path / "out", "--map", "backbone.=model.", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert checkpoint_tensors(tmp_path / "out") == checkpoint_tensors(merged(arts, tmp_path_factory, "emb").out)
+    assert checkpoint_tensors(tmp_path / "out") == checkpoint_tensors(arts.merged("emb").out)
     proc = run_cli("merge", base, adapter, tmp_path / "out2", "--quiet", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out2").exists()
@@ -122,22 +113,21 @@ def test_ambiguous_rename_is_refused(arts, tmp_path):
     assert (tree_hash(base), tree_hash(adapter)) == before
 
 
-def test_key_map_resolves_the_ambiguity(arts, tmp_path_factory, tmp_path):
+def test_key_map_resolves_the_ambiguity(arts, tmp_path):
     """With key_map the adapter lands on the model.* copy. (The config is switched to the default init:
     with init_lora_weights=false PEFT would put random deltas on the second copy's modules, which the
-    config's target_modules also match, and that is refused on its own; see test_refusals_more.)"""
-    adapter = tmp_path / "adapter"
-    shutil.copytree(arts.adapter("vlm_emb"), adapter)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert cfg["init_lora_weights"] is False
-    cfg["init_lora_weights"] = True
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    config's target_modules also match, and that is refused on its own; see test_refusals.)"""
+    def default_init(cfg: dict) -> None:
+        assert cfg["init_lora_weights"] is False
+        cfg["init_lora_weights"] = True
+
+    adapter = rewrite_adapter(arts.adapter("vlm_emb"), tmp_path / "adapter", config=default_init)
     key_map = {"model.language_model.": "model."}
     report = merge_shards(arts.base("untied_ambiguous"), adapter, tmp_path / "out", progress=False, key_map=key_map)
     assert tuple(report.plan.renames) == (FORWARD,)
     ours = checkpoint_tensors(tmp_path / "out")
     base = checkpoint_tensors(arts.base("untied_ambiguous"))
-    expected = checkpoint_tensors(merged(arts, tmp_path_factory, "emb").out)
+    expected = checkpoint_tensors(arts.merged("emb").out)
     assert sorted(ours) == sorted(base)
     for name, v in ours.items():
         if name.startswith("model.language_model.language_model."):

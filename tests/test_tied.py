@@ -1,7 +1,7 @@
 """Issue 3, tied embeddings (spec §7 table): the merged checkpoint must behave like the UN-merged PEFT
 model, which PEFT's own merge_and_unload does not do for several rows.
 
-Every row of the table is a real adapter built on a tied tiny Qwen3 base (fixtures_artifacts):
+Every row of the table is a real adapter built on a tied tiny Qwen3 base (builders, table 2):
 LoRA on embed_tokens only, on lm_head only, on both (without and with ensure_weight_tying),
 modules_to_save lm_head (without and with ensure_weight_tying) and trainable tokens, plus the
 ensure_weight_tying adapter after three real SGD steps (PEFT 0.21.2 creates lm_head's factors as copies
@@ -20,16 +20,15 @@ keep an identical copy).
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from fixtures_artifacts import (EMBED, HEAD, adapter_tensors, artifact_zoo, check_index, embedding_operands,
-                                expected_ops, fl32, input_ids, load_base_model, logits, merged, operand_ulps,
-                                out_tensors, peft_unmerged, record, scale_of, ulp_count, write_stats)
-from fixtures_models import checkpoint_tensors, tensor_bytes
+from builders import (EMBED, HEAD, adapter_tensors, check_index, check_like_unmerged, checkpoint_tensors, copy_tree,
+                      disk_tensors, edit_json, embedding_operands, expected_ops, fl32, input_ids, load_base_model,
+                      logits, operand_ulps, peft_unmerged, record, scale_of, single_rounding, tensor_bytes, ulp_count)
 from qwen_merge import merge_shards, plan_merge
+from qwen_merge.ties import Tie, TieDecision
 
 # adapter -> (stays tied, expected embedding, expected lm_head)
 ROWS = {
@@ -47,22 +46,12 @@ CASES = [(name, base) for name in ROWS for base in ("tied", "tied_stored")]
 EXTRA = {"t_emb_bias": (False, "twin", "base"), "t_q": (True, "base", "embed")}
 ALL = {**ROWS, **EXTRA}
 ALL_CASES = CASES + [(name, "tied_bias") for name in EXTRA]
-
-
-@pytest.fixture(scope="module")
-def arts(tmp_path_factory):
-    return artifact_zoo(tmp_path_factory)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_stats(request):
-    yield
-    write_stats(request, "tied embeddings: merged elements that differ from the expectation", "tied:")
+STATS = "tied embeddings: merged elements that differ from the expectation"
 
 
 def _expected(arts, name, base_name, what, which):
     """The expected merged tensor `which` (EMBED or HEAD) for an expectation that is not "twin"."""
-    base = out_tensors(arts.base(base_name))
+    base = disk_tensors(arts.base(base_name))
     if what == "base":
         return base[EMBED]
     if what == "twin":
@@ -77,7 +66,7 @@ def _expected(arts, name, base_name, what, which):
             W = a["lm_head.base_layer.weight"]
             delta = (a["lm_head.lora_B.weight"].float() @ a["lm_head.lora_A.weight"].float()) \
                 * fl32(scale_of(arts.adapter(name), "lm_head"))
-        return (W.float() + delta).to(W.dtype)
+        return single_rounding(W, delta)
     if what.startswith("file:"):
         return adapter_tensors(arts.adapter(name))[what[5:]]
     raise AssertionError(what)
@@ -86,11 +75,11 @@ def _expected(arts, name, base_name, what, which):
 def _check(case, got, expected, kind, operands=()):
     if kind == "embedding":  # our single rounding vs PEFT's W + rnd(ΔW): 1 ulp of the larger operand
         n, ratio = operand_ulps(got, expected, *operands)
-        record(f"tied:{case} (ulps of the larger operand)", n, got.numel(), ratio)
+        record(STATS, f"{case} (ulps of the larger operand)", n, got.numel(), ratio)
         assert ratio <= 1, f"{case}: {ratio:.2f} ulp (of the larger operand) from PEFT's embedding merge"
         return
     n, worst = ulp_count(got, expected)
-    record(f"tied:{case}", n, got.numel(), worst)
+    record(STATS, f"{case}", n, got.numel(), worst)
     if kind == "exact":
         assert n == 0, f"{case}: {n}/{got.numel()} elements differ (max {worst} ulp); expected bit-identical"
     else:  # linear
@@ -98,12 +87,12 @@ def _check(case, got, expected, kind, operands=()):
 
 
 @pytest.mark.parametrize("name,base_name", ALL_CASES)
-def test_tied_merge_tensors_and_config(arts, tmp_path_factory, name, base_name):
+def test_tied_merge_tensors_and_config(arts, name, base_name):
     stays_tied, embed_from, head_from = ALL[name]
-    res = merged(arts, tmp_path_factory, name, base=base_name)
+    res = arts.merged(name, base=base_name)
     base_dir = arts.base(base_name)
-    base = out_tensors(base_dir)
-    ours = out_tensors(res.out)
+    base = disk_tensors(base_dir)
+    ours = disk_tensors(res.out)
     head_in_base = HEAD in base
     assert head_in_base == (base_name == "tied_stored")
 
@@ -159,27 +148,22 @@ def test_tied_merge_tensors_and_config(arts, tmp_path_factory, name, base_name):
 
 
 @pytest.mark.parametrize("name,base_name", ALL_CASES)
-def test_tied_merge_behaves_like_unmerged_peft(arts, tmp_path_factory, name, base_name):
+def test_tied_merge_behaves_like_unmerged_peft(arts, name, base_name):
     from transformers import AutoModelForCausalLM
 
     stays_tied = ALL[name][0]
-    res = merged(arts, tmp_path_factory, name, base=base_name)
+    res = arts.merged(name, base=base_name)
     ids = input_ids()
     model = AutoModelForCausalLM.from_pretrained(res.out, dtype=torch.bfloat16)
     assert model.config.tie_word_embeddings is stays_tied
     shared = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert shared is stays_tied
     if not stays_tied:  # the stored lm_head is what the model uses
-        assert torch.equal(model.lm_head.weight, out_tensors(res.out)[HEAD])
+        assert torch.equal(model.lm_head.weight, disk_tensors(res.out)[HEAD])
     ours = logits(model, ids)
     base_logits = logits(load_base_model(arts.base(base_name)), ids)
     unmerged = logits(peft_unmerged(arts.base(base_name), arts.adapter(name)), ids)
-    effect, diff = (unmerged - base_logits).abs(), (ours - unmerged).abs()
-    print(f"\n[{name}@{base_name}] |merged-unmerged| mean {diff.mean() / effect.mean():.4f} max "
-          f"{diff.max() / effect.max():.4f} of the effect (mean {effect.mean():.4f}, max {effect.max():.4f})")
-    assert effect.mean() > 0.01, "fixture error: the adapter barely changes the logits"
-    assert diff.mean() <= 0.03 * effect.mean(), (diff.mean(), effect.mean())
-    assert diff.max() <= 0.25 * effect.max(), (diff.max(), effect.max())
+    check_like_unmerged(f"{name}@{base_name}", ours, unmerged, base_logits, min_effect=0.01)
 
 
 @pytest.mark.parametrize("name", ["t_emb", "t_head", "t_both", "t_both_ewt"])
@@ -200,17 +184,17 @@ def test_peft_own_merge_fails_the_same_check(arts, tmp_path, name):
     assert diff.mean() > 0.5 * effect.mean(), "PEFT's own merge passes the check; the table row is obsolete"
 
 
-def test_ensure_weight_tying_applies_the_delta_once(arts, tmp_path_factory):
+def test_ensure_weight_tying_applies_the_delta_once(arts):
     a = adapter_tensors(arts.adapter("t_both_ewt"))
     eA, eB = a["model.embed_tokens.lora_embedding_A"], a["model.embed_tokens.lora_embedding_B"]
     # the ensure_weight_tying signature: lm_head's factors are the embedding's, transposed
     assert torch.equal(a["lm_head.lora_A.weight"], eB.T) and torch.equal(a["lm_head.lora_B.weight"], eA.T)
     E0, delta = embedding_operands(arts.adapter("t_both_ewt"))
-    assert torch.equal(E0, out_tensors(arts.base("tied"))[EMBED])
-    once = (E0.float() + delta).to(E0.dtype)
+    assert torch.equal(E0, disk_tensors(arts.base("tied"))[EMBED])
+    once = single_rounding(E0, delta)
     twice = (E0.float() + 2 * delta).to(E0.dtype)
     for base_name in ("tied", "tied_stored"):
-        ours = out_tensors(merged(arts, tmp_path_factory, "t_both_ewt", base=base_name).out)[EMBED]
+        ours = disk_tensors(arts.merged("t_both_ewt", base=base_name).out)[EMBED]
         n, ratio = operand_ulps(ours, once, E0, delta)
         assert ratio <= 1 and n <= 1e-3 * ours.numel(), f"{base_name}: {n} elements differ from rnd(E0 + Δ)"
         assert ulp_count(ours, twice)[0] > 0.5 * ours.numel()
@@ -236,13 +220,13 @@ def test_ensure_weight_tying_after_real_training(arts):
     assert torch.equal(head.lora_A["default"].weight, hA) and torch.equal(head.lora_B["default"].weight, hB)
 
 
-def test_tied_rounding_peft(arts, tmp_path_factory):
+def test_tied_rounding_peft(arts):
     """rounding='peft' reproduces PEFT's double-rounded embedding bit for bit, also when untying."""
     for base_name in ("tied", "tied_stored"):
-        ours = out_tensors(merged(arts, tmp_path_factory, "t_emb", base=base_name, rounding="peft").out)
+        ours = disk_tensors(arts.merged("t_emb", base=base_name, rounding="peft").out)
         twin = arts.twin("t_emb", base_name)
         assert ulp_count(ours[EMBED], twin[EMBED])[0] == 0
-        assert tensor_bytes(ours[HEAD]) == tensor_bytes(out_tensors(arts.base(base_name))[EMBED])
+        assert tensor_bytes(ours[HEAD]) == tensor_bytes(disk_tensors(arts.base(base_name))[EMBED])
 
 
 @pytest.mark.parametrize("name,base_name", ALL_CASES)
@@ -250,23 +234,21 @@ def test_plan_says_what_it_decided_for_the_tie(arts, name, base_name):
     stays_tied = ALL[name][0]
     plan = plan_merge(arts.base(base_name), arts.adapter(name))
     if name == "t_q":  # nothing touches the embeddings: a note is optional, but it must not untie
-        assert plan.tie is None or ("kept tied" in plan.tie.lower() and "untied" not in plan.tie.lower())
+        assert plan.tie is None or plan.tie.tie is Tie.KEPT
         return
-    assert isinstance(plan.tie, str) and plan.tie.strip(), plan.tie
-    text = plan.tie.lower()
+    assert isinstance(plan.tie, TieDecision), plan.tie
+    text = str(plan.tie).lower()
     if stays_tied:
         assert "kept tied" in text, plan.tie
     else:
         assert "untied" in text and "kept tied" not in text, plan.tie
-    assert plan.tie in plan.render(), "render() does not show the tie decision"
+    assert str(plan.tie) in plan.render(), "render() does not show the tie decision"
 
 
 def test_untying_updates_nested_text_config(arts, tmp_path):
-    base = tmp_path / "base"
-    shutil.copytree(arts.base("tied"), base)
-    cfg = json.loads((base / "config.json").read_text())
-    cfg["text_config"] = {"model_type": "qwen3", "tie_word_embeddings": True, "vocab_size": 256}
-    (base / "config.json").write_text(json.dumps(cfg, indent=2))
+    base = copy_tree(arts.base("tied"), tmp_path / "base")
+    edit_json(base / "config.json", {"text_config": {"model_type": "qwen3", "tie_word_embeddings": True,
+                                                     "vocab_size": 256}})
     merge_shards(base, arts.adapter("t_emb"), tmp_path / "out", progress=False)
     out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out_cfg["tie_word_embeddings"] is False

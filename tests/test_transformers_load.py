@@ -17,61 +17,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures_models import ADAPTERS, BASES, DTYPES
-from qwen_merge import merge_shards
+from builders import ADAPTERS, BASES, DTYPES, check_like_unmerged, load_base_model, logits, peft_unmerged, random_ids
 
 VARIANTS = ["basic", "basic_tied", "rslora", "patterns", "layers02", "basic_fp16_base", "gpt2"]
 
 
-def _input_ids() -> torch.Tensor:
-    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1234))
-
-
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_merged_checkpoint_matches_unmerged_peft(zoo, tmp_path, variant):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def test_merged_checkpoint_matches_unmerged_peft(zoo, variant):
     base, adapter = zoo.pair(variant)
-    base_spec = BASES[ADAPTERS[variant].base]
-    dtype = DTYPES[base_spec.dtype]
-    out = tmp_path / "merged"
-    merge_shards(base, adapter, out, progress=False)
-    ids = _input_ids()
+    dtype = DTYPES[BASES[ADAPTERS[variant].base].dtype]
+    out = zoo.merged(variant).out  # the session's merge (also checked against PEFT in test_against_peft)
+    ids = random_ids(256)
 
-    merged_model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    merged_model = load_base_model(out, dtype=dtype)
     assert merged_model.dtype == dtype
-    ours = _logits(merged_model, ids)
-    base_logits = _logits(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), ids)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter)
-    unmerged = _logits(peft_model, ids)
-    peft_merged = _logits(peft_model.merge_and_unload(), ids)
+    ours = logits(merged_model, ids)
+    base_logits = logits(load_base_model(base, dtype=dtype), ids)
+    peft_model = peft_unmerged(base, adapter, dtype=dtype)
+    unmerged = logits(peft_model, ids)
+    peft_merged = logits(peft_model.merge_and_unload(), ids)
 
-    effect = (unmerged - base_logits).abs()
-    diff = (ours - unmerged).abs()
-    print(
-        f"\n[{variant}] |merged-unmerged| mean {diff.mean():.5f} max {diff.max():.5f}; "
-        f"adapter effect mean {effect.mean():.4f} max {effect.max():.4f}"
-    )
-    assert effect.mean() > 0.05, "fixture error: the adapter barely changes the logits"
-    assert diff.mean() <= 0.03 * effect.mean()
-    assert diff.max() <= 0.25 * effect.max()
+    effect, _ = check_like_unmerged(variant, ours, unmerged, base_logits, min_effect=0.05)
     assert (ours - peft_merged).abs().max() <= 0.01 * effect.max()
 
 
-def test_tied_output_stays_tied(zoo, tmp_path):
+def test_tied_output_stays_tied(zoo):
     """LoRA on the projections only: the merged tied checkpoint still ties lm_head to embed_tokens."""
     from transformers import AutoModelForCausalLM
 
-    base, adapter = zoo.pair("basic_tied")
-    out = tmp_path / "merged"
-    merge_shards(base, adapter, out, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    base, _ = zoo.pair("basic_tied")
+    model = AutoModelForCausalLM.from_pretrained(zoo.merged("basic_tied").out, dtype=torch.bfloat16)
     assert model.config.tie_word_embeddings is True
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)

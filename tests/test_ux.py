@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 
 import qwen_merge.merge
-from fixtures_models import tree_hash
+from builders import cli_env, run_cli, tree_hash
 from qwen_merge import merge_shards
 from qwen_merge.cli import main
 from qwen_merge.output import check_free_space, partial_folder_of, write_error
 from qwen_merge.progress import PlainProgress, progress_bar
 from qwen_merge.units import human_bytes
-from test_cli import run_cli
 
 
 def error_and_usage(text: str, command: str | None) -> str:
@@ -40,8 +39,8 @@ def error_and_usage(text: str, command: str | None) -> str:
 
 # ---------------------------------------------------------------------------------- 1. argument mistakes
 
-def test_mistyped_flag_is_one_error_line_with_a_hint_and_the_subcommand_usage(repo_root, tmp_path):
-    proc = run_cli(repo_root, "merge", "a", "b", "c", "--overwirte", cwd=tmp_path)
+def test_mistyped_flag_is_one_error_line_with_a_hint_and_the_subcommand_usage(tmp_path):
+    proc = run_cli("merge", "a", "b", "c", "--overwirte", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     line = error_and_usage(proc.stderr, "merge")
     assert "--overwirte" in line and "did you mean --overwrite?" in line, line
@@ -71,33 +70,33 @@ def test_no_hint_when_nothing_is_close(capsys):
     assert "did you mean" not in line, line
 
 
-def test_help_still_exits_0(repo_root, tmp_path):
-    proc = run_cli(repo_root, "merge", "--help", cwd=tmp_path)
+def test_help_still_exits_0(tmp_path):
+    proc = run_cli("merge", "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: qwen-merge merge") and "--overwrite" in proc.stdout
     assert proc.stderr == ""
 
 
-def test_debug_before_the_subcommand_shows_a_traceback(zoo, repo_root, tmp_path):
+def test_debug_before_the_subcommand_shows_a_traceback(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
-    proc = run_cli(repo_root, "--debug", "merge", base, adapter, base, cwd=tmp_path)
+    proc = run_cli("--debug", "merge", base, adapter, base, cwd=tmp_path)
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "OutputError" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- 2. demo
 
-def test_demo_prints_no_deleted_paths(repo_root, tmp_path):
-    proc = run_cli(repo_root, "demo", "--quiet", cwd=tmp_path, timeout=600)
+def test_demo_prints_no_deleted_paths(tmp_path):
+    proc = run_cli("demo", "--quiet", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "qwen-merge-demo-" not in proc.stdout and "/" not in proc.stdout.replace("(alpha/r)", ""), proc.stdout
     assert "temporary" in proc.stdout and "--keep DIR" in proc.stdout, proc.stdout
     assert re.search(r"bf16 model \(\d+(\.\d+)? kB\)", proc.stdout), proc.stdout
 
 
-def test_demo_keep_prints_the_kept_paths(repo_root, tmp_path):
+def test_demo_keep_prints_the_kept_paths(tmp_path):
     keep = tmp_path / "kept"
-    proc = run_cli(repo_root, "demo", "--quiet", "--keep", keep, cwd=tmp_path, timeout=600)
+    proc = run_cli("demo", "--quiet", "--keep", keep, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"into {keep / 'merged'}" in proc.stdout, proc.stdout
     assert (keep / "merged" / "qwen_merge.json").is_file()
@@ -234,14 +233,13 @@ def test_resume_on_an_unrelated_folder_is_refused(zoo, capsys, tmp_path):
 
 # --------------------------------------------------------------------------------------------- 6. progress
 
-def test_progress_in_a_log_file_is_plain_lines(zoo, repo_root, tmp_path):
+def test_progress_in_a_log_file_is_plain_lines(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
     log = tmp_path / "log.txt"
-    env = dict(os.environ, PYTHONPATH=str(repo_root))
     with open(log, "wb") as stderr:
         proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter),
-                               str(tmp_path / "out")], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr,
-                              timeout=300)
+                               str(tmp_path / "out")], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=stderr, timeout=300)
     assert proc.returncode == 0
     text = log.read_bytes()
     assert b"\r" not in text, text[:300]

@@ -14,25 +14,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from fixtures_models import read_header, tensor_entries
+from builders import (EMBED, HEAD, INDEX, demo_pair, edit_json, edit_tensors, locate, read_header, rewrite_adapter,
+                      run_cli, tensor_entries)
 from qwen_merge import FormatError, merge_shards, plan_merge, verify_merge
+from qwen_merge.ties import Tie
 from qwen_merge import verify as verify_module
-from qwen_merge.demo import HIDDEN, VOCAB, build_adapter, build_base
+from qwen_merge.demo import HIDDEN, VOCAB
 
 BLOCK = 2048  # fp32 bytes per row block: 8 rows of a 64-column weight, so q_proj (64 rows) has 8 blocks
-INDEX = "model.safetensors.index.json"
 Q0, K0, V0 = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkv")
 GATE0 = "model.layers.0.mlp.gate_proj.weight"
-EMBED, HEAD, NORM = "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.input_layernorm.weight"
+NORM = "model.layers.0.input_layernorm.weight"
 NEW_VOCAB = VOCAB + 8
 
 
@@ -47,62 +44,44 @@ class Case:
         return verify_merge(out or self.out, self.base, self.adapter, block_bytes=self.block_bytes, **kwargs)
 
 
-def _json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def _add_adapter_tensors(adapter: Path, tensors: dict[str, torch.Tensor], **config) -> None:
-    path = adapter / "adapter_model.safetensors"
-    save_file({**load_file(path), **tensors}, path, metadata={"format": "pt"})
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    _json(adapter / "adapter_config.json", {**cfg, **config})
-
-
 def _untie(base: Path) -> None:
     """Turn a demo base into a tied checkpoint without lm_head (as transformers v5 saves one)."""
-    index = json.loads((base / INDEX).read_text())
-    shard = base / index["weight_map"].pop(HEAD)
-    tensors = load_file(shard)
-    dropped = tensors.pop(HEAD)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    index["metadata"]["total_size"] -= dropped.numel() * dropped.element_size()
-    _json(base / INDEX, index)
-    config = json.loads((base / "config.json").read_text())
-    _json(base / "config.json", {**config, "tie_word_embeddings": True})
+    path, _, entry = locate(base, HEAD)
+    edit_tensors(path, lambda tensors: tensors.pop(HEAD))
+    size = entry["data_offsets"][1] - entry["data_offsets"][0]
 
+    def drop(index: dict) -> None:
+        del index["weight_map"][HEAD]
+        index["metadata"]["total_size"] -= size
 
-def _inputs(root: Path, name: str, seed: int) -> tuple[Path, Path]:
-    g = torch.Generator().manual_seed(seed)
-    base, adapter = root / name / "base", root / name / "adapter"
-    base.mkdir(parents=True)
-    adapter.mkdir()
-    build_base(base, g)
-    build_adapter(adapter, g)
-    return base, adapter
+    edit_json(base / INDEX, drop)
+    edit_json(base / "config.json", {"tie_word_embeddings": True})
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> dict[str, Case]:
+def cases(tmp_path_factory, demo_inputs) -> dict[str, Case]:
     root = tmp_path_factory.mktemp("verify")
     out = {}
-    base, adapter = _inputs(root, "untied", 0)
+    base, adapter = demo_inputs  # the session's demo pair (seed 0), read-only
+    (root / "untied").mkdir()
     out["untied"] = Case(base, adapter, root / "untied" / "out", BLOCK)
 
-    base, adapter = _inputs(root, "tied", 1)
+    base, adapter = demo_pair(root / "tied", 1)
     _untie(base)
     g = torch.Generator().manual_seed(2)
-    _add_adapter_tensors(adapter, {
+    rewrite_adapter(adapter, add={
         "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(8, VOCAB, generator=g) * 0.1,
         "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(HIDDEN, 8, generator=g) * 0.1,
-    }, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"])
+    }, config={"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                  "embed_tokens"]})
     out["tied"] = Case(base, adapter, root / "tied" / "out", 8 << 20)
 
-    base, adapter = _inputs(root, "resized", 3)
+    base, adapter = demo_pair(root / "resized", 3)
     g = torch.Generator().manual_seed(4)
-    _add_adapter_tensors(adapter, {
+    rewrite_adapter(adapter, add={
         "base_model.model.model.embed_tokens.weight": (torch.randn(NEW_VOCAB, HIDDEN, generator=g) * 0.05).bfloat16(),
         "base_model.model.lm_head.weight": (torch.randn(NEW_VOCAB, HIDDEN, generator=g) * 0.05).bfloat16(),
-    }, modules_to_save=["embed_tokens", "lm_head"])
+    }, config={"modules_to_save": ["embed_tokens", "lm_head"]})
     out["resized"] = Case(base, adapter, root / "resized" / "out", 8 << 20)
 
     for case in out.values():
@@ -111,14 +90,6 @@ def cases(tmp_path_factory) -> dict[str, Case]:
 
 
 # -- byte-level helpers (no qwen_merge) ---------------------------------------------------------------
-
-
-def locate(folder: Path, name: str) -> tuple[Path, int, dict]:
-    """(shard path, absolute offset of the tensor's first byte, header entry)."""
-    index = json.loads((folder / INDEX).read_text())
-    path = folder / index["weight_map"][name]
-    n, header = read_header(path)
-    return path, 8 + n + header[name]["data_offsets"][0], header[name]
 
 
 def read_at(path: Path, offset: int, length: int) -> bytes:
@@ -173,7 +144,7 @@ def test_good_output_passes(cases, name):
 
 def test_good_cases_are_what_they_claim(cases):
     tied = plan_merge(cases["tied"].base, cases["tied"].adapter)
-    assert tied.tie and "untied" in tied.tie and tied.config["tie_word_embeddings"] is False
+    assert tied.tie and tied.tie.tie is Tie.UNTIED and tied.config["tie_word_embeddings"] is False
     assert HEAD in {e.name for s in tied.shards for e in s.entries}
     resized = plan_merge(cases["resized"].base, cases["resized"].adapter)
     assert resized.config["vocab_size"] == NEW_VOCAB
@@ -252,17 +223,14 @@ def test_base_tensor_where_a_merge_was_due(cases, damaged):
 
 def test_index_entry_removed(cases, damaged):
     out = damaged()
-    index = json.loads((out / INDEX).read_text())
-    shard = index["weight_map"].pop(GATE0)
-    _json(out / INDEX, index)
+    shard = json.loads((out / INDEX).read_text())["weight_map"][GATE0]
+    edit_json(out / INDEX, lambda index: index["weight_map"].pop(GATE0))
     only(cases["untied"].verify(out), str(out / INDEX), "weight_map lacks", GATE0, shard)
 
 
 def test_index_total_size_wrong(cases, damaged):
     out = damaged()
-    index = json.loads((out / INDEX).read_text())
-    index["metadata"]["total_size"] += 2
-    _json(out / INDEX, index)
+    edit_json(out / INDEX, lambda index: index["metadata"].update(total_size=index["metadata"]["total_size"] + 2))
     only(cases["untied"].verify(out), str(out / INDEX), "total_size")
 
 
@@ -287,8 +255,7 @@ def test_truncated_shard(cases, damaged):
 
 def test_config_vocab_size_changed(cases, damaged):
     out = damaged()
-    config = json.loads((out / "config.json").read_text())
-    _json(out / "config.json", {**config, "vocab_size": 300})
+    edit_json(out / "config.json", {"vocab_size": 300})
     report = cases["untied"].verify(out)
     assert len(report.problems) == 3, report.problems
     assert any("config.json" in p and "vocab_size is 300" in p and EMBED in p for p in report.problems)
@@ -298,9 +265,8 @@ def test_config_vocab_size_changed(cases, damaged):
 
 def test_resized_vocab_config_reverted(cases, damaged):
     out = damaged("resized")
-    config = json.loads((out / "config.json").read_text())
-    assert config["vocab_size"] == NEW_VOCAB
-    _json(out / "config.json", {**config, "vocab_size": VOCAB})
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == NEW_VOCAB
+    edit_json(out / "config.json", {"vocab_size": VOCAB})
     report = cases["resized"].verify(out)
     assert any("vocab_size" in p and f"planned {NEW_VOCAB}" in p for p in report.problems), report.problems
     assert any(f"vocab_size is {VOCAB} but {EMBED} has {NEW_VOCAB} rows" in p for p in report.problems)
@@ -309,8 +275,7 @@ def test_resized_vocab_config_reverted(cases, damaged):
 
 def test_tie_flag_contradicts_tensors(cases, damaged):
     out = damaged("tied")
-    config = json.loads((out / "config.json").read_text())
-    _json(out / "config.json", {**config, "tie_word_embeddings": True})
+    edit_json(out / "config.json", {"tie_word_embeddings": True})
     report = cases["tied"].verify(out)
     assert len(report.problems) == 2, report.problems
     assert any("tie_word_embeddings" in p and "planned False" in p for p in report.problems)
@@ -323,8 +288,7 @@ def test_untied_flag_without_lm_head(cases, tmp_path):
     case = Case(cases["tied"].base, cases["untied"].adapter, tmp_path / "out", 8 << 20)
     merge_shards(case.base, case.adapter, case.out, progress=False)
     assert case.verify().ok
-    config = json.loads((case.out / "config.json").read_text())
-    _json(case.out / "config.json", {**config, "tie_word_embeddings": False})
+    edit_json(case.out / "config.json", {"tie_word_embeddings": False})
     report = case.verify()
     assert len(report.problems) == 2, report.problems
     assert any("differs from the base's" in p for p in report.problems)
@@ -386,14 +350,6 @@ def test_output_not_a_folder(cases, tmp_path):
 # -- the command line -----------------------------------------------------------------------------------
 
 
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-m", "qwen_merge", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-
-
 def test_cli_exit_codes(cases, damaged, tmp_path):
     case = cases["tied"]
     proc = run_cli("verify", case.out, "--base", case.base, "--adapter", case.adapter, "--full", cwd=tmp_path)
@@ -403,9 +359,7 @@ def test_cli_exit_codes(cases, damaged, tmp_path):
     out = damaged("tied")
     path, start, _ = locate(out, EMBED)  # merged with the embedding LoRA
     flip(path, start)
-    index = json.loads((out / INDEX).read_text())
-    del index["weight_map"][NORM]
-    _json(out / INDEX, index)
+    edit_json(out / INDEX, lambda index: index["weight_map"].pop(NORM))
     proc = run_cli("verify", out, "--base", case.base, "--adapter", case.adapter, cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

@@ -1,0 +1,64 @@
+"""The options of a merge, as one value passed through plan, merge, iter and verify.
+
+`MergeOptions` holds every choice that changes what a merge computes or accepts. The public functions
+take the same names as keyword arguments and build one; `identity()` is the part that determines the
+output bytes, recorded in the manifest and the resume state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import OptionError
+
+DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
+
+
+class Rounding(str, Enum):
+    """SINGLE: fp32 accumulation, one rounding to the stored dtype. PEFT: PEFT's double rounding where
+    PEFT rounds ΔW to the weight's dtype before adding it (embedding LoRA, target_parameters, MiCA)."""
+
+    SINGLE = "single"
+    PEFT = "peft"
+
+
+@dataclass(frozen=True, slots=True)
+class MergeOptions:
+    """rounding: see `Rounding`. key_map: (adapter prefix, base prefix) renames, tried before the known
+    ones. allow_pickle: read a pickled adapter_model.bin with torch.load(weights_only=True).
+    allow_nonfinite: write NaN/Inf instead of stopping. block_bytes: fp32 bytes of a row block, which
+    bounds the working memory of each tensor."""
+
+    rounding: Rounding = Rounding.SINGLE
+    key_map: tuple[tuple[str, str], ...] = ()
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rounding", Rounding(self.rounding))
+        except ValueError:
+            choices = ", ".join(repr(r.value) for r in Rounding)
+            raise OptionError(f"rounding must be one of {choices}, got {self.rounding!r}") from None
+        if isinstance(self.key_map, Mapping):
+            object.__setattr__(self, "key_map", tuple(self.key_map.items()))
+        if any(not (isinstance(a, str) and isinstance(b, str) and a) for a, b in self.key_map):
+            raise OptionError(f"key_map must map non-empty prefixes to prefixes, got {self.key_map!r}")
+        if type(self.block_bytes) is not int or self.block_bytes <= 0:
+            raise OptionError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
+
+    @classmethod
+    def of(cls, options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
+        """`options` (or the defaults) with the keyword arguments a caller passed set on top; `None`
+        values mean "not given"."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(options or cls(), **given)
+
+    def identity(self) -> dict:
+        """The options that determine the output bytes, as recorded in the manifest."""
+        return {"rounding": self.rounding.value, "key_map": dict(self.key_map),
+                "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes}

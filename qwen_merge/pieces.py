@@ -1,0 +1,163 @@
+"""What travels from the planner's shards to the writer: pieces of bytes, and the buffers they live in.
+
+A shard's tensor data is a sequence of pieces in file order:
+* `RawSpan`: bytes copied unchanged from an input file (a base shard, or an adapter tensor that replaces
+  a base tensor in the same dtype); the writer copies them in the kernel;
+* `Block`: computed rows of a tensor, already in the output dtype, in a buffer from the `BlockRing`.
+
+This module does not import torch: only `stream`/`compute` turn bytes into tensors and back, and only
+for the tensors the plan computes. `shard_pieces` (per tensor, for `iter_merged` and `verify`) and
+`shard_runs` (adjacent unchanged tensors as one span, for writing) take the computation as a function.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .plan import BATCH_BYTES, ShardPlan, TensorOp
+from .sources import Files
+from .tensorfile import TensorEntry, TensorFile
+
+
+@dataclass(frozen=True, slots=True)
+class RawSpan:
+    """`length` unchanged bytes at absolute `offset` of the file open as `fd`."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+class Slot:
+    """One reusable output buffer of the ring; grows to the largest block it has held."""
+
+    __slots__ = ("buffer", "_users", "_lock", "_ring")
+
+    def __init__(self, ring: BlockRing) -> None:
+        self.buffer, self._users, self._lock, self._ring = bytearray(), 0, threading.Lock(), ring
+
+    def view(self, nbytes: int) -> memoryview:
+        if len(self.buffer) < nbytes:
+            self.buffer = bytearray(nbytes)
+        return memoryview(self.buffer)[:nbytes]
+
+    def hold(self, users: int) -> None:
+        """The block in this slot is handed to `users` consumers; each calls `release` once."""
+        self._users = users
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            done = self._users <= 0
+        if done:
+            self._ring.give_back(self)
+
+
+class BlockRing:
+    """The output buffers of computed blocks, and the one rule about them: a block's buffer is reused only
+    after every consumer of the block (the writer and the hasher, or the caller of `iter_merged`) has
+    released it. `take` waits while all `size` slots are in use, which also bounds memory."""
+
+    def __init__(self, size: int) -> None:
+        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+        for _ in range(size):
+            self._free.put(Slot(self))
+
+    def take(self) -> Slot:
+        return self._free.get()
+
+    def give_back(self, slot: Slot) -> None:
+        self._free.put(slot)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """Computed rows of a tensor; `offset` is the byte offset of the first row inside the tensor. `data`
+    views `slot`'s buffer, valid until the block is released."""
+
+    offset: int
+    data: memoryview
+    slot: Slot
+
+    def release(self) -> None:
+        self.slot.release()
+
+
+Piece = RawSpan | Block
+ComputeOp = Callable[[TensorOp], Iterator[Block]]
+ComputeBatch = Callable[[tuple[TensorOp, ...]], Iterator[Block]]
+
+
+def shard_pieces(shard: ShardPlan, files: Files, compute: ComputeOp) -> Iterator[tuple[TensorEntry, Iterator[Piece]]]:
+    """For each output tensor of the shard, in output order: its entry and an iterator over its pieces.
+    `compute(op)` yields the blocks of a tensor the plan computes; it is called lazily, when the
+    tensor's pieces are iterated."""
+    base = shard.source.entry_map()
+    for entry in shard.entries:
+        op = shard.ops.get(entry.name)
+        if op is None:
+            yield entry, iter((span(files, shard.source, base[entry.name]),))
+        elif op.is_raw_copy:
+            yield entry, iter((span(files, op.source.file, op.source.entry),))
+        else:
+            yield entry, compute(op)
+
+
+def shard_runs(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: ComputeBatch) -> Iterator[Piece]:
+    """The shard's pieces in file order, for writing, with two economies for models of many tensors:
+    adjacent unchanged bytes of one input file become one span (one copy call, however many tensors it
+    holds), and adjacent small per-expert tensors are merged as one batch (`compute_batch`, one block)."""
+    pending: RawSpan | None = None
+    for piece in _units(shard, files, compute, compute_batch):
+        if isinstance(piece, RawSpan):
+            if pending and pending.fd == piece.fd and pending.offset + pending.length == piece.offset:
+                pending = RawSpan(piece.fd, pending.offset, pending.length + piece.length)
+                continue
+            if pending:
+                yield pending
+            pending = piece
+        else:
+            if pending:
+                yield pending
+                pending = None
+            yield piece
+    if pending:
+        yield pending
+
+
+def _units(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: ComputeBatch) -> Iterator[Piece]:
+    base, entries, i = shard.source.entry_map(), shard.entries, 0
+    while i < len(entries):
+        op = shard.ops.get(entries[i].name)
+        batch = _batch(shard, i) if op is not None and op.batchable else ()
+        if len(batch) > 1:
+            yield from compute_batch(batch)
+            i += len(batch)
+            continue
+        if op is None:
+            yield span(files, shard.source, base[entries[i].name])
+        elif op.is_raw_copy:
+            yield span(files, op.source.file, op.source.entry)
+        else:
+            yield from compute(op)
+        i += 1
+
+
+def _batch(shard: ShardPlan, first: int) -> tuple[TensorOp, ...]:
+    """The batchable ops from entry `first` on that follow each other, up to BATCH_BYTES."""
+    ops = [shard.ops[shard.entries[first].name]]
+    size = ops[0].source.entry.nbytes
+    for entry in shard.entries[first + 1:]:
+        op = shard.ops.get(entry.name)
+        if op is None or not op.batchable or not op.follows(ops[-1]) or size + entry.nbytes > BATCH_BYTES:
+            break
+        ops.append(op)
+        size += entry.nbytes
+    return tuple(ops)
+
+
+def span(files: Files, file: TensorFile, entry: TensorEntry) -> RawSpan:
+    return RawSpan(files.fd(file.path), file.data_offset + entry.start, entry.nbytes)
