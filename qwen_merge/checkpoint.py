@@ -141,12 +141,13 @@ def _check_shard_name(index_path: Path, tensor: str, shard: object) -> None:
 def _check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
     seen: dict[str, str] = {}
     for shard in shards:
+        file = shard.path.name
         for e in shard.entries:
             if e.name in seen:
                 raise FormatError(f"{shard.path}: tensor {e.name!r} is also stored in {seen[e.name]}")
-            seen[e.name] = shard.path.name
-            if weight_map.get(e.name) != shard.path.name:
-                raise FormatError(f"{index_path}: tensor {e.name!r} is stored in {shard.path.name} "
+            seen[e.name] = file
+            if weight_map.get(e.name) != file:
+                raise FormatError(f"{index_path}: tensor {e.name!r} is stored in {file} "
                                   f"but the index says {weight_map.get(e.name)!r}")
     missing = [t for t in weight_map if t not in seen]
     if missing:

@@ -262,16 +262,21 @@ def merge_experts(w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scale: 
     so every expert gets the bits its own product would."""
     n, rows, cols = w.shape
     step = max(1, SUB_BLOCK_BYTES // (4 * rows * cols))
+    fused = scale == 1.0 and not round_delta and _batched_add_exact(rows, lhs.shape[2], cols)
     for k in range(0, n, step):
         m = min(step, n - k)
-        delta = workspace.tensor("batch_delta", "F32", (m, rows, cols))
-        torch.bmm(lhs[k:k + m], rhs[k:k + m], out=delta)                   # fl32(B_e @ A_e)
-        if scale != 1.0:
-            delta.mul_(scale)
-        if round_delta:
-            delta.copy_(out[k:k + m].copy_(delta))                         # PEFT: W + rnd_W(ΔW)
-        delta.add_(workspace.tensor("batch_w32", "F32", (m, rows, cols)).copy_(w[k:k + m]))
-        out[k:k + m].copy_(delta)                                          # the one rounding
+        acc = workspace.tensor("batch_acc", "F32", (m, rows, cols)).copy_(w[k:k + m])  # fp32(W), exact
+        if fused:  # W + B_e@A_e in the GEMM, the same bits (see _batched_add_exact)
+            acc.baddbmm_(lhs[k:k + m], rhs[k:k + m])
+        else:
+            delta = workspace.tensor("batch_delta", "F32", (m, rows, cols))
+            torch.bmm(lhs[k:k + m], rhs[k:k + m], out=delta)               # fl32(B_e @ A_e)
+            if scale != 1.0:
+                delta.mul_(scale)
+            if round_delta:
+                delta.copy_(out[k:k + m].copy_(delta))                     # PEFT: W + rnd_W(ΔW)
+            acc.add_(delta)
+        out[k:k + m].copy_(acc)                                            # the one rounding
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,6 +287,16 @@ def batched_exact(rows: int, rank: int, cols: int) -> bool:
     g = torch.Generator().manual_seed(rows * 7919 + rank * 31 + cols)
     lhs, rhs = torch.randn(3, rows, rank, generator=g), torch.randn(3, rank, cols, generator=g)
     return all(torch.equal(torch.bmm(lhs, rhs)[k], torch.mm(lhs[k], rhs[k])) for k in range(3))
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_add_exact(rows: int, rank: int, cols: int) -> bool:
+    """Whether `W.baddbmm_(L, R)` gives the bits of `bmm(L, R) + W` for these shapes, checked once (as
+    `_fused_add_exact` for one matrix)."""
+    g = torch.Generator().manual_seed(rows * 7919 + rank * 31 + cols + 1)
+    lhs, rhs = torch.randn(3, rows, rank, generator=g), torch.randn(3, rank, cols, generator=g)
+    w = torch.randn(3, rows, cols, generator=g) * 3
+    return torch.equal(torch.bmm(lhs, rhs).add_(w), w.clone().baddbmm_(lhs, rhs))
 
 
 def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # for annotations only: the planner imports this module
 # Resident size of the interpreter with torch, numpy and tqdm imported, measured on Linux x86-64.
 RUNTIME_BYTES = 256 << 20
 THREADS_BYTES = 16 << 20  # the writer, hashing and finishing threads: stacks, heap arenas, buffers
-RING_SIZE = 4  # computed blocks alive at once: being computed, written and hashed (pieces.BlockRing)
+RING_SIZE = 8  # computed blocks alive at once: computed, queued behind copies, written and hashed
 SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (compute.SUB_BLOCK_BYTES)
 
 

@@ -52,11 +52,7 @@ class TensorOp:
     tokens: TokenRows | None = None
     check_finite: bool = True
     round_delta: bool = False
-
-    @property
-    def matrix(self) -> tuple[int, int]:
-        """The (rows, columns) view of the tensor that is streamed in row blocks."""
-        return matrix_view(self.shape, self.pair, self.part)
+    matrix: tuple[int, int] = (0, 0)  # the (rows, columns) view streamed in row blocks (`matrix_view`)
 
     @property
     def rank(self) -> int | None:
@@ -250,7 +246,7 @@ class _OpBuilder:
         if recipe.tokens is not None:
             _check_tokens(name, shape, recipe.tokens)
         return TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, transpose,
-                        recipe.tokens, not self.options.allow_nonfinite, round_delta)
+                        recipe.tokens, not self.options.allow_nonfinite, round_delta, (rows, cols))
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
