@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench_moe.py --json /tmp/moe.json --repeat 3
     python benchmarks/bench_moe.py --build-only
     python benchmarks/bench_moe.py --no-half --no-profile
+    python benchmarks/bench_moe.py --preset 30b-a3b-4l --repeat 3   # real dimensions, 4 layers, ~6 GB
 """
 from __future__ import annotations
 
@@ -69,11 +70,19 @@ CACHE = REPO / "benchmarks" / ".cache" / "moe"
 BUILD_VERSION = 1
 TARGET_RATIO_TO_CP = 2.0
 R, ALPHA = 8, 16
+# small: Qwen3-30B-A3B's tensor count (48 layers x 128 experts x 3) at small dimensions, for per-tensor
+# costs; 30b-a3b-4l: its real dimensions (hidden 2048, expert intermediate 768, vocab 151936), 4 layers.
+PRESETS = {
+    "small": SynthSpec(layers=48, experts=128),
+    "30b-a3b-4l": SynthSpec(layers=4, experts=128, hidden=2048, moe_intermediate=768, heads=32, kv_heads=4,
+                            head_dim=128, vocab=151936, shards=3),
+}
 
 INPROC = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import qwen_merge
+import qwen_merge.stream  # start-up includes torch: the timed call is the merge after it
 t1 = time.perf_counter()
 what, base, adapter = sys.argv[1:4]
 if what == "plan":
@@ -275,7 +284,10 @@ def linearity(summaries: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                    help="small: the real tensor count at small dimensions; 30b-a3b-4l: the real dimensions, "
+                         "4 layers (about 6 GB)")
+    ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-half", action="store_true", help="skip the 24-layer linearity variant")
@@ -286,8 +298,10 @@ def main(argv=None) -> int:
                     help="before each timed step, wait up to this many seconds for the machine to be < 15%% busy")
     args = ap.parse_args(argv)
 
-    full = SynthSpec(layers=args.layers, experts=args.experts)
-    specs = [("full", full)] + ([] if args.no_half else [("half", replace(full, layers=args.layers // 2))])
+    preset = PRESETS[args.preset]
+    full = replace(preset, layers=args.layers or preset.layers, experts=args.experts)
+    half = args.no_half or args.preset != "small"
+    specs = [("full", full)] + ([] if half else [("half", replace(full, layers=full.layers // 2))])
     inputs = {label: ensure_inputs(spec) for label, spec in specs}
     if args.build_only:
         return 0

@@ -197,6 +197,7 @@ class LazyComputer:
             if self.threads is not None:
                 self.stack.enter_context(compute_threads(self.threads))
             self._computer = Computer(self.plan.adapter.file, self.files, self.ring)
+            self.stack.callback(self._computer.close)
         return self._computer
 
 
@@ -228,7 +229,8 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions) -> Iterat
 
 
 def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
-    with stack, Files() as files:
+    with stack:
+        files = stack.enter_context(Files())  # closed after the computer, whose read-ahead uses them
         compute = LazyComputer(plan, files, BlockRing(1), stack)
         for shard in plan.shards:
             for entry, pieces in shard_pieces(shard, files, compute):
@@ -260,7 +262,7 @@ def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: b
         files = stack.enter_context(Files())
         ring = BlockRing(RING_SIZE)
         compute = LazyComputer(plan, files, ring, stack, threads=1)
-        writer = stack.enter_context(ShardWriter(folder, state, bar.update))
+        writer = stack.enter_context(ShardWriter(folder, state, files, bar.update))
         for shard in plan.shards:
             if shard.name not in state.done:
                 writer.write(shard.name, shard.header, shard_runs(shard, files, compute, compute.batch))

@@ -6,6 +6,7 @@ caller owns, so resident memory stays what the caller allocated.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy
@@ -28,16 +29,19 @@ def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: objec
 
 class Files:
     """Read-only descriptors of the input files, opened on first use and closed together (a context
-    manager). Each is opened for sequential reading, so the kernel reads ahead further."""
+    manager). (Hints to the kernel — POSIX_FADV_SEQUENTIAL, WILLNEED windows ahead of the reads — were
+    measured here and made cold-cache merges slower: 23.7 s instead of 19.5 s on 8 GB; `ReadAhead` reads
+    ahead itself instead.)"""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
+    def read(self, fd: int, buffer: bytearray | memoryview, offset: int, path: object) -> None:
+        read_exact(fd, buffer, offset, path)
+
     def fd(self, path: Path) -> int:
         if path not in self._fds:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
     def close(self) -> None:
@@ -50,6 +54,60 @@ class Files:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReadAhead:
+    """Positioned reads for one consumer, each followed by a read of the bytes after it on a thread of
+    its own: a pass through a tensor's rows (and on into the next tensor) finds each block already read
+    while the one before was being merged, so the disk, or the page cache copy, runs beside the
+    arithmetic instead of between its steps. A read outside the range fetched ahead is done at once.
+
+    `read` returns a view that stays valid until the next `read`."""
+
+    def __init__(self, files: Files) -> None:
+        self.files = files
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-read")
+        self._buffers = [bytearray(), bytearray()]
+        self._ahead: tuple[int, int, int, Future] | None = None  # fd, offset, length, done
+        self._current = 0  # the buffer the last returned view is in
+
+    def read(self, fd: int, offset: int, length: int, path: object) -> memoryview:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            a_fd, a_offset, a_length, done = ahead
+            got = done.result()  # also waits for it before its buffer may be reused
+            if a_fd == fd and a_offset <= offset and offset + length <= a_offset + got:
+                self._current = 1 - self._current
+                start = offset - a_offset
+                view = memoryview(self._buffers[self._current])[start:start + length]
+                self._fetch(fd, offset + length, max(length, a_length), path)
+                return view
+        view = self._buffer(self._current, length)
+        self.files.read(fd, view, offset, path)
+        self._fetch(fd, offset + length, length, path)
+        return view
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[3].exception()  # wait, ignoring a failed guess
+        self._pool.shutdown(wait=True)
+
+    def _fetch(self, fd: int, offset: int, length: int, path: object) -> None:
+        size = os.fstat(fd).st_size
+        length = min(length, size - offset)
+        if length <= 0:
+            return
+        view = self._buffer(1 - self._current, length)
+        self._ahead = (fd, offset, length, self._pool.submit(self._fill, fd, view, offset, path))
+
+    def _fill(self, fd: int, view: memoryview, offset: int, path: object) -> int:
+        self.files.read(fd, view, offset, path)
+        return len(view)
+
+    def _buffer(self, index: int, length: int) -> memoryview:
+        if len(self._buffers[index]) < length:
+            self._buffers[index] = bytearray(length)
+        return memoryview(self._buffers[index])[:length]
 
 
 def same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bool) -> bool:

@@ -21,7 +21,7 @@ from .errors import NonFiniteError, ZeroNormError
 from .pieces import Block, BlockRing
 from .plan import TensorOp
 from .recipe import Part
-from .sources import Files, read_exact
+from .sources import Files, ReadAhead, read_exact
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 CACHED_FACTORS = 4  # split fused-expert LoRAs kept: a layer's gate_up and down, and the next layer's
@@ -35,6 +35,7 @@ class Computer:
     def __init__(self, adapter: TensorFile, files: Files, ring: BlockRing) -> None:
         self.adapter, self.files, self.ring = adapter, files, ring
         self.workspace = Workspace()
+        self.reader = ReadAhead(files)  # source rows: the next block is read while this one is merged
         self._experts: dict[tuple[str, str], ExpertFactors] = {}
         self._checked: set[str] = set()
 
@@ -42,7 +43,7 @@ class Computer:
         """The op's row blocks in order (only the block indexes in `only`, when given): read the source
         rows, round them to the output dtype if needed, add the delta (and DoRA), set token rows."""
         rows_total, cols = op.matrix
-        reader = _RowReader(op, self.files, self.workspace, (rows_total, cols))
+        reader = _RowReader(op, self.files, self.reader, self.workspace, (rows_total, cols))
         if op.pair is not None and op.part == Part.BIAS:
             vector = self._load(op.pair.bias, op, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
             yield self._block(op, 0, 1, lambda buffers: add_vector(reader.rows(0, 1), vector, buffers))
@@ -66,15 +67,17 @@ class Computer:
 
             yield self._block(op, row0, rows, fill)
 
+    def close(self) -> None:
+        self.reader.close()
+
     def batch(self, ops: tuple[TensorOp, ...]) -> Iterator[Block]:
         """Adjacent small per-expert tensors (`TensorOp.batchable`, each `follows` the one before) as one
         block: one read of their source bytes, and one batched product for each group of tensors that
         take the same slice of the same fused LoRA (a layer's gate, up or down projections)."""
         first, last = ops[0].source, ops[-1].source
         nbytes = last.entry.end - first.entry.start
-        source = self.workspace.raw("read", nbytes)
-        read_exact(self.files.fd(first.file.path), source, first.file.data_offset + first.entry.start,
-                   first.file.path)
+        source = self.reader.read(self.files.fd(first.file.path), first.file.data_offset + first.entry.start,
+                                  nbytes, first.file.path)
         slot = self.ring.take()
         try:
             data = slot.view(nbytes)
@@ -214,15 +217,17 @@ class _RowReader:
     """Rows of an op's source, in the output dtype (a replacement stored in another dtype is rounded
     first, as loading it into the base parameter does in PEFT)."""
 
-    def __init__(self, op: TensorOp, files: Files, workspace: Workspace, shape: tuple[int, ...]) -> None:
-        self.op, self.workspace, self.shape = op, workspace, shape
+    def __init__(self, op: TensorOp, files: Files, reader: ReadAhead, workspace: Workspace,
+                 shape: tuple[int, ...]) -> None:
+        self.op, self.workspace, self.shape, self.reader = op, workspace, shape, reader
         self.fd, self.file = files.fd(op.source.file.path), op.source.file
         self.entry = op.source.entry
         self.row_bytes = math.prod(shape[1:]) * DTYPE_BITS[self.entry.dtype] // 8
 
     def rows(self, row0: int, rows: int) -> torch.Tensor:
-        view = self.workspace.raw("read", rows * self.row_bytes)
-        read_exact(self.fd, view, self.file.data_offset + self.entry.start + row0 * self.row_bytes, self.file.path)
+        """The rows, valid until the next read (of this op or another)."""
+        view = self.reader.read(self.fd, self.file.data_offset + self.entry.start + row0 * self.row_bytes,
+                                rows * self.row_bytes, self.file.path)
         w = as_tensor(view, self.entry.dtype, (rows, *self.shape[1:]))
         if self.entry.dtype == self.op.dtype:
             return w

@@ -34,7 +34,7 @@ from .errors import OutputError
 from .manifest import differences
 from .output import write_error, write_json_atomic
 from .pieces import Block, Piece, RawSpan
-from .sources import read_exact
+from .sources import Files
 
 STATE_NAME = "qwen_merge.partial.json"
 # SHA-256 is sequential within a file and runs at about 1.4 GB/s on one core: shards alternate between
@@ -165,14 +165,14 @@ class ShardWriter:
     """Writes shards into `folder`, one `write` call each, in the background; `close` waits for all of
     them. `on_bytes(n)` is told of every n bytes written (from the disk thread)."""
 
-    def __init__(self, folder: Path, state: ResumeState, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, folder: Path, state: ResumeState, files: Files, on_bytes: Callable[[int], None]) -> None:
         self.folder, self.state = folder, state
         self._chunks = _ChunkPool(CHUNKS)
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._disk: queue.SimpleQueue = queue.SimpleQueue()
         self._hashes = [queue.SimpleQueue() for _ in range(HASHERS)]
         self._errors: list[BaseException] = []
-        workers = [(self._pieces, _Assembler(self._chunks, self._disk), "assemble"),
+        workers = [(self._pieces, _Assembler(self._chunks, self._disk, files), "assemble"),
                    (self._disk, _Disk(on_bytes), "disk")]
         workers += [(q, _Hasher(), f"hash{i}") for i, q in enumerate(self._hashes)]
         self._threads = [threading.Thread(target=self._run, args=(q, worker), daemon=True, name=f"qwen-merge-{n}")
@@ -270,8 +270,8 @@ class _Assembler:
     """Copies a shard's header and pieces, in order, into staging chunks and hands each chunk on to the
     disk thread and the shard's hasher."""
 
-    def __init__(self, chunks: _ChunkPool, disk: queue.SimpleQueue) -> None:
-        self.chunks, self.disk = chunks, disk
+    def __init__(self, chunks: _ChunkPool, disk: queue.SimpleQueue, files: Files) -> None:
+        self.chunks, self.disk, self.files = chunks, disk, files
         self.chunk: _Chunk | None = None
         self.start: _Start | None = None
         self.offset = 0
@@ -335,7 +335,7 @@ class _Assembler:
         while done < span.length:
             room = self._room()
             n = min(len(room), span.length - done)
-            read_exact(span.fd, room[:n], span.offset + done, self.start.part)
+            self.files.read(span.fd, room[:n], span.offset + done, self.start.part)
             self._advance(n)
             done += n
 
