@@ -221,7 +221,7 @@ def _check_config(path: Path, config: dict) -> None:
             try:
                 re.compile(key)
             except re.error as e:
-                raise AdapterError(f"{path}: {field} key {key!r} is not a valid regular expression: {e}") from None
+                raise AdapterError(f"{path}: {field} key {key!r} is not a valid regular expression: {e}") from e
 
 
 def pattern_key(patterns: dict, name: str) -> str:

@@ -104,9 +104,9 @@ def read_json(path: Path, what: str) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
+        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
         raise FormatError(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
     return value

@@ -41,9 +41,9 @@ class MergeOptions:
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "rounding", Rounding(self.rounding))
-        except ValueError:
+        except ValueError as e:
             choices = ", ".join(repr(r.value) for r in Rounding)
-            raise OptionError(f"rounding must be one of {choices}, got {self.rounding!r}") from None
+            raise OptionError(f"rounding must be one of {choices}, got {self.rounding!r}") from e
         if isinstance(self.key_map, Mapping):
             object.__setattr__(self, "key_map", tuple(self.key_map.items()))
         if any(not (isinstance(a, str) and isinstance(b, str) and a) for a, b in self.key_map):

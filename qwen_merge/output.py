@@ -56,7 +56,7 @@ def staging_folder(dest: Path, *, resume: bool) -> Iterator[tuple[Path, bool]]:
         if fresh:
             folder.mkdir()
     except OSError as e:
-        raise OutputError(f"{dest}: cannot create a folder beside the destination: {e.strerror or e}") from None
+        raise OutputError(f"{dest}: cannot create a folder beside the destination: {e.strerror or e}") from e
     try:
         yield folder, fresh
     except Exception:
@@ -131,7 +131,7 @@ def write_bytes(path: Path, data: bytes) -> int:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise write_error(path, e) from None
+        raise write_error(path, e) from e
     return len(data)
 
 
@@ -153,7 +153,7 @@ def copy_side_file(source: Path, folder: Path) -> int:
     try:
         shutil.copyfile(source, folder / source.name)
     except OSError as e:
-        raise write_error(folder / source.name, e) from None
+        raise write_error(folder / source.name, e) from e
     return source.stat().st_size
 
 

@@ -23,7 +23,7 @@ def unpickle_adapter(adapter: Path, scratch: Path) -> Path | None:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{source}: refused by torch.load(weights_only=True): {first}") from None
+        raise AdapterError(f"{source}: refused by torch.load(weights_only=True): {first}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise AdapterError(f"{source}: expected a dict of tensor name -> tensor, found {type(state).__name__}")

@@ -102,11 +102,11 @@ def _decode_json(path: Path, raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: header is not UTF-8 (byte {e.start})") from None
+        raise FormatError(f"{path}: header is not UTF-8 (byte {e.start})") from e
     try:
         header = json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: header is not valid JSON: {e.msg} at char {e.pos}") from None
+        raise FormatError(f"{path}: header is not valid JSON: {e.msg} at char {e.pos}") from e
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header must be a JSON object, found {type(header).__name__}")
     return header
