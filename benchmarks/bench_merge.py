@@ -62,8 +62,9 @@ LORA_ALPHA = 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Targets from the project brief, used only for the informational "targets" section.
-TARGET_RATIO_TO_CP = 2.0        # ours wall <= 2x cp+sync (4b preset)
-TARGET_SPEEDUP_VS_PEFT = 6.0    # ours >= 6x faster than PEFT (1.9gb preset)
+TARGET_RATIO_TO_CP = 1.5        # ours wall <= 1.5x cp+sync with a warm cache, 1.3x cold (4b preset)
+TARGET_RATIO_TO_CP_COLD = 1.3
+TARGET_SPEEDUP_VS_PEFT = 4.0    # ours >= 4x faster than PEFT (1.9gb and 4b presets)
 TARGET_RSS_MIB = 640            # ours peak RSS <= 640 MiB
 
 MEMORY_CAVEAT = (
@@ -839,11 +840,12 @@ def main(argv=None):
     if S["ours"]:
         if cp_wall:
             r = ours_wall / cp_wall
-            targets.append((f"ours/cp+sync = {r:.2f} (target <= {TARGET_RATIO_TO_CP:g}, set for 4b)",
-                            r <= TARGET_RATIO_TO_CP))
+            limit = TARGET_RATIO_TO_CP_COLD if args.drop_caches else TARGET_RATIO_TO_CP
+            targets.append((f"ours/cp+sync = {r:.2f} (target <= {limit:g} "
+                            f"{'cold' if args.drop_caches else 'warm'}, set for 4b)", r <= limit))
         if peft_wall:
             sp = peft_wall / ours_wall
-            targets.append((f"PEFT/ours = {sp:.1f}x (target >= {TARGET_SPEEDUP_VS_PEFT:g}x, set for 1.9gb)",
+            targets.append((f"PEFT/ours = {sp:.1f}x (target >= {TARGET_SPEEDUP_VS_PEFT:g}x, set for 1.9gb and 4b)",
                             sp >= TARGET_SPEEDUP_VS_PEFT))
         rss = S["ours"]["maxrss_mib"]
         if rss is not None:

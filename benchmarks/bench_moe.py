@@ -58,9 +58,9 @@ from builders import (  # noqa: E402
     adapter_tensors,
     checkpoint_tensors,
     expert_delta_loop,
+    operand_ulps,
     single_rounding,
     to_tensor,
-    ulp_distance,
     write_synthetic_fused_adapter,
     write_synthetic_linear_adapter,
     write_synthetic_moe,
@@ -137,7 +137,8 @@ def inproc(what: str, paths: list[str], env) -> dict:
 
 
 def spot_check(base: Path, adapter: Path, out: Path, fused: bool) -> str:
-    """A few merged tensors against rnd(fp32(W) + fl32(ΔW)) (tests/builders.py), and a few copies byte-equal."""
+    """A few merged tensors against rnd(fp32(W) + fl32(ΔW)) with ΔW exact (tests/builders.py), within 1 ulp of
+    the larger operand, and a few copies byte-equal."""
     import torch
 
     spec_cfg = json.loads((base / "config.json").read_text())
@@ -164,12 +165,15 @@ def spot_check(base: Path, adapter: Path, out: Path, fused: bool) -> str:
     for name, delta in wanted.items():
         w = to_tensor(*b_t[name][1:])
         got = to_tensor(*o_t[name][1:])
-        worst = max(worst, int(ulp_distance(got, single_rounding(w, delta)).max()))
+        # in units of the larger operand's ulp: where W + ΔW nearly cancels, the fp32 product's own rounding
+        # is many ulps of the tiny result, for any fp32 GEMM (PEFT's included)
+        worst = max(worst, operand_ulps(got, single_rounding(w, delta), w, delta)[1])
         checked.append(name)
     copies = [n for n in b_t if n.endswith("layernorm.weight")][:3] + ["model.embed_tokens.weight"]
     same = all(b_t[n][3] == o_t[n][3] for n in copies)
     ok = worst <= 1 and same
-    return f"{'OK' if ok else 'FAILED'}: {len(checked)} merged tensors within {worst} ulp, copies identical: {same}"
+    return (f"{'OK' if ok else 'FAILED'}: {len(checked)} merged tensors within {worst:.2f} ulp of the larger "
+            f"operand, copies identical: {same}")
 
 
 def profile(cmd_prefix: list[str], env, base: Path, adapter: Path, out: Path) -> str:

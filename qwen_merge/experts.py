@@ -28,15 +28,30 @@ class HeldParameters:
     (`<module>.<name>`), plus the fused expert parameters that its per-expert tensors make up."""
 
     def __init__(self, entries: dict[str, TensorEntry]) -> None:
+        self._entries = entries
+        self._built = False  # indexed on first use: many plans (LoRA on Linear layers only) never ask
+
+    def _build(self) -> None:
         self._leaves: dict[str, set[str]] = {}
-        for name in entries:
+        for name in self._entries:
             module, _, leaf = name.rpartition(".")
             self._leaves.setdefault(module, set()).add(leaf)
-        self.experts = _expert_index(entries)
-        self._expert_modules = {module for module, _ in self.experts}
+        self._experts = _expert_index(self._entries)
+        self._expert_modules = {module for module, _ in self._experts}
+        self._modules = set(self._leaves) | self._expert_modules
+        self._built = True
+
+    @property
+    def experts(self) -> dict[tuple[str, str], list[int]]:
+        """(module, projection) -> the expert indices stored per expert."""
+        if not self._built:
+            self._build()
+        return self._experts
 
     def __call__(self, module: str) -> frozenset[str]:
         """The parameters of on-disk module path `module`."""
+        if not self._built:
+            self._build()
         held = set(self._leaves.get(module, ()))
         if module in self._expert_modules:
             held.update(p for p, alternatives in PER_EXPERT.items()
@@ -45,10 +60,14 @@ class HeldParameters:
 
     def modules(self) -> set[str]:
         """Every on-disk module path that owns a parameter."""
-        return set(self._leaves) | self._expert_modules
+        if not self._built:
+            self._build()
+        return self._modules
 
     def owners(self, param: str) -> set[str]:
         """The on-disk modules that own a parameter named `param`."""
+        if not self._built:
+            self._build()
         found = {m for m, leaves in self._leaves.items() if param in leaves}
         if param in PER_EXPERT:
             found |= {m for m in self._expert_modules if param in self(m)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes)
     with _planned(base, adapter, options) as plan:
+        if any(not op.is_raw_copy for op in plan.ops):
+            _import_compute_in_background()
         check_destination(dest, [Path(base), Path(adapter)], overwrite=overwrite, resume=resume)
         ident = identity(plan)
         if resume and not overwrite and finished_merge(dest, ident):  # nothing to resume: write nothing
@@ -171,6 +174,20 @@ def iter_merged(base: PathLike, adapter: PathLike, *, options: MergeOptions | No
     stack = ExitStack()  # holds a converted pickle until the iteration ends
     plan = stack.enter_context(_planned(base, adapter, options))
     return _iter_plan(plan, stack)  # planned now, so errors surface before the first tensor is asked for
+
+
+def _import_compute_in_background() -> None:
+    """Start importing torch and the compute code now, on a thread of its own: it takes 1.5-2 s, which
+    the writer spends copying and hashing the tensors that come before the first computed one (a shard
+    often starts with the embedding) instead of waiting. The first computed tensor waits for the import
+    to finish (Python's import lock), and an import error surfaces there as it would without this."""
+    def load() -> None:
+        try:
+            import qwen_merge.stream  # noqa: F401
+        except Exception:  # noqa: BLE001 - raised again, where the module is needed
+            pass
+
+    threading.Thread(target=load, name="qwen-merge-import", daemon=True).start()
 
 
 class LazyComputer:

@@ -155,10 +155,9 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
     holds = experts.HeldParameters(entries)
-    modules = holds.modules()
     targets.refuse_multihead_attention(adapter, entries)
     wanted = targets.wanted(adapter)
-    names = resolve_names(wanted, lambda name: name in entries or name in modules, dict(options.key_map),
+    names = resolve_names(wanted, lambda name: name in entries or name in holds.modules(), dict(options.key_map),
                           base.config, optional=tie_info.may_create, base_names=entries,
                           describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
     adapter = settle_parameters(adapter, lambda module: holds(names(module)))
@@ -183,7 +182,7 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     plan = MergePlan(base, adapter, options, shards, tuple(op for s in shards for op in _ops_in_order(s)),
                      copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
                      renames=names.renames, tie=tie)
-    index = (json.dumps(plan.index_document(), indent=2) + "\n").encode() if base.index_name else b""
+    index = index_json(plan.index_document()) if base.index_name else b""
     return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
                                predicted_peak_bytes=memory.predict_peak(plan.ops))
 
@@ -410,6 +409,19 @@ def _pack(names: list[str], ops: dict[str, TensorOp], base: dict[str, TensorEntr
 
 def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
     return [shard.ops[e.name] for e in shard.entries if e.name in shard.ops]
+
+
+def index_json(document: dict) -> bytes:
+    """`json.dumps(document, indent=2)` and a newline, as transformers writes an index, with the weight
+    map's lines built directly: json's indenting encoder is pure Python, and a map of 20,000 tensors took
+    it longer than the rest of the plan."""
+    weight_map = document["weight_map"]
+    head = json.dumps({**document, "weight_map": {}}, indent=2)
+    if not weight_map or not head.endswith('"weight_map": {}\n}'):  # (the map is last in our documents)
+        return (json.dumps(document, indent=2) + "\n").encode()
+    quote = json.encoder.encode_basestring_ascii
+    lines = ",\n".join(f"    {quote(name)}: {quote(shard)}" for name, shard in weight_map.items())
+    return (head[:-len("{}\n}")] + "{\n" + lines + "\n  }\n}\n").encode()
 
 
 def _output_bytes(plan: MergePlan, index_bytes: int) -> int:

@@ -70,6 +70,7 @@ class ReadAhead:
         self._buffers = [bytearray(), bytearray()]
         self._ahead: tuple[int, int, int, Future] | None = None  # fd, offset, length, done
         self._current = 0  # the buffer the last returned view is in
+        self._sizes: dict[int, int] = {}  # fd -> file size: nothing is read past the end
 
     def read(self, fd: int, offset: int, length: int, path: object) -> memoryview:
         ahead, self._ahead = self._ahead, None
@@ -93,8 +94,9 @@ class ReadAhead:
         self._pool.shutdown(wait=True)
 
     def _fetch(self, fd: int, offset: int, length: int, path: object) -> None:
-        size = os.fstat(fd).st_size
-        length = min(length, size - offset)
+        if fd not in self._sizes:
+            self._sizes[fd] = os.fstat(fd).st_size
+        length = min(length, self._sizes[fd] - offset)
         if length <= 0:
             return
         view = self._buffer(1 - self._current, length)

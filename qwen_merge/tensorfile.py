@@ -104,7 +104,11 @@ def _decode_json(path: Path, raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: header is not UTF-8 (byte {e.start})") from e
     try:
-        header = json.loads(text, object_pairs_hook=no_duplicates)
+        header = json.loads(text)
+        # A repeated tensor name would silently keep its last entry. Every entry has one "data_offsets"
+        # key, and quotes inside names are escaped, so the count tells without a Python hook per object.
+        if isinstance(header, dict) and text.count('"data_offsets"') != len(header) - ("__metadata__" in header):
+            header = json.loads(text, object_pairs_hook=no_duplicates)  # finds the repeated name
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: header is not valid JSON: {e.msg} at char {e.pos}") from e
     if not isinstance(header, dict):

@@ -29,6 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from .checkpoint import read_json
 from .errors import OutputError
 from .manifest import differences
@@ -322,11 +324,13 @@ class _Assembler:
         return self.chunk.view[self.chunk.fill:]
 
     def _add(self, data: memoryview) -> None:
-        data = data.cast("B")
+        data = numpy.frombuffer(data.cast("B"), numpy.uint8)
         while len(data):
             room = self._room()
             n = min(len(room), len(data))
-            room[:n] = data[:n]
+            # numpy copies without holding the GIL (a memoryview assignment holds it for the whole copy,
+            # stalling the merging thread's every torch call meanwhile)
+            numpy.copyto(numpy.frombuffer(room, numpy.uint8)[:n], data[:n])
             self._advance(n)
             data = data[n:]
 

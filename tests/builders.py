@@ -1304,10 +1304,13 @@ class _Pool:
         self.itemsize, self.size, self.g = self.values.element_size(), size, g
         self.dtype = TORCH_TO_ST[dtype]
 
-    def take(self, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], memoryview]:
-        """A tensor of `shape` for :func:`write_safetensors`."""
+    def take(self, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], object]:
+        """A tensor of `shape` for :func:`write_safetensors`; one larger than the pool repeats it, streamed."""
         n = math.prod(shape)
-        assert n <= self.size
+        if n > self.size:
+            whole, rest = divmod(n, self.size)
+            chunks = [self.bytes] * whole + [self.bytes[:rest * self.itemsize]]
+            return Streamed(self.dtype, shape, chunks)
         start = int(torch.randint(0, self.size - n + 1, (1,), generator=self.g))
         return self.dtype, shape, self.bytes[start * self.itemsize:(start + n) * self.itemsize]
 
