@@ -100,6 +100,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="rename adapter key prefix FROM to base prefix TO (repeatable)")
         p.add_argument("--allow-pickle", action="store_true",
                        help="read a pickled adapter_model.bin with torch.load(weights_only=True)")
+        p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                       help="convert every float tensor of the output to this dtype (an FP8 base is dequantized); "
+                            "default: the base's own dtypes, untouched tensors copied byte for byte")
+        p.add_argument("--max-shard-size", metavar="SIZE",
+                       help="re-shard the output: at most SIZE bytes per shard (e.g. 5GB, 500MB, 2GiB; GB = 10^9), "
+                            "named model-0000k-of-0000n.safetensors; default: the base's shard layout")
     demo = sub.add_parser("demo", help="build a tiny Qwen3-shaped model and adapter, merge and check them")
     demo.add_argument("--keep", metavar="DIR", help="build in DIR (new or empty) and keep the files; "
                       "without it they are built in a temporary folder and deleted")
@@ -174,7 +180,10 @@ def _options(args: argparse.Namespace) -> dict:
         if not sep or not old:
             raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
         key_map.append((old, new))
-    return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle)}
+    if args.max_shard_size is not None and args.max_shard_size.isdigit():
+        args.max_shard_size = int(args.max_shard_size)
+    return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle,
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size)}
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -32,14 +32,19 @@ def predict_peak(ops: Iterable[TensorOp]) -> int:
 def _shape_key(op: TensorOp) -> tuple:
     pair = op.pair
     return (op.matrix, op.dtype, op.block_rows, pair and (pair.a.shape, pair.b.shape, pair.magnitude is not None),
-            op.tokens and op.tokens.values.shape, op.shape)
+            op.tokens and op.tokens.values.shape, op.shape, op.dequant is not None, op.requant is not None,
+            op.scales_of and _shape_key(op.scales_of))
 
 
 def _working_set(op: TensorOp) -> int:
+    if op.scales_of is not None:  # the new scales of a requantized weight: that weight's rows again
+        return _working_set(op.scales_of) + op.source.entry.nbytes
     row_elems = op.matrix[1]
     row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
     extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
     extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
     extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
     scratch = 3 * max(SUB_BLOCK_BYTES, 8 * row_elems) + op.block_rows * row_elems
+    if op.dequant is not None or op.requant is not None:  # fp32 rows: dequantized, and merged before requant
+        scratch += 2 * 4 * op.block_rows * row_elems + 2 * (op.dequant or op.requant).source.entry.nbytes
     return extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch

@@ -56,7 +56,8 @@ class MergeReport:
 
 def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | None = None,
                rounding: str | None = None, key_map: dict[str, str] | None = None,
-               allow_pickle: bool | None = None, block_bytes: int | None = None) -> MergePlan:
+               allow_pickle: bool | None = None, block_bytes: int | None = None,
+               dtype: str | None = None, max_shard_size: int | str | None = None) -> MergePlan:
     """Check that `adapter` fits `base` and describe the merge, reading only headers and JSON.
 
     Args:
@@ -69,6 +70,12 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
             {"model.language_model.": "model."}; the renames transformers applies are found without it.
         allow_pickle: read a pickled `adapter_model.bin` with `torch.load(weights_only=True)`.
         block_bytes: fp32 bytes of a row block; bounds the working memory of each tensor.
+        dtype: "bfloat16", "float16" or "float32": convert every float tensor of the output, with one
+            rounding from the fp32 result for merged ones (an FP8 base is dequantized: its scales and
+            quantization_config are dropped). None (default): the base's dtypes, copies byte for byte;
+            an FP8 base stays FP8, its merged weights requantized per block.
+        max_shard_size: re-shard the output, at most this many bytes per shard (an int, or "5GB",
+            "500MB", "2GiB" as Hugging Face reads them); None (default): the base's shard layout.
 
     Returns:
         The `MergePlan`; `plan.render()` is the human-readable report `qwen-merge plan` prints.
@@ -83,7 +90,7 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
         196 merged, 115 copied
     """
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              block_bytes=block_bytes)
+                              block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
         return plan
 
@@ -92,11 +99,13 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
                  progress: bool = True, resume: bool = False, force: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
-                 allow_nonfinite: bool | None = None, block_bytes: int | None = None) -> MergeReport:
+                 allow_nonfinite: bool | None = None, block_bytes: int | None = None,
+                 dtype: str | None = None, max_shard_size: int | str | None = None) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
-    The output has the base's shard names and tensor-to-shard assignment, an index (when the base has
-    one) and the base's side files (config, tokenizer, ...). It is built in a temporary folder beside
+    The output has the base's shard names and tensor-to-shard assignment (or `max_shard_size` shards),
+    an index (when the base has one, or when re-sharded into several files) and the base's side files
+    (config, tokenizer, ...). It is built in a temporary folder beside
     `output` and moved into place only when complete; on any error nothing appears at `output`.
 
     Args:
@@ -110,7 +119,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
             inputs or options changed); without one, start afresh. If `output` already holds this merge,
             finished (its manifest matches), nothing is written and `already_complete` is set in the report.
         force: merge even when the base's manifest shows this adapter was already merged into it.
-        options, rounding, key_map, allow_pickle, block_bytes: as for `plan_merge`.
+        options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: as for `plan_merge`.
         allow_nonfinite: write NaN/Inf that the adapter or the merge produces instead of stopping.
 
     The output folder also holds `qwen_merge.json`: tool version, input identity (file sizes, the
@@ -129,7 +138,8 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     """
     dest = Path(output)
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              allow_nonfinite=allow_nonfinite, block_bytes=block_bytes)
+                              allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
+                              dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
         if any(not op.is_raw_copy for op in plan.ops):
             _import_compute_in_background()
@@ -157,20 +167,22 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
 
 def iter_merged(base: PathLike, adapter: PathLike, *, options: MergeOptions | None = None,
                 rounding: str | None = None, key_map: dict[str, str] | None = None,
-                allow_pickle: bool | None = None, block_bytes: int | None = None
+                allow_pickle: bool | None = None, block_bytes: int | None = None,
+                dtype: str | None = None, max_shard_size: int | str | None = None
                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every tensor of the merged checkpoint, in checkpoint order.
 
     Tensors are merged on the fly; only the tensor being yielded is held, so a converter (GGUF, ...)
     can consume a model larger than memory. The plan is checked before the first tensor is yielded.
-    Options are those of `plan_merge`.
+    Options are those of `plan_merge`: with `dtype`, tensors come in that dtype; an FP8 base without it
+    yields FP8 weights and their (new) block scales, as they would be written.
 
     Example:
         >>> for name, tensor in iter_merged("Qwen3-0.6B", "my-lora"):  # doctest: +SKIP
         ...     writer.add_tensor(name, tensor)
     """
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              block_bytes=block_bytes)
+                              block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size)
     stack = ExitStack()  # holds a converted pickle until the iteration ends
     plan = stack.enter_context(_planned(base, adapter, options))
     return _iter_plan(plan, stack)  # planned now, so errors surface before the first tensor is asked for
@@ -289,8 +301,8 @@ def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: b
             write_json(folder / side.name, plan.config)
         else:
             copy_side_file(side, folder)
-    if plan.base.index_name:
-        write_bytes(folder / plan.base.index_name, plan.index_json)
+    if plan.index_name:
+        write_bytes(folder / plan.index_name, plan.index_json)
 
 
 def _report(dest: Path, plan: MergePlan, already_complete: bool = False) -> MergeReport:

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import OptionError
+from .units import parse_size
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
+# Output dtypes by the names torch, transformers' config and safetensors use for them.
+OUTPUT_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
+                 "float32": "F32", "fp32": "F32", "float": "F32"}
 
 
 class Rounding(str, Enum):
@@ -30,13 +34,17 @@ class MergeOptions:
     """rounding: see `Rounding`. key_map: (adapter prefix, base prefix) renames, tried before the known
     ones. allow_pickle: read a pickled adapter_model.bin with torch.load(weights_only=True).
     allow_nonfinite: write NaN/Inf instead of stopping. block_bytes: fp32 bytes of a row block, which
-    bounds the working memory of each tensor."""
+    bounds the working memory of each tensor. dtype: the output's float dtype ("bfloat16", "float16",
+    "float32"; stored as the safetensors name, "BF16"...), None for the base's own. max_shard_size: bytes
+    per output shard (or "5GB", "500MB"), None for the base's shard layout."""
 
     rounding: Rounding = Rounding.SINGLE
     key_map: tuple[tuple[str, str], ...] = ()
     allow_pickle: bool = False
     allow_nonfinite: bool = False
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    dtype: str | None = None
+    max_shard_size: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -50,6 +58,13 @@ class MergeOptions:
             raise OptionError(f"key_map must map non-empty prefixes to prefixes, got {self.key_map!r}")
         if type(self.block_bytes) is not int or self.block_bytes <= 0:
             raise OptionError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", _output_dtype(self.dtype))
+        if self.max_shard_size is not None:
+            try:
+                object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+            except ValueError as e:
+                raise OptionError(f"max_shard_size: {e}") from e
 
     @classmethod
     def of(cls, options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
@@ -61,4 +76,15 @@ class MergeOptions:
     def identity(self) -> dict:
         """The options that determine the output bytes, as recorded in the manifest."""
         return {"rounding": self.rounding.value, "key_map": dict(self.key_map),
-                "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes}
+                "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes,
+                "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+
+
+def _output_dtype(name: object) -> str:
+    """"bfloat16" / "bf16" / "BF16" / torch.bfloat16 -> "BF16"."""
+    text = str(name).removeprefix("torch.")
+    if text in OUTPUT_DTYPES.values():
+        return text
+    if text.lower() in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[text.lower()]
+    raise OptionError(f"dtype must be one of bfloat16, float16, float32, got {name!r}")

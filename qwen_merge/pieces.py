@@ -95,11 +95,10 @@ def shard_pieces(shard: ShardPlan, files: Files, compute: ComputeOp) -> Iterator
     """For each output tensor of the shard, in output order: its entry and an iterator over its pieces.
     `compute(op)` yields the blocks of a tensor the plan computes; it is called lazily, when the
     tensor's pieces are iterated."""
-    base = shard.source.entry_map()
     for entry in shard.entries:
         op = shard.ops.get(entry.name)
         if op is None:
-            yield entry, iter((span(files, shard.source, base[entry.name]),))
+            yield entry, iter((span(files, *shard.copy_source(entry.name)),))
         elif op.is_raw_copy:
             yield entry, iter((span(files, op.source.file, op.source.entry),))
         else:
@@ -129,7 +128,7 @@ def shard_runs(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch
 
 
 def _units(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: ComputeBatch) -> Iterator[Piece]:
-    base, entries, i = shard.source.entry_map(), shard.entries, 0
+    entries, i = shard.entries, 0
     while i < len(entries):
         op = shard.ops.get(entries[i].name)
         batch = _batch(shard, i) if op is not None and op.batchable else ()
@@ -138,7 +137,7 @@ def _units(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: Co
             i += len(batch)
             continue
         if op is None:
-            yield span(files, shard.source, base[entries[i].name])
+            yield span(files, *shard.copy_source(entries[i].name))
         elif op.is_raw_copy:
             yield span(files, op.source.file, op.source.entry)
         else:

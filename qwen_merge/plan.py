@@ -12,14 +12,16 @@ import json
 import math
 from dataclasses import dataclass
 
-from . import experts, memory, targets, ties
+from . import experts, layout, memory, targets, ties
 from .adapter import Adapter, Kind, TokenRows, settle_parameters
 from .checkpoint import Checkpoint
-from .errors import AdapterError, MismatchError
+from .errors import AdapterError, MismatchError, OptionError
+from .layout import Slot, index_json
 from .names import NameMap, resolve_names
 from .options import MergeOptions, Rounding
+from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
-from .tensorfile import DTYPE_BITS, FLOAT_DTYPES, TensorEntry, TensorFile, encode_header
+from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
 
 BATCH_BYTES = 4 << 20  # most bytes of adjacent per-expert tensors merged as one batch (one read, one block)
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
@@ -38,7 +40,15 @@ class TensorOp:
     `pair` (to the weight, or to the bias when `part` is BIAS; with DoRA when the pair has a magnitude),
     then overwrite the `tokens` rows. `transpose`: W is stored (in, out) (embeddings, GPT-2 Conv1D).
     `round_delta`: the delta is rounded to `dtype` before it is added, as PEFT's merge does for this
-    kind of layer (only with Rounding.PEFT). `check_finite`: stop on NaN/Inf in the factors or the result."""
+    kind of layer (only with Rounding.PEFT). `check_finite`: stop on NaN/Inf in the factors or the result.
+
+    `source_round`: a replacement from the adapter stored in another dtype than the base tensor is first
+    rounded to the base tensor's dtype, as loading it into the base parameter does in PEFT; the merge then
+    computes in fp32 and rounds once to `dtype`.
+
+    FP8: `dequant` is the block scale of an F8_E4M3 source, read as f32(Q) · S; `requant` is the base block
+    scale of an F8_E4M3 output, requantized per block (a block whose largest magnitude is unchanged keeps
+    the base's scale). An op with `scales_of` writes the new block scales of that requantized weight op."""
 
     name: str
     shard: str
@@ -53,6 +63,10 @@ class TensorOp:
     check_finite: bool = True
     round_delta: bool = False
     matrix: tuple[int, int] = (0, 0)  # the (rows, columns) view streamed in row blocks (`matrix_view`)
+    dequant: BlockScale | None = None
+    requant: BlockScale | None = None
+    scales_of: TensorOp | None = None
+    source_round: str | None = None  # an adapter tensor is rounded to the base tensor's dtype first
 
     @property
     def rank(self) -> int | None:
@@ -65,7 +79,24 @@ class TensorOp:
     @property
     def is_raw_copy(self) -> bool:
         """Bytes can be copied as they are from the source (a same-dtype replacement)."""
-        return self.pair is None and self.tokens is None and self.source.entry.dtype == self.dtype
+        return (self.pair is None and self.tokens is None and self.source.entry.dtype == self.dtype
+                and self.dequant is None and self.requant is None and self.scales_of is None)
+
+    @property
+    def steps(self) -> str:
+        """What happens to the tensor, in words: `dequant → merge → requant`, `merge`, `→ BF16`, ..."""
+        if self.scales_of is not None:
+            return f"new block scales of {self.scales_of.name}"
+        steps = ["dequant"] if self.dequant else []
+        if self.pair is not None or self.tokens is not None:
+            steps.append("merge")
+        elif self.source.in_adapter:
+            steps.append("replace")
+        if self.requant:
+            steps.append("requant")
+        elif self.dtype != self.source.entry.dtype:
+            steps.append(self.dtype)
+        return " → ".join(steps) if steps[:1] != [self.dtype] else f"→ {self.dtype}"
 
     @property
     def batchable(self) -> bool:
@@ -73,6 +104,7 @@ class TensorOp:
         batched product with its neighbours (`follows`), instead of paying a tensor's overhead alone."""
         return (self.pair is not None and self.pair.kind == Kind.EXPERTS and self.pair.expert is not None
                 and self.tokens is None and self.source.entry.dtype == self.dtype
+                and self.dequant is None and self.requant is None
                 and self.source.entry.nbytes <= BATCH_TENSOR_BYTES)
 
     def follows(self, other: TensorOp) -> bool:
@@ -84,14 +116,20 @@ class TensorOp:
 
 @dataclass(frozen=True, slots=True)
 class ShardPlan:
-    """One output file: its name, the base shard it is made from, its entries (with output offsets) and
-    header, and the ops of the tensors that are not byte copies of the base."""
+    """One output file: its name, the base shard it is made from (the first one, when re-sharded), its
+    entries (with output offsets) and header, the ops of the tensors that are not byte copies of the
+    base, and where in the base each copied tensor is (`where`, shared by every shard of a plan)."""
 
     name: str
     source: TensorFile
     entries: tuple[TensorEntry, ...]
     header: bytes
     ops: dict[str, TensorOp]
+    where: dict[str, tuple[TensorFile, TensorEntry]]
+
+    def copy_source(self, name: str) -> tuple[TensorFile, TensorEntry]:
+        """The base shard and entry of a tensor that is copied unchanged."""
+        return self.where[name]
 
     @property
     def size(self) -> int:
@@ -104,7 +142,9 @@ class MergePlan:
 
     `merges` are the tensors that receive a LoRA delta; `ops` every tensor that is not a byte copy;
     `config` the output config.json when it must differ from the base's (vocab size, tying), else None;
-    `renames` the prefix renames applied to adapter names; `tie` what was decided for tied embeddings."""
+    `renames` the prefix renames applied to adapter names; `tie` what was decided for tied embeddings;
+    `index_name` the output's index file (None when the output is a single file without one);
+    `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint)."""
 
     base: Checkpoint
     adapter: Adapter
@@ -118,6 +158,8 @@ class MergePlan:
     output_bytes: int = 0
     predicted_peak_bytes: int = 0
     index_json: bytes = b""  # the output's index file, as written (empty without an index)
+    index_name: str | None = None
+    dropped: tuple[str, ...] = ()
 
     @property
     def merges(self) -> tuple[TensorOp, ...]:
@@ -131,6 +173,9 @@ class MergePlan:
     def index_document(self) -> dict:
         """The HF index of the output: the base's metadata with `total_size`, and the full weight map."""
         metadata = {**self.base.index_metadata, "total_size": self.total_size}
+        if "total_parameters" in metadata and self.dropped:
+            entries = self.base.entries()
+            metadata["total_parameters"] -= sum(math.prod(entries[n].shape) for n in self.dropped)
         return {"metadata": metadata, "weight_map": {e.name: s.name for s in self.shards for e in s.entries}}
 
     def render(self, detail: bool = False) -> str:
@@ -151,6 +196,7 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
         AdapterError: the config asks for something the file cannot provide.
+        OptionError: the output dtype cannot be made from this base.
     """
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
@@ -171,18 +217,23 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     targets.check_untrained_targets(adapter, names, names.inverse, entries, holds, base.config)
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
                                       same_values)
-    builder = _OpBuilder(base, adapter, entries, options)
+    quant = Quantization.of(base.config, str(base.root / "config.json"))
+    builder = _OpBuilder(base, adapter, entries, where, options, quant, fp8_scales(quant, where, entries))
     try:
         ops = {name: builder.op(name, recipe) for name, recipe in recipes.items()}
     except MismatchError as e:  # the checks speak of tensors; name the adapter they come from too
         raise MismatchError(f"{adapter.file.path}: {e}") from e
+    ops.update(builder.conversions(ops))
+    ops.update(builder.scale_ops(ops))
+    dropped = builder.dropped()
     untied = tie is not None and tie.tie is ties.Tie.UNTIED
-    config = _output_config(base, ops, entries, tie_info, untied=untied)
-    shards = _layout(base, ops, added)
+    config = _output_config(base, ops, entries, tie_info, untied=untied, dtype=options.dtype,
+                            dequantized=quant.method is not None and options.dtype is not None)
+    shards, index_name = _layout(base, ops, added, dropped, where, options.max_shard_size)
     plan = MergePlan(base, adapter, options, shards, tuple(op for s in shards for op in _ops_in_order(s)),
                      copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
-                     renames=names.renames, tie=tie)
-    index = index_json(plan.index_document()) if base.index_name else b""
+                     renames=names.renames, tie=tie, index_name=index_name, dropped=tuple(dropped))
+    index = index_json(plan.index_document()) if index_name else b""
     return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
                                predicted_peak_bytes=memory.predict_peak(plan.ops))
 
@@ -225,27 +276,106 @@ class _OpBuilder:
     base: Checkpoint
     adapter: Adapter
     entries: dict[str, TensorEntry]
+    where: dict[str, tuple[TensorFile, TensorEntry]]
     options: MergeOptions
+    quant: Quantization
+    scales: dict[str, BlockScale]  # FP8 weight -> its block scale
 
     def op(self, name: str, recipe: Recipe) -> TensorOp:
         source = recipe.source
         existing = self.entries.get(name)
-        dtype = (existing or source.entry).dtype
-        _check_replacement(name, existing, source, dtype)
+        # a tensor the base does not have (an untied lm_head) takes the dtype of the one it is made from
+        dtype = (existing or self.entries.get(recipe.shard_of) or source.entry).dtype
+        fp8 = self.scales.get(name)
+        dequant = fp8 if fp8 is not None and not source.in_adapter else None
+        requant = fp8 if fp8 is not None and self.options.dtype is None else None
+        if requant is not None:
+            out_dtype = FP8
+        elif self.options.dtype is not None and (is_float(dtype) or fp8 is not None):
+            out_dtype = self.options.dtype
+        else:
+            out_dtype = dtype
+        _check_replacement(name, existing, source, dtype if fp8 is None else "F32")
         shape = source.entry.shape
         rows, cols = matrix_view(shape, recipe.pair, recipe.part)
-        block_rows = max(1, min(rows, self.options.block_bytes // max(4 * cols, 1)))
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
         round_delta = (self.options.rounding is Rounding.PEFT and recipe.pair is not None
                        and recipe.part == Part.WEIGHT and _peft_rounds_delta(recipe.pair, self.adapter.config))
         transpose = False
         if recipe.pair is not None:
-            transpose = _check_pair(name, dtype, shape, recipe.pair, recipe.part,
+            if not is_float(dtype) and dequant is None:
+                raise refuse_target(name, existing or source.entry, self.quant, scale_name(name) in self.entries)
+            transpose = _check_pair(name, "F32" if dequant else dtype, shape, recipe.pair, recipe.part,
                                     (self.base.config or {}).get("model_type"))
         if recipe.tokens is not None:
+            if requant is not None:
+                raise MismatchError(f"{name}: trainable tokens on an FP8 tensor cannot be merged; merge with "
+                                    f"dtype='bfloat16' to write it unquantized")
             _check_tokens(name, shape, recipe.tokens)
-        return TensorOp(name, shard, dtype, shape, source, block_rows, recipe.pair, recipe.part, transpose,
-                        recipe.tokens, not self.options.allow_nonfinite, round_delta, (rows, cols))
+        source_round = (dtype if source.in_adapter and source.entry.dtype != dtype and is_float(dtype)
+                        else None)
+        return TensorOp(name, shard, out_dtype, shape, source, self._block_rows(rows, cols, dequant or requant),
+                        recipe.pair, recipe.part, transpose, recipe.tokens, not self.options.allow_nonfinite,
+                        round_delta, (rows, cols), dequant, requant, source_round=source_round)
+
+    def conversions(self, ops: dict[str, TensorOp]) -> dict[str, TensorOp]:
+        """With an output dtype: an op for every other tensor that changes, a float tensor stored in another
+        dtype or an FP8 tensor to dequantize. Integer tensors stay as they are.
+
+        Raises:
+            OptionError: a quantized tensor that cannot be converted.
+        """
+        dtype = self.options.dtype
+        if dtype is None:
+            return {}
+        if self.quant.method is not None and not self.quant.fp8:
+            raise OptionError(f"{self.base.root}: dtype={dtype} cannot convert a checkpoint quantized with "
+                              f"quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
+                              f"dequantized")
+        dropped, converted = set(self.dropped()), {}
+        for name, entry in self.entries.items():
+            if name in ops or name in dropped or entry.dtype == dtype:
+                continue
+            dequant = self.scales.get(name)
+            if dequant is None and not is_float(entry.dtype):
+                if entry.dtype.startswith("F8") or entry.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
+                    raise OptionError(f"{self.where[name][0].path}: {name} is {entry.dtype} without a block scale; "
+                                      f"dtype={dtype} can only dequantize FP8 weights that have a "
+                                      f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")")
+                continue  # integers (position ids, masks) are not floats to convert
+            rows, cols = as_matrix(entry.shape)
+            converted[name] = TensorOp(name, self.base.weight_map[name], dtype, entry.shape,
+                                       Source(*self.where[name], False), self._block_rows(rows, cols, dequant),
+                                       check_finite=not self.options.allow_nonfinite, matrix=(rows, cols),
+                                       dequant=dequant)
+        return converted
+
+    def scale_ops(self, ops: dict[str, TensorOp]) -> dict[str, TensorOp]:
+        """For every requantized FP8 weight, the op that writes its new block scales."""
+        made = {}
+        for op in ops.values():
+            if op.requant is None:
+                continue
+            scale = op.requant.source
+            shape = scale.entry.shape
+            made[scale.entry.name] = TensorOp(scale.entry.name, self.base.weight_map[scale.entry.name],
+                                              scale.entry.dtype, shape, scale, shape[0], matrix=(shape[0], shape[1]),
+                                              check_finite=op.check_finite, scales_of=op)
+        return made
+
+    def dropped(self) -> list[str]:
+        """The block scales a dequantized output no longer needs."""
+        if self.options.dtype is None:
+            return []
+        return [scale.name for scale in self.scales.values()]
+
+    def _block_rows(self, rows: int, cols: int, scale: BlockScale | None) -> int:
+        """Rows per block: `block_bytes` of fp32; for FP8, whole rows of scale blocks."""
+        block_rows = max(1, min(rows, self.options.block_bytes // max(4 * cols, 1)))
+        if scale is None:
+            return block_rows
+        step = scale.block[0]
+        return min(max(step, block_rows // step * step), -(-rows // step) * step)
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -341,7 +471,7 @@ def _check_tokens(name: str, shape: tuple[int, ...], rows: TokenRows) -> None:
 
 
 def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str, TensorEntry],
-                   tie_info: ties.TieInfo, untied: bool) -> dict | None:
+                   tie_info: ties.TieInfo, *, untied: bool, dtype: str | None, dequantized: bool) -> dict | None:
     config = base.config
     if config is None:
         return None
@@ -360,9 +490,19 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
         updates["vocab_size"] = embed.shape[0]
     if untied:
         updates["tie_word_embeddings"] = False
-    if not updates:
+    if dtype is not None:
+        name = CONFIG_DTYPES[dtype]
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        updates.update({k: name for k in keys if config.get(k) != name})
+    if not updates and not dequantized:
         return None
-    return _apply_config(config, updates)
+    new = _apply_config(config, updates)
+    if dequantized:
+        new.pop("quantization_config", None)
+    return new
+
+
+CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _apply_config(config: dict, updates: dict) -> dict:
@@ -372,56 +512,36 @@ def _apply_config(config: dict, updates: dict) -> dict:
     return new
 
 
-def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str]) -> tuple[ShardPlan, ...]:
-    """Output shards: the base's names and tensor assignment, new tensors placed after `added[name]`."""
-    shards = []
+def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], dropped: list[str],
+            where: dict[str, tuple[TensorFile, TensorEntry]], max_shard_size: int | None
+            ) -> tuple[tuple[ShardPlan, ...], str | None]:
+    """The output shards and the index file name: each base shard's tensors (new ones after
+    `added[name]`, `dropped` ones left out) in the base's layout, or re-sharded by `max_shard_size`."""
+    gone = set(dropped)
+    slots: list[tuple[TensorFile, list[Slot] | None]] = []
     for source in base.shards:
         names = [e.name for e in source.entries]
         for new, after in added.items():
             if after in names:
                 names.insert(names.index(after) + 1, new)
-        shard_ops = {n: ops[n] for n in names if n in ops}
+        if max_shard_size is None and len(names) == len(source.entries) and not any(
+                n in ops or n in gone for n in names):
+            slots.append((source, None))  # nothing changes: the base's entries and header as they are
+            continue
         own = source.entry_map()
-        unchanged = len(names) == len(source.entries) and all(
-            (op.shape, op.dtype) == (own[n].shape, own[n].dtype) for n, op in shard_ops.items())
-        entries = source.entries if unchanged else _pack(names, shard_ops, own)
-        metadata = {**(source.metadata or {}), "format": "pt"}
-        if unchanged and metadata == source.metadata and source.header:
-            header = source.header  # the same layout: the source's own header, byte for byte
-        else:
-            header = encode_header(entries, metadata, pad_to=source.data_offset - 8 if unchanged else 0)
-        shards.append(ShardPlan(source.path.name, source, tuple(entries), header, shard_ops))
-    return tuple(shards)
-
-
-def _pack(names: list[str], ops: dict[str, TensorOp], base: dict[str, TensorEntry]) -> list[TensorEntry]:
-    """New offsets, in the reference writer's order (largest element first, then name) so every tensor
-    stays aligned to its element size."""
-    specs = [(n, ops[n].dtype, ops[n].shape) if n in ops else (n, base[n].dtype, base[n].shape) for n in names]
-    specs.sort(key=lambda s: (-DTYPE_BITS[s[1]], s[0]))
-    entries, offset = [], 0
-    for name, dtype, shape in specs:
-        size = math.prod(shape) * DTYPE_BITS[dtype] // 8
-        entries.append(TensorEntry(name, dtype, tuple(shape), offset, offset + size))
-        offset += size
-    return entries
+        slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
+                               else Slot(n, own[n].dtype, own[n].shape, source) for n in names if n not in gone]))
+    if max_shard_size is None:
+        files = layout.base_layout(slots)
+    else:
+        files = layout.resharded_layout([s for _, group in slots for s in group], max_shard_size)
+    shards = tuple(ShardPlan(f.name, f.origin, f.entries, f.header,
+                             {e.name: ops[e.name] for e in f.entries if e.name in ops}, where) for f in files)
+    return shards, layout.index_name(base.index_name, files, max_shard_size is not None)
 
 
 def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
     return [shard.ops[e.name] for e in shard.entries if e.name in shard.ops]
-
-
-def index_json(document: dict) -> bytes:
-    """`json.dumps(document, indent=2)` and a newline, as transformers writes an index, with the weight
-    map's lines built directly: json's indenting encoder is pure Python, and a map of 20,000 tensors took
-    it longer than the rest of the plan."""
-    weight_map = document["weight_map"]
-    head = json.dumps({**document, "weight_map": {}}, indent=2)
-    if not weight_map or not head.endswith('"weight_map": {}\n}'):  # (the map is last in our documents)
-        return (json.dumps(document, indent=2) + "\n").encode()
-    quote = json.encoder.encode_basestring_ascii
-    lines = ",\n".join(f"    {quote(name)}: {quote(shard)}" for name, shard in weight_map.items())
-    return (head[:-len("{}\n}")] + "{\n" + lines + "\n  }\n}\n").encode()
 
 
 def _output_bytes(plan: MergePlan, index_bytes: int) -> int:

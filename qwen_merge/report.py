@@ -25,8 +25,9 @@ def render(plan: MergePlan, detail: bool = False) -> str:
 
 def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     base, adapter = plan.base, plan.adapter
-    n_tensors = sum(len(s.source.entries) for s in plan.shards)
-    yield f"base:    {base.root}  ({len(plan.shards)} shard(s), {n_tensors} tensors, {human_bytes(plan.total_size)})"
+    n_tensors = sum(len(s.entries) for s in base.shards)
+    size = sum(s.entries[-1].end for s in base.shards if s.entries)
+    yield f"base:    {base.root}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
     yield f"adapter: {adapter.root}  ({_adapter_summary(adapter)})"
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
@@ -34,9 +35,10 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
     summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
     yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
-    others = len(plan.ops) - len(plan.merges)
+    others = sum(1 for op in plan.ops if op.pair is None and not _bulk(op))
     if others:
-        yield f"other:   {others} tensors replaced, converted or with token rows set"
+        yield f"other:   {others} tensors replaced or with token rows set"
+    yield from _format_lines(plan)
     yield f"copied:  {plan.copied} tensors byte-for-byte"
     if plan.tie is not None:
         yield f"tied embeddings: {plan.tie}"
@@ -46,7 +48,7 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     if plan.options.rounding is not Rounding.SINGLE:
         yield (f"rounding: {plan.options.rounding.value} (PEFT's double rounding for embedding LoRA, "
                f"target_parameters and MiCA)")
-    files = len(plan.shards) + len(base.side_files) + (1 if base.index_name else 0) + 1  # + the manifest
+    files = len(plan.shards) + len(base.side_files) + (1 if plan.index_name else 0) + 1  # + the manifest
     sides = ", ".join(p.name for p in base.side_files) or "no side files"
     yield f"output:  {human_bytes(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
     if base.skipped:
@@ -73,12 +75,15 @@ def _tensor_lines(plan: MergePlan, detail: bool) -> Iterator[str]:
                 op = shard.ops.get(e.name)
                 yield f"  {describe(op) if op else 'copy     ' + e.name}  [{shard.name}]"
         return
+    shard_of = {name: shard.name for shard in plan.shards for name in shard.ops}
     groups: dict[tuple[str, str], list[TensorOp]] = {}
     for op in plan.ops:
+        if _bulk(op):
+            continue  # counted in the dtype / FP8 lines
         pattern = EXPERT_INDEX.sub(r".\1.*.", op.name)
         groups.setdefault((pattern, describe(op, pattern)), []).append(op)
     for (_, text), ops in groups.items():
-        shards = sorted({op.shard for op in ops})
+        shards = sorted({shard_of[op.name] for op in ops})
         count = f"  x{len(ops)} experts" if len(ops) > 1 else ""
         yield f"  {text}{count}  [{', '.join(shards)}]"
 
@@ -89,7 +94,7 @@ def describe(op: TensorOp, name: str | None = None) -> str:
     parts = []
     if op.source.in_adapter or op.source.entry.name != op.name:
         parts.append(f"from {op.source.entry.name}")
-    if op.source.entry.dtype != op.dtype:
+    if op.source.entry.dtype != op.dtype and not (op.dequant or op.requant):
         parts.append(f"{op.source.entry.dtype}->{op.dtype}")
     if op.pair is not None:
         parts.append(_delta(op))
@@ -97,6 +102,8 @@ def describe(op: TensorOp, name: str | None = None) -> str:
             parts.append(f"delta rounded to {op.dtype} first (as PEFT)")
     if op.tokens is not None:
         parts.append(f"{len(op.tokens.indices)} token rows")
+    if op.dequant or op.requant or op.scales_of:
+        parts.append(op.steps)
     verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
     return f"{verb} {name or op.name}  " + ", ".join(parts)
 
@@ -110,3 +117,29 @@ def _delta(op: TensorOp) -> str:
         what = "conv dora"
     transposed = " transposed" if op.transpose and pair.kind != Kind.EMBEDDING else ""
     return f"{what} r={op.rank} scale={op.scale:.6g}{transposed}"
+
+
+def _bulk(op: TensorOp) -> bool:
+    """A tensor only converted to the output dtype, or the new scales of a requantized weight: there are
+    thousands, so the report counts them instead of listing them."""
+    return op.scales_of is not None or (op.pair is None and op.tokens is None and not op.source.in_adapter)
+
+
+def _format_lines(plan: MergePlan) -> Iterator[str]:
+    """What the output's dtype and FP8 handling do, with the error bound of each."""
+    converted = Counter(op.source.entry.dtype for op in plan.ops if _bulk(op) and not op.dequant and not op.scales_of)
+    dequantized = sum(1 for op in plan.ops if op.dequant is not None)
+    requantized = sum(1 for op in plan.ops if op.requant is not None)
+    if plan.options.dtype:
+        moves = ", ".join(f"{n} {dtype}" for dtype, n in sorted(converted.items()))
+        yield f"dtype:   output {plan.options.dtype}; converted with one rounding: {moves or 'none'}"
+    if dequantized and plan.options.dtype:
+        yield (f"fp8:     {dequantized} FP8 tensors dequant → {plan.options.dtype} (f32(Q)·S, plus ΔW where merged, "
+               f"one rounding: within 1 ulp of the exact value); {len(plan.dropped)} block scales and "
+               f"quantization_config dropped")
+    if requantized:
+        block = next(op.requant.block for op in plan.ops if op.requant is not None)
+        yield (f"fp8:     {requantized} merged FP8 weights dequant → merge → requant per {block[0]}x{block[1]} block "
+               f"with fresh scales (amax/448; a block whose amax is unchanged keeps its scale): each value within "
+               f"half an e4m3 step (≤ 1/16 of its magnitude) of the exact merged value; other FP8 tensors and "
+               f"their scales copied byte for byte")

@@ -13,6 +13,7 @@ from collections.abc import Container, Iterator
 
 import torch
 
+from . import blockquant
 from .adapter import Kind
 from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_vector, as_tensor,
                       batched_exact, cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors,
@@ -20,6 +21,7 @@ from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormF
 from .errors import NonFiniteError, ZeroNormError
 from .pieces import Block, BlockRing
 from .plan import TensorOp
+from .quant import BlockScale
 from .recipe import Part
 from .sources import Files, ReadAhead, read_exact
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
@@ -42,8 +44,11 @@ class Computer:
     def blocks(self, op: TensorOp, only: Container[int] | None = None) -> Iterator[Block]:
         """The op's row blocks in order (only the block indexes in `only`, when given): read the source
         rows, round them to the output dtype if needed, add the delta (and DoRA), set token rows."""
+        if op.scales_of is not None:
+            yield self._scales_block(op)
+            return
         rows_total, cols = op.matrix
-        reader = _RowReader(op, self.files, self.reader, self.workspace, (rows_total, cols))
+        reader = self._row_reader(op)
         if op.pair is not None and op.part == Part.BIAS:
             vector = self._load(op.pair.bias, op, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
             yield self._block(op, 0, 1, lambda buffers: add_vector(reader.rows(0, 1), vector, buffers))
@@ -57,18 +62,71 @@ class Computer:
 
             def fill(buffers, row0=row0, rows=rows):
                 w_rows = reader.rows(row0, rows)
+                if op.requant is not None:
+                    v, scales = self._requant_rows(op, reader, w_rows, factors, row0)
+                    return blockquant.quantize(v, scales, op.requant.block, buffers.out)
                 out = cast_rows(w_rows, buffers) if factors is None else self._merge(op, w_rows, factors, row0, buffers)
                 for token_id, values in tokens:
                     if row0 <= token_id < row0 + rows:
                         out[token_id - row0] = values
-                if factors is not None:
-                    self._check_output(op, out, row0, rows)
+                self._check_output(op, out, row0, rows)
                 return out
 
             yield self._block(op, row0, rows, fill)
 
     def close(self) -> None:
         self.reader.close()
+
+    def _row_reader(self, op: TensorOp) -> _RowReader:
+        scales = self._scales32(op.dequant) if op.dequant is not None else None
+        return _RowReader(op, self.files, self.reader, self.workspace, op.matrix, scales)
+
+    def _requant_rows(self, op: TensorOp, reader: _RowReader, w_rows: torch.Tensor, factors: Factors | None,
+                      row0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged rows in fp32 (a workspace buffer) and their new stored block scales."""
+        rows, cols = w_rows.shape
+        v = self.workspace.tensor("merged32", "F32", (rows, cols))
+        if factors is None:
+            v.copy_(w_rows)
+        else:
+            self._merge(op, w_rows, factors, row0, self.workspace.block(rows, (cols,), "F32", v))
+        block = op.requant.block
+        base_amax = base_scales = None
+        if reader.scales is not None:  # the base's blocks: keep a scale whose block's amax is unchanged
+            base_amax = blockquant.block_amax(w_rows, block)
+            first = row0 // block[0]
+            base_scales = self._scales(op.requant)[first:first + base_amax.shape[0]]
+        return v, blockquant.new_scales(v, block, TORCH_DTYPES[op.requant.dtype], base_amax, base_scales)
+
+    def _scales_block(self, op: TensorOp) -> Block:
+        """The new block scales of a requantized weight, as one block: its rows are merged again (the
+        scales are stored before the weight in a checkpoint, so they are needed first)."""
+        weight = op.scales_of
+        reader = self._row_reader(weight)
+        factors = self._factors(weight, reader) if weight.pair is not None else None
+        rows_total, b0 = weight.matrix[0], weight.requant.block[0]
+        slot = self.ring.take()
+        try:
+            data = slot.view(op.source.entry.nbytes)
+            out = as_tensor(data, op.dtype, op.shape)
+            for row0 in range(0, rows_total, weight.block_rows):
+                rows = min(weight.block_rows, rows_total - row0)
+                _, scales = self._requant_rows(weight, reader, reader.rows(row0, rows), factors, row0)
+                out[row0 // b0:row0 // b0 + scales.shape[0]] = scales
+        except BaseException:
+            self.ring.give_back(slot)
+            raise
+        return Block(0, data, slot)
+
+    def _scales(self, scale: BlockScale) -> torch.Tensor:
+        """A base tensor's block scales as stored (small: one value per block), read whole."""
+        entry, file = scale.source.entry, scale.source.file
+        buffer = bytearray(entry.nbytes)
+        read_exact(self.files.fd(file.path), buffer, file.data_offset + entry.start, file.path)
+        return as_tensor(buffer, entry.dtype, entry.shape)
+
+    def _scales32(self, scale: BlockScale) -> torch.Tensor:
+        return self._scales(scale).to(torch.float32)
 
     def batch(self, ops: tuple[TensorOp, ...]) -> Iterator[Block]:
         """Adjacent small per-expert tensors (`TensorOp.batchable`, each `follows` the one before) as one
@@ -124,7 +182,7 @@ class Computer:
             self._check_output(op, merged[k], 0, rows)
 
     def _check_output(self, op: TensorOp, rows_out: torch.Tensor, row0: int, rows: int) -> None:
-        if op.check_finite and op.dtype == "F16":  # finite inputs overflow only in fp16
+        if op.check_finite and op.dtype == "F16":  # finite inputs overflow only in fp16 (merged or converted)
             _check_finite(op, rows_out, f"{op.source.file.path}: {op.name} rows {row0}..{row0 + rows - 1} merged")
 
     def _block(self, op: TensorOp, row0: int, rows: int, fill) -> Block:
@@ -214,12 +272,13 @@ def _zero_norm(op: TensorOp, e: ZeroNormFound) -> ZeroNormError:
 
 
 class _RowReader:
-    """Rows of an op's source, in the output dtype (a replacement stored in another dtype is rounded
-    first, as loading it into the base parameter does in PEFT)."""
+    """Rows of an op's source as stored: an adapter tensor that replaces a base tensor of another dtype is
+    rounded to that dtype first (as loading it into the base parameter does in PEFT), and an FP8 source is
+    dequantized to fp32 with its block `scales` (fp32). The merge rounds once, to the output dtype."""
 
     def __init__(self, op: TensorOp, files: Files, reader: ReadAhead, workspace: Workspace,
-                 shape: tuple[int, ...]) -> None:
-        self.op, self.workspace, self.shape, self.reader = op, workspace, shape, reader
+                 shape: tuple[int, ...], scales: torch.Tensor | None = None) -> None:
+        self.op, self.workspace, self.shape, self.reader, self.scales = op, workspace, shape, reader, scales
         self.fd, self.file = files.fd(op.source.file.path), op.source.file
         self.entry = op.source.entry
         self.row_bytes = math.prod(shape[1:]) * DTYPE_BITS[self.entry.dtype] // 8
@@ -229,6 +288,11 @@ class _RowReader:
         view = self.reader.read(self.fd, self.file.data_offset + self.entry.start + row0 * self.row_bytes,
                                 rows * self.row_bytes, self.file.path)
         w = as_tensor(view, self.entry.dtype, (rows, *self.shape[1:]))
-        if self.entry.dtype == self.op.dtype:
+        if self.scales is not None:
+            block = self.op.dequant.block
+            first = row0 // block[0]
+            scales = self.scales[first:first + -(-rows // block[0])]
+            return blockquant.dequantize(w, scales, block, self.workspace.tensor("dequant", "F32", w.shape))
+        if self.op.source_round is None:
             return w
-        return self.workspace.tensor("source", self.op.dtype, w.shape).copy_(w)
+        return self.workspace.tensor("source", self.op.source_round, w.shape).copy_(w)

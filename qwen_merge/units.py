@@ -8,7 +8,12 @@ predicted peak memory.
 
 from __future__ import annotations
 
+import re
+
 _UNITS = ("kB", "MB", "GB", "TB")
+# As Hugging Face reads `max_shard_size`: decimal KB..TB, binary KiB..TiB, and a lower-case `b` for bits.
+_SIZE_FACTORS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def human_bytes(n: int) -> str:
@@ -27,3 +32,25 @@ def _three_digits(value: float) -> str:
     size = abs(value)
     decimals = 2 if size < 9.995 else 1 if size < 99.95 else 0
     return f"{value:.{decimals}f}"
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count as Hugging Face's `max_shard_size` takes it: an int, or "5GB" (5·10⁹), "500MB", "2GiB"
+    (2·2³⁰), "1000000"; a lower-case final `b` means bits ("5Gb" is 5·10⁹/8 bytes).
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"a size must be positive, got {text}")
+        return text
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KkMmGgTt]i?[Bb]|[Bb])?\s*", str(text))
+    if not found:
+        raise ValueError(f"{text!r} is not a size; expected bytes or a number with KB, MB, GB, TB (or KiB, MiB, GiB)")
+    unit = found[2] or ""
+    bits = unit.endswith("b") and unit != "b"
+    value = float(found[1]) * _SIZE_FACTORS[unit.lower()] / (8 if bits else 1)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return int(value)

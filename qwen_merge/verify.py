@@ -60,7 +60,8 @@ class VerifyReport:
 def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
-                 block_bytes: int | None = None) -> VerifyReport:
+                 block_bytes: int | None = None, dtype: str | None = None,
+                 max_shard_size: int | str | None = None) -> VerifyReport:
     """Check that `output` is the merge of `adapter` into `base`, reading headers, JSON and bytes only.
 
     Checks (each failure is one line of `problems`): the files present (no shard, index or side file
@@ -74,8 +75,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
 
     Args:
         output: the merged folder to check.
-        base, adapter, options, rounding, key_map, allow_pickle, block_bytes: those of the merge, as for
-            `plan_merge`.
+        base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: those
+            of the merge, as for `plan_merge`.
         full: recompute every row block of computed tensors instead of a sample.
 
     Returns:
@@ -97,7 +98,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
         raise FormatError(f"{out}: expected the merged model folder, found a file")
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              block_bytes=block_bytes, allow_nonfinite=True)
+                              block_bytes=block_bytes, allow_nonfinite=True,
+                              dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
         checker = _Checker(plan, out, full)
         checker.run()
@@ -123,8 +125,8 @@ class _Checker:
 
     def run(self) -> None:
         present = self._check_files()
-        if self.plan.base.index_name and self.plan.base.index_name in present:
-            self._check_index(self.out / self.plan.base.index_name)
+        if self.plan.index_name and self.plan.index_name in present:
+            self._check_index(self.out / self.plan.index_name)
         with ExitStack() as stack:
             files = stack.enter_context(Files())
             compute = LazyComputer(self.plan, files, BlockRing(1), stack, threads=1)  # the merge's own GEMMs
@@ -140,8 +142,8 @@ class _Checker:
     def _check_files(self) -> set[str]:
         base = self.plan.base
         expected = [s.name for s in self.plan.shards] + [p.name for p in base.side_files]
-        if base.index_name:
-            expected.append(base.index_name)
+        if self.plan.index_name:
+            expected.append(self.plan.index_name)
         found = {p.name: p for p in self.out.iterdir() if p.name not in IGNORED_NAMES}
         for name in expected:
             if name not in found:
@@ -233,7 +235,7 @@ class _Checker:
         try:
             if op is None or op.is_raw_copy:
                 source = op.source if op is not None else None
-                src_path = source.file.path if source else shard.source.path
+                src_path = source.file.path if source else shard.copy_source(entry.name)[0].path
                 src_name = source.entry.name if source else entry.name
                 for piece in pieces:
                     assert isinstance(piece, RawSpan)

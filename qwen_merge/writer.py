@@ -184,6 +184,7 @@ class ShardWriter:
         self._shards = 0
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-finish")
         self._finished: list[Future] = []
+        self._starts: list[_Start] = []  # every shard queued, to fail the results an abort leaves pending
         self._stopped = self._dropping = False
 
     def write(self, name: str, header: bytes, pieces: Iterable[Piece]) -> None:
@@ -193,6 +194,7 @@ class ShardWriter:
         part.unlink(missing_ok=True)  # a half-written shard of an interrupted run
         start = _Start(part, header, self._hashes[self._shards % HASHERS], Future(), Future())
         self._shards += 1
+        self._starts.append(start)
         self._pieces.put(start)
         for piece in pieces:
             self._check()
@@ -229,6 +231,10 @@ class ShardWriter:
         for q in (self._pieces, self._disk, *self._hashes):  # in pipeline order: each drains into the next
             q.put(_STOP)
             self._threads[[self._pieces, self._disk, *self._hashes].index(q)].join()
+        # A shard cut off between its pieces (an interrupt while it was queued) has results no thread will
+        # set any more: fail them, so its finisher does not wait forever.
+        for start in self._starts:
+            _cancel(start, OutputError("the merge stopped before this shard was complete"))
         self._finisher.shutdown(wait=True)
         self._chunks.close()
 

@@ -22,7 +22,7 @@ ALLOWED = {
     "version": set(),
     "units": set(),
     "architectures": set(),
-    "options": {"errors"},
+    "options": {"errors", "units"},
     "tensorfile": {"errors"},
     "checkpoint": {"errors", "tensorfile"},
     "adapter": {"errors", "tensorfile", "checkpoint"},
@@ -31,14 +31,18 @@ ALLOWED = {
     "ties": {"recipe", "tensorfile"},
     "experts": {"errors", "tensorfile", "adapter"},
     "targets": {"adapter", "architectures", "errors", "experts", "tensorfile"},
+    "quant": {"errors", "recipe", "tensorfile"},
+    "layout": {"checkpoint", "tensorfile"},
     "memory": {"tensorfile"},
     "report": {"adapter", "options", "recipe", "units"},
     "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "targets", "memory",
-             "options", "recipe", "report"},
+             "options", "recipe", "report", "quant", "layout"},
     "sources": {"errors", "tensorfile"},
     "pieces": {"plan", "sources", "tensorfile"},
     "compute": set(),
-    "stream": {"adapter", "compute", "errors", "pieces", "plan", "recipe", "sources", "tensorfile"},
+    "blockquant": set(),
+    "stream": {"adapter", "blockquant", "compute", "errors", "pieces", "plan", "quant", "recipe", "sources",
+               "tensorfile"},
     "output": {"errors", "units"},
     "manifest": {"checkpoint", "errors", "output", "plan", "version"},
     "writer": {"checkpoint", "errors", "manifest", "output", "pieces", "sources"},
@@ -53,7 +57,7 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
-TORCH_AT_IMPORT = {"compute", "stream", "pickled", "demo"}
+TORCH_AT_IMPORT = {"compute", "blockquant", "stream", "pickled", "demo"}
 BYTE_READERS = {"sources", "pieces", "stream", "writer", "merge", "verify"}
 
 

@@ -1,0 +1,135 @@
+"""Where each output tensor goes: the output's shard files, the tensors' offsets in them, their headers,
+and the index — from the planned tensors alone (names, dtypes, shapes), never their bytes.
+
+Two layouts:
+* the base's (default): the same shard names and tensor-to-shard assignment. A shard whose tensors keep
+  their dtypes and shapes keeps the base's offsets and header bytes; one that changes (a converted
+  dtype, a resized vocabulary, a new or dropped tensor) is packed afresh;
+* `max_shard_size`: shards filled greedily in checkpoint order, a new one started when the next tensor
+  would pass the limit (a larger tensor gets a shard of its own), named `model-0000k-of-0000n.safetensors`
+  as `save_pretrained` names them; a result that fits in one shard is a single `model.safetensors`
+  without an index, as Hugging Face writes it.
+Packed shards use the reference writer's order (largest element first, then name), which keeps every
+tensor aligned to its element size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME
+from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, encode_header
+
+FORMAT_PT = {"format": "pt"}
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One output tensor before it has an offset: its name, dtype and shape, and the base shard it comes
+    from (for a new tensor, the shard of the tensor it is stored beside)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    origin: TensorFile
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+
+@dataclass(frozen=True, slots=True)
+class FileLayout:
+    """One output shard: its file name, the base shard it is made from (or the first one, when re-sharded),
+    its entries with output offsets, and its header bytes."""
+
+    name: str
+    origin: TensorFile
+    entries: tuple[TensorEntry, ...]
+    header: bytes
+
+
+def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]]) -> list[FileLayout]:
+    """The base's shard names and assignment; offsets and header kept where nothing in a shard changed
+    (`None`: the shard's tensors are all copied as they are)."""
+    files = []
+    for source, slots in shards:
+        if slots is None:
+            metadata = {**(source.metadata or {}), **FORMAT_PT}
+            header = (source.header if metadata == source.metadata and source.header
+                      else encode_header(source.entries, metadata, pad_to=source.data_offset - 8))
+            files.append(FileLayout(source.path.name, source, source.entries, header))
+            continue
+        if not slots:  # every tensor of it was dropped (block scales of a dequantized checkpoint)
+            continue
+        own = source.entry_map()
+        unchanged = len(slots) == len(source.entries) and all(
+            s.name in own and (s.dtype, s.shape) == (own[s.name].dtype, own[s.name].shape) for s in slots)
+        metadata = {**(source.metadata or {}), **FORMAT_PT}
+        if unchanged:
+            entries = source.entries
+            header = (source.header if metadata == source.metadata and source.header
+                      else encode_header(entries, metadata, pad_to=source.data_offset - 8))
+        else:
+            entries = pack(slots)
+            header = encode_header(entries, metadata)
+        files.append(FileLayout(source.path.name, source, tuple(entries), header))
+    return files
+
+
+def resharded_layout(slots: list[Slot], max_shard_size: int) -> list[FileLayout]:
+    """Greedy shards of at most `max_shard_size` payload bytes, in checkpoint order."""
+    groups: list[list[Slot]] = []
+    size = 0
+    for slot in slots:
+        if not groups or (size + slot.nbytes > max_shard_size and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += slot.nbytes
+    names = shard_names(len(groups))
+    files = []
+    for name, group in zip(names, groups):
+        entries = pack(group)
+        files.append(FileLayout(name, group[0].origin, tuple(entries), encode_header(entries, FORMAT_PT)))
+    return files
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def index_name(base_index: str | None, files: list[FileLayout], resharded: bool) -> str | None:
+    """The output's index file name: the base's, or when re-sharded the standard one if there is more
+    than one shard."""
+    if resharded:
+        return INDEX_NAME if len(files) > 1 else None
+    return base_index
+
+
+def pack(slots: list[Slot]) -> list[TensorEntry]:
+    """Offsets in the reference writer's order (largest element first, then name), so every tensor stays
+    aligned to its element size."""
+    ordered = sorted(slots, key=lambda s: (-DTYPE_BITS[s.dtype], s.name))
+    entries, offset = [], 0
+    for slot in ordered:
+        entries.append(TensorEntry(slot.name, slot.dtype, tuple(slot.shape), offset, offset + slot.nbytes))
+        offset += slot.nbytes
+    return entries
+
+
+def index_json(document: dict) -> bytes:
+    """`json.dumps(document, indent=2)` and a newline, as transformers writes an index, with the weight
+    map's lines built directly: json's indenting encoder is pure Python, and a map of 20,000 tensors took
+    it longer than the rest of the plan."""
+    weight_map = document["weight_map"]
+    head = json.dumps({**document, "weight_map": {}}, indent=2)
+    if not weight_map or not head.endswith('"weight_map": {}\n}'):  # (the map is last in our documents)
+        return (json.dumps(document, indent=2) + "\n").encode()
+    quote = json.encoder.encode_basestring_ascii
+    lines = ",\n".join(f"    {quote(name)}: {quote(shard)}" for name, shard in weight_map.items())
+    return (head[:-len("{}\n}")] + "{\n" + lines + "\n  }\n}\n").encode()
