@@ -7,9 +7,9 @@ including the ragged blocks at the right and bottom edges. Requantizing merged v
     Q' = e4m3(clip(V / f32(s), -448, 448))  (round to nearest even)
 where `stored` rounds to the scale's dtype (F32 or BF16) and the division uses that rounded value, because
 a loader multiplies by it. The clip comes before the cast because not every e4m3 cast saturates (torch on
-CPU does; others give NaN above 448). A block whose amax did not change keeps the base's stored scale, so
-a block the adapter leaves unchanged comes back with the same Q and S bytes: recomputing amax/448 from the
-dequantized values can land one fp32 ulp away from the scale the quantizer stored.
+CPU does; others give NaN above 448). A block the adapter leaves unchanged comes back with the same Q and
+S bytes whenever its largest |Q| is 448, as an amax/448 quantizer writes it: its amax is then fl(448·S),
+and fl(fl(448·S)/448) == S for every fp32 and bf16 S (checked exhaustively).
 
 Error of Q' · s against V: at most half an e4m3 step of V/s, times s — 1/16 of |V| for normal e4m3
 values (3 mantissa bits), and s · 2⁻¹⁰ for the smallest (subnormal steps are 2⁻⁹).
@@ -44,10 +44,17 @@ def scale_rows(x: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], di
         view.div_(s) if divide else view.mul_(s)
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    """f32(Q) · S into `out` (fp32, Q's shape): exact products of a 4-bit e4m3 significand and the scale,
-    rounded once to fp32."""
-    out.copy_(q)
+# The 256 e4m3 values in fp32, indexed by byte: a table lookup is 5x faster than torch's CPU cast from
+# float8_e4m3fn (0.7 against 3.8 ns per element, measured).
+_E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], out: torch.Tensor,
+               index: torch.Tensor) -> torch.Tensor:
+    """f32(Q) · S into `out` (fp32, Q's shape): the product of a 4-bit e4m3 significand and the scale,
+    rounded once to fp32. `index` is int32 scratch of Q's size."""
+    index.copy_(q.view(torch.uint8))
+    torch.index_select(_E4M3, 0, index.view(-1), out=out.view(-1))
     scale_rows(out, scales, block)
     return out
 
@@ -56,20 +63,16 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """max |x| per block, (ceil(rows/b0), ceil(cols/b1)) in fp32."""
     rows, cols = x.shape
     amax = torch.empty(-(-rows // block[0]), -(-cols // block[1]), dtype=torch.float32)
-    for rs, cs, view in tiles(x, block):
-        amax[rs, cs] = view.abs().amax(dim=(1, 3))
+    for rs, cs, view in tiles(x, block):  # max and -min: two reductions without an |x| temporary
+        amax[rs, cs] = torch.maximum(view.amax(dim=(1, 3)), view.amin(dim=(1, 3)).neg_())
     return amax
 
 
-def new_scales(v: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype,
-               base_amax: torch.Tensor | None, base_scales: torch.Tensor | None) -> torch.Tensor:
-    """The stored scales (in `scale_dtype`) for merged values `v`: amax/448 rounded to the scale dtype, 1
-    for an all-zero block, and the base's own scale where the block's amax is unchanged."""
+def new_scales(v: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype) -> torch.Tensor:
+    """The stored scales (in `scale_dtype`) for merged values `v`: amax/448 rounded to the scale dtype, and
+    1 for an all-zero block."""
     amax = block_amax(v, block)
-    fresh = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype)
-    if base_amax is None:
-        return fresh
-    return torch.where(amax == base_amax, base_scales, fresh)
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(scale_dtype)
 
 
 def quantize(v: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,8 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
         v = _w_plus_delta(w, factors, row0 + i, buffers, out)
         if factors.magnitude is not None:
             v.mul_(_dora_factor(v, factors, row0 + i))
-        out.copy_(v)                                                       # the one rounding (RNE)
+        if v.data_ptr() != out.data_ptr():
+            out.copy_(v)                                                   # the one rounding (RNE)
     return buffers.out
 
 
@@ -157,7 +158,11 @@ def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBu
     """V = fp32(W) + fl32(fl32(lhs @ rhs) · s) for the rows of `w`, in the fp32 scratch buffer."""
     rows = w.shape[0]
     if _fusable(factors, rows):  # one pass fewer: W + B@A in the GEMM, the same bits (see _fused_add_exact)
-        acc = buffers.delta[:rows].copy_(w)                                # fp32(W), exact
+        # an fp32 output is its own accumulator; fp32 rows that are the output (FP8's dequantized rows) are
+        # merged in place
+        acc = out if out.dtype == torch.float32 else buffers.delta[:rows]
+        if acc.data_ptr() != w.data_ptr():
+            acc.copy_(w)                                                   # fp32(W), exact
         return acc.addmm_(factors.lhs[row0:row0 + rows], factors.rhs)      # fl32(W + fl32(B @ A))
     delta = _product(factors, row0, rows, buffers.delta)                   # fl32(B @ A), fp32 accumulation
     if factors.scale != 1.0:

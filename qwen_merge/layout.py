@@ -10,7 +10,10 @@ Two layouts:
   as `save_pretrained` names them; a result that fits in one shard is a single `model.safetensors`
   without an index, as Hugging Face writes it.
 Packed shards use the reference writer's order (largest element first, then name), which keeps every
-tensor aligned to its element size.
+tensor aligned to its element size. A shard that holds requantized FP8 weights is packed smallest element
+first instead, when every tensor stays aligned that way: the new block scales then come after their
+weights, so they are computed in the weight's own pass (a checkpoint stores them first, and writing them
+first would mean merging each weight twice).
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ class FileLayout:
     header: bytes
 
 
-def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]]) -> list[FileLayout]:
+def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]], late: frozenset[str] = frozenset()
+                ) -> list[FileLayout]:
     """The base's shard names and assignment; offsets and header kept where nothing in a shard changed
-    (`None`: the shard's tensors are all copied as they are)."""
+    (`None`: the shard's tensors are all copied as they are). `late`: tensors better written after the
+    others (the new scales of requantized weights)."""
     files = []
     for source, slots in shards:
         if slots is None:
@@ -66,20 +71,22 @@ def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]]) -> list[File
             continue
         own = source.entry_map()
         unchanged = len(slots) == len(source.entries) and all(
-            s.name in own and (s.dtype, s.shape) == (own[s.name].dtype, own[s.name].shape) for s in slots)
+            s.name in own and (s.dtype, s.shape) == (own[s.name].dtype, own[s.name].shape) and s.name not in late
+            for s in slots)
         metadata = {**(source.metadata or {}), **FORMAT_PT}
         if unchanged:
             entries = source.entries
             header = (source.header if metadata == source.metadata and source.header
                       else encode_header(entries, metadata, pad_to=source.data_offset - 8))
         else:
-            entries = pack(slots)
+            entries = pack(slots, late)
             header = encode_header(entries, metadata)
         files.append(FileLayout(source.path.name, source, tuple(entries), header))
     return files
 
 
-def resharded_layout(slots: list[Slot], max_shard_size: int) -> list[FileLayout]:
+def resharded_layout(slots: list[Slot], max_shard_size: int, late: frozenset[str] = frozenset()
+                     ) -> list[FileLayout]:
     """Greedy shards of at most `max_shard_size` payload bytes, in checkpoint order."""
     groups: list[list[Slot]] = []
     size = 0
@@ -92,7 +99,7 @@ def resharded_layout(slots: list[Slot], max_shard_size: int) -> list[FileLayout]
     names = shard_names(len(groups))
     files = []
     for name, group in zip(names, groups):
-        entries = pack(group)
+        entries = pack(group, late)
         files.append(FileLayout(name, group[0].origin, tuple(entries), encode_header(entries, FORMAT_PT)))
     return files
 
@@ -111,12 +118,20 @@ def index_name(base_index: str | None, files: list[FileLayout], resharded: bool)
     return base_index
 
 
-def pack(slots: list[Slot]) -> list[TensorEntry]:
+def pack(slots: list[Slot], late: frozenset[str] = frozenset()) -> list[TensorEntry]:
     """Offsets in the reference writer's order (largest element first, then name), so every tensor stays
-    aligned to its element size."""
-    ordered = sorted(slots, key=lambda s: (-DTYPE_BITS[s.dtype], s.name))
+    aligned to its element size; smallest element first when the shard holds `late` tensors and that
+    order keeps every tensor aligned too."""
+    if any(s.name in late for s in slots):
+        entries = _offsets(sorted(slots, key=lambda s: (DTYPE_BITS[s.dtype], s.name)))
+        if all(e.start % max(DTYPE_BITS[e.dtype] // 8, 1) == 0 for e in entries):
+            return entries
+    return _offsets(sorted(slots, key=lambda s: (-DTYPE_BITS[s.dtype], s.name)))
+
+
+def _offsets(slots: list[Slot]) -> list[TensorEntry]:
     entries, offset = [], 0
-    for slot in ordered:
+    for slot in slots:
         entries.append(TensorEntry(slot.name, slot.dtype, tuple(slot.shape), offset, offset + slot.nbytes))
         offset += slot.nbytes
     return entries

@@ -141,9 +141,9 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
                               dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
+        check_destination(dest, [Path(base), Path(adapter)], overwrite=overwrite, resume=resume)
         if any(not op.is_raw_copy for op in plan.ops):
             _import_compute_in_background()
-        check_destination(dest, [Path(base), Path(adapter)], overwrite=overwrite, resume=resume)
         ident = identity(plan)
         if resume and not overwrite and finished_merge(dest, ident):  # nothing to resume: write nothing
             return _report(dest, plan, already_complete=True)
@@ -199,7 +199,9 @@ def _import_compute_in_background() -> None:
         except Exception:  # noqa: BLE001 - raised again, where the module is needed
             pass
 
-    threading.Thread(target=load, name="qwen-merge-import", daemon=True).start()
+    # not a daemon: an interpreter that exits (an error right after the start) waits for the import to end;
+    # torch aborts the process when it is torn down in the middle of being imported
+    threading.Thread(target=load, name="qwen-merge-import").start()
 
 
 class LazyComputer:

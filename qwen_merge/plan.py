@@ -518,6 +518,7 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
     """The output shards and the index file name: each base shard's tensors (new ones after
     `added[name]`, `dropped` ones left out) in the base's layout, or re-sharded by `max_shard_size`."""
     gone = set(dropped)
+    late = frozenset(name for name, op in ops.items() if op.scales_of is not None)
     slots: list[tuple[TensorFile, list[Slot] | None]] = []
     for source in base.shards:
         names = [e.name for e in source.entries]
@@ -532,9 +533,9 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
         slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
                                else Slot(n, own[n].dtype, own[n].shape, source) for n in names if n not in gone]))
     if max_shard_size is None:
-        files = layout.base_layout(slots)
+        files = layout.base_layout(slots, late)
     else:
-        files = layout.resharded_layout([s for _, group in slots for s in group], max_shard_size)
+        files = layout.resharded_layout([s for _, group in slots for s in group], max_shard_size, late)
     shards = tuple(ShardPlan(f.name, f.origin, f.entries, f.header,
                              {e.name: ops[e.name] for e in f.entries if e.name in ops}, where) for f in files)
     return shards, layout.index_name(base.index_name, files, max_shard_size is not None)

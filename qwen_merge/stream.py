@@ -40,6 +40,7 @@ class Computer:
         self.reader = ReadAhead(files)  # source rows: the next block is read while this one is merged
         self._experts: dict[tuple[str, str], ExpertFactors] = {}
         self._checked: set[str] = set()
+        self._new_scales: dict[str, torch.Tensor] = {}  # requantized weight -> its scales, until written
 
     def blocks(self, op: TensorOp, only: Container[int] | None = None) -> Iterator[Block]:
         """The op's row blocks in order (only the block indexes in `only`, when given): read the source
@@ -55,6 +56,7 @@ class Computer:
             return
         factors = self._factors(op, reader) if op.pair is not None else None
         tokens = self._tokens(op)
+        scales = self._scale_rows(op) if op.requant is not None and only is None else None
         for index, row0 in enumerate(range(0, rows_total, op.block_rows)):
             if only is not None and index not in only:
                 continue
@@ -63,8 +65,10 @@ class Computer:
             def fill(buffers, row0=row0, rows=rows):
                 w_rows = reader.rows(row0, rows)
                 if op.requant is not None:
-                    v, scales = self._requant_rows(op, reader, w_rows, factors, row0)
-                    return blockquant.quantize(v, scales, op.requant.block, buffers.out)
+                    v, new = self._requant_rows(op, w_rows, factors, row0)
+                    if scales is not None:
+                        scales[row0 // op.requant.block[0]:][:new.shape[0]] = new
+                    return blockquant.quantize(v, new, op.requant.block, buffers.out)
                 out = cast_rows(w_rows, buffers) if factors is None else self._merge(op, w_rows, factors, row0, buffers)
                 for token_id, values in tokens:
                     if row0 <= token_id < row0 + rows:
@@ -73,6 +77,8 @@ class Computer:
                 return out
 
             yield self._block(op, row0, rows, fill)
+        if scales is not None:
+            self._new_scales[op.name] = scales
 
     def close(self) -> None:
         self.reader.close()
@@ -81,42 +87,49 @@ class Computer:
         scales = self._scales32(op.dequant) if op.dequant is not None else None
         return _RowReader(op, self.files, self.reader, self.workspace, op.matrix, scales)
 
-    def _requant_rows(self, op: TensorOp, reader: _RowReader, w_rows: torch.Tensor, factors: Factors | None,
-                      row0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_rows(self, op: TensorOp) -> torch.Tensor:
+        """An empty tensor for the new block scales of a requantized weight, filled block by block."""
+        return torch.empty(op.requant.source.entry.shape, dtype=TORCH_DTYPES[op.requant.dtype])
+
+    def _requant_rows(self, op: TensorOp, w_rows: torch.Tensor, factors: Factors | None, row0: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged rows in fp32 (a workspace buffer) and their new stored block scales."""
         rows, cols = w_rows.shape
-        v = self.workspace.tensor("merged32", "F32", (rows, cols))
-        if factors is None:
-            v.copy_(w_rows)
+        if w_rows.dtype == torch.float32 and op.dequant is not None:
+            v = w_rows  # the dequantized rows are this run's own buffer: merged in place
         else:
-            self._merge(op, w_rows, factors, row0, self.workspace.block(rows, (cols,), "F32", v))
-        block = op.requant.block
-        base_amax = base_scales = None
-        if reader.scales is not None:  # the base's blocks: keep a scale whose block's amax is unchanged
-            base_amax = blockquant.block_amax(w_rows, block)
-            first = row0 // block[0]
-            base_scales = self._scales(op.requant)[first:first + base_amax.shape[0]]
-        return v, blockquant.new_scales(v, block, TORCH_DTYPES[op.requant.dtype], base_amax, base_scales)
+            v = self.workspace.tensor("merged32", "F32", (rows, cols)).copy_(w_rows)
+        if factors is not None:
+            self._merge(op, v, factors, row0, self.workspace.block(rows, (cols,), "F32", v))
+        return v, blockquant.new_scales(v, op.requant.block, TORCH_DTYPES[op.requant.dtype])
 
     def _scales_block(self, op: TensorOp) -> Block:
-        """The new block scales of a requantized weight, as one block: its rows are merged again (the
-        scales are stored before the weight in a checkpoint, so they are needed first)."""
+        """The new block scales of a requantized weight, as one block: kept from the weight's own pass when
+        it came first (the planner puts scales after their weights where alignment allows), else computed
+        by merging the weight's rows again (its scales are needed before its bytes)."""
         weight = op.scales_of
-        reader = self._row_reader(weight)
-        factors = self._factors(weight, reader) if weight.pair is not None else None
-        rows_total, b0 = weight.matrix[0], weight.requant.block[0]
         slot = self.ring.take()
         try:
             data = slot.view(op.source.entry.nbytes)
             out = as_tensor(data, op.dtype, op.shape)
-            for row0 in range(0, rows_total, weight.block_rows):
-                rows = min(weight.block_rows, rows_total - row0)
-                _, scales = self._requant_rows(weight, reader, reader.rows(row0, rows), factors, row0)
-                out[row0 // b0:row0 // b0 + scales.shape[0]] = scales
+            stashed = self._new_scales.pop(weight.name, None)
+            if stashed is not None:
+                out.copy_(stashed)
+            else:
+                self._compute_scales(weight, out)
         except BaseException:
             self.ring.give_back(slot)
             raise
         return Block(0, data, slot)
+
+    def _compute_scales(self, weight: TensorOp, out: torch.Tensor) -> None:
+        reader = self._row_reader(weight)
+        factors = self._factors(weight, reader) if weight.pair is not None else None
+        rows_total, b0 = weight.matrix[0], weight.requant.block[0]
+        for row0 in range(0, rows_total, weight.block_rows):
+            rows = min(weight.block_rows, rows_total - row0)
+            _, scales = self._requant_rows(weight, reader.rows(row0, rows), factors, row0)
+            out[row0 // b0:row0 // b0 + scales.shape[0]] = scales
 
     def _scales(self, scale: BlockScale) -> torch.Tensor:
         """A base tensor's block scales as stored (small: one value per block), read whole."""
@@ -292,7 +305,8 @@ class _RowReader:
             block = self.op.dequant.block
             first = row0 // block[0]
             scales = self.scales[first:first + -(-rows // block[0])]
-            return blockquant.dequantize(w, scales, block, self.workspace.tensor("dequant", "F32", w.shape))
+            return blockquant.dequantize(w, scales, block, self.workspace.tensor("dequant", "F32", w.shape),
+                                         self.workspace.tensor("e4m3_index", "I32", w.shape))
         if self.op.source_round is None:
             return w
         return self.workspace.tensor("source", self.op.source_round, w.shape).copy_(w)

@@ -59,7 +59,7 @@ HEAD = "lm_head.weight"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 ST_SIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in ST_DTYPES.items()}
 
