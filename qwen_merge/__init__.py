@@ -20,14 +20,15 @@ _EXPORTS = {
     "MergeOptions": "options", "Rounding": "options",
     "MergePlan": "plan", "TensorOp": "plan",
     **dict.fromkeys(("QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError",
-                     "DiskFullError", "OptionError", "NonFiniteError", "ZeroNormError", "AlreadyMergedError"),
+                     "DiskFullError", "OptionError", "NonFiniteError", "ZeroNormError", "AlreadyMergedError",
+                     "HubError", "DownloadError"),
                     "errors"),
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .errors import (AdapterError, AlreadyMergedError, DiskFullError, FormatError, MismatchError,
-                         NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
+    from .errors import (AdapterError, AlreadyMergedError, DiskFullError, DownloadError, FormatError, HubError,
+                         MismatchError, NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
     from .merge import MergeReport, iter_merged, merge_shards, plan_merge
     from .options import MergeOptions, Rounding
     from .plan import MergePlan, TensorOp

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .checkpoint import read_json
+from .checkpoint import HubOrigin, read_json
 from .errors import AdapterError, MismatchError
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile, read_header
 
@@ -151,6 +151,7 @@ class Adapter:
     # Factors on a module that a bare target_parameters entry names by suffix: a Linear layer's LoRA or a
     # parameter's, which only the base can tell (`settle_parameters`). Module -> its tensors by role.
     undecided: dict[str, dict[str, TensorEntry]] = dataclasses.field(default_factory=dict)
+    hub: HubOrigin | None = None  # set when the adapter comes from the Hub (its files are in the cache)
 
 
 def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | None = None) -> Adapter:
@@ -171,11 +172,39 @@ def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | Non
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter folder not found (expected a folder with {CONFIG_NAME})")
     if not (root / CONFIG_NAME).is_file():
-        raise AdapterError(f"{root}: {CONFIG_NAME} is missing; it holds the rank and alpha the merge needs")
+        raise _missing_config(root)
     config = read_json(root / CONFIG_NAME, CONFIG_NAME)
     _check_config(root / CONFIG_NAME, config)
     file = read_header(weights if weights is not None else weights_path(root))
     return _sort_tensors(root, config, file)
+
+
+def _missing_config(root: Path) -> AdapterError:
+    """The error for a folder without adapter_config.json, with a hint for the two usual mix-ups: a model
+    folder given as ADAPTER, and a trainer's output folder whose adapters lie in checkpoint-<step>/."""
+    if (root / "config.json").is_file() and _has_model_weights(root):
+        return AdapterError(f"{root}: expected a PEFT adapter ({CONFIG_NAME} + {WEIGHTS_NAME}), found a model "
+                            f"folder (config.json and model weights); BASE and ADAPTER look swapped: give the base "
+                            f"model first, the adapter second (BASE ADAPTER [OUT])")
+    found = sorted((p for p in root.glob("checkpoint-*") if (p / CONFIG_NAME).is_file()), key=_step)
+    if found:
+        names = [p.name for p in found]
+        shown = names if len(names) <= 5 else names[:2] + ["..."] + names[-2:]  # one line, whatever the count
+        return AdapterError(f"{root}: {CONFIG_NAME} is missing, but {len(names)} trainer checkpoint folder(s) "
+                            f"here hold an adapter ({', '.join(shown)}); pass one of them as ADAPTER, "
+                            f"e.g. the last: {found[-1]}")
+    return AdapterError(f"{root}: {CONFIG_NAME} is missing; it holds the rank and alpha the merge needs")
+
+
+def _has_model_weights(root: Path) -> bool:
+    """Model weights other than an adapter's own file (adapter_config.json alone may be what is missing)."""
+    return any(root.glob("*.safetensors.index.json")) or any(p.name != WEIGHTS_NAME for p in root.glob("*.safetensors"))
+
+
+def _step(folder: Path) -> tuple[int, int, str]:
+    """Sort key of checkpoint-<step>: by the step as a number (500 before 1000); other names after, by name."""
+    tail = folder.name[len("checkpoint-"):]
+    return (0, int(tail), "") if tail.isdecimal() else (1, 0, tail)
 
 
 def weights_path(root: Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -17,8 +18,27 @@ from .tensorfile import TensorEntry, TensorFile, read_header
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "qwen_merge.json"  # provenance a previous merge wrote; read, never copied
 SINGLE_NAME = "model.safetensors"
+ADAPTER_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # what marks a PEFT adapter given as BASE
 # Weights in other formats would sit beside the merged safetensors unmerged: never copy them.
 STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
+
+
+@dataclass(frozen=True, slots=True)
+class HubOrigin:
+    """A checkpoint or adapter from the Hugging Face Hub: `revision` as asked (None: the default branch),
+    the `commit` it resolved to, the cache's snapshot `folder` where each file is (or will be, once
+    downloaded), every file's size at that commit, and the files already in the cache before this run."""
+
+    repo_id: str
+    revision: str | None
+    commit: str
+    folder: Path
+    sizes: dict[str, int]
+    cached: frozenset[str]
+    offline: bool = False  # resolved from the cache alone: `sizes` lists only the cached files
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +53,11 @@ class Checkpoint:
     side_files: tuple[Path, ...]
     skipped: tuple[str, ...]
     config: dict | None
+    hub: HubOrigin | None = None  # set when the checkpoint comes from the Hub (its shards may not be cached yet)
+
+    def file_size(self, path: Path) -> int:
+        """The size of one of its files (a Hub file's from the repo listing: it may not be cached yet)."""
+        return self.hub.sizes[path.name] if self.hub is not None else path.stat().st_size
 
     def entries(self) -> dict[str, TensorEntry]:
         return {e.name: e for shard in self.shards for e in shard.entries}
@@ -52,15 +77,18 @@ def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise FormatError(f"{path}: base model not found")
     if path.is_file() and path.name.endswith(".safetensors"):
-        shard = read_header(path)
-        return _assemble(path.parent, (shard,), None, {}, side_files=False)
+        _refuse_adapter(path.parent, [path])
+        _refuse_one_shard(path)
+        # The config and tokenizer beside the file travel as they do for a folder: without config.json
+        # transformers cannot load the output.
+        return _assemble(path.parent, (read_header(path),), None, {}, side_files=True)
     root, index_path = _locate(path)
     if index_path is None:
         single = root / SINGLE_NAME if (root / SINGLE_NAME).is_file() else _only_safetensors(root)
         return _assemble(root, (read_header(_inside(root, single)),), None, {}, side_files=True)
-    weight_map, metadata = _read_index(index_path)
+    weight_map, metadata = read_index(index_path)
     shards = tuple(read_header(_inside(root, root / name)) for name in sorted(set(weight_map.values())))
-    _check_index_matches(index_path, weight_map, shards)
+    check_index_matches(index_path, weight_map, shards)
     return _assemble(root, shards, index_path.name, metadata, side_files=True)
 
 
@@ -80,6 +108,7 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     if path.is_file():
         if path.name.endswith(".index.json"):
             return path.parent, path
+        _refuse_adapter(path.parent, [path])
         raise FormatError(f"{path}: expected a model folder, a .safetensors file or a .safetensors.index.json")
     if (path / INDEX_NAME).is_file():
         return path, path / INDEX_NAME
@@ -88,7 +117,31 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) == 1:
         return path, indexes[0]
+    _refuse_adapter(path, sorted(path.glob("*.safetensors")))
     return path, None
+
+
+def _refuse_adapter(folder: Path, weights: list[Path]) -> None:
+    """An adapter given as BASE would otherwise be read as a one-file model (adapter_model.safetensors) and
+    fail later on a misleading mismatch. A model folder that also holds an adapter_config.json has weights
+    of its own and is not refused."""
+    if (folder / ADAPTER_NAMES[0]).is_file() and all(w.name in ADAPTER_NAMES for w in weights):
+        raise FormatError(f"{folder}: expected a base model, found a PEFT adapter ({ADAPTER_NAMES[0]}); BASE and "
+                          f"ADAPTER look swapped: give the base model first, the adapter second (BASE ADAPTER [OUT])")
+
+
+def _refuse_one_shard(path: Path) -> None:
+    """One shard of a sharded model is only part of it. A file that no index beside it lists together with
+    other shards (a single-file model, a consolidated copy) is a whole model and is accepted."""
+    for index_path in sorted(path.parent.glob("*.safetensors.index.json")):
+        try:
+            weight_map = read_json(index_path, "index").get("weight_map")
+        except FormatError:
+            continue  # an unreadable index beside a whole file says nothing about that file
+        files = {f for f in weight_map.values() if isinstance(f, str)} if isinstance(weight_map, dict) else set()
+        if path.name in files and len(files) > 1:
+            raise FormatError(f"{path}: expected a whole model, found one of the {len(files)} shards listed in "
+                              f"{index_path.name}; pass the model folder {path.parent} as BASE instead")
 
 
 def _only_safetensors(root: Path) -> Path:
@@ -112,7 +165,9 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
+def read_index(index_path: Path, listed: Callable[[str], bool] | None = None) -> tuple[dict[str, str], dict]:
+    """The weight map and metadata of an HF index, each shard name checked: a plain `.safetensors` name
+    that exists beside the index (or, for a Hub repo, that `listed` says the repo has)."""
     index = read_json(index_path, "index")
     weight_map, metadata = index.get("weight_map"), index.get("metadata", {})
     if not isinstance(weight_map, dict) or not weight_map:
@@ -122,23 +177,23 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     checked: set[object] = set()  # thousands of tensors name a few shards: check each name once
     for tensor, shard in weight_map.items():
         if not (isinstance(shard, str) and shard in checked):
-            _check_shard_name(index_path, tensor, shard)
+            _check_shard_name(index_path, tensor, shard, listed)
             checked.add(shard)
     return dict(weight_map), dict(metadata)
 
 
-def _check_shard_name(index_path: Path, tensor: str, shard: object) -> None:
+def _check_shard_name(index_path: Path, tensor: str, shard: object, listed: Callable[[str], bool] | None) -> None:
     if not isinstance(shard, str):
         raise FormatError(f"{index_path}: weight_map[{tensor!r}] must be a file name, found {shard!r}")
     plain = PurePosixPath(shard).name == shard and PureWindowsPath(shard).name == shard
     if not plain or shard in (".", "..") or not shard.endswith(".safetensors"):
         raise FormatError(f"{index_path}: weight_map[{tensor!r}] = {shard!r} is not a plain "
                           f".safetensors file name inside the model folder")
-    if not (index_path.parent / shard).is_file():
+    if not (listed(shard) if listed is not None else (index_path.parent / shard).is_file()):
         raise FormatError(f"{index_path}: weight_map[{tensor!r}] names {shard!r}, which does not exist")
 
 
-def _check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
+def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
     seen: dict[str, str] = {}
     for shard in shards:
         file = shard.path.name
@@ -167,13 +222,20 @@ def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None
     return Checkpoint(root, shards, weight_map, index_name, metadata, files, skipped, config)
 
 
+def is_side_file(name: str) -> bool:
+    """A file that travels with the merged weights (config, tokenizer, ...): not hidden, not weights in
+    another format or shards the output replaces, not an index of other weights (it would point at files
+    that are not copied)."""
+    return not name.startswith(".") and not name.endswith(STALE_WEIGHT_SUFFIXES + (".index.json",))
+
+
 def _side_files(root: Path, used: set[str | None]) -> tuple[tuple[Path, ...], tuple[str, ...]]:
     """Regular top-level files to copy (config, tokenizer, ...) and names deliberately left behind."""
     keep, skip = [], []
     for entry in sorted(root.iterdir()):
         if entry.name in used or entry.name.startswith("."):
             continue
-        if entry.is_file() and not entry.name.endswith(STALE_WEIGHT_SUFFIXES):
+        if entry.is_file() and is_side_file(entry.name):
             keep.append(entry)
         else:
             skip.append(entry.name + ("/" if entry.is_dir() else ""))

@@ -23,6 +23,10 @@ from .version import VERSION
 from .units import human_bytes
 
 
+BASE_HELP = "model folder, .safetensors file, or Hugging Face repo id (org/name[@revision])"
+ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision])"
+
+
 class _UsageError(Exception):
     """An argument mistake; `parser` is the (sub)command whose usage is shown after the message."""
 
@@ -70,12 +74,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"qwen-merge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
-    plan.add_argument("base", help="model folder or .safetensors file")
-    plan.add_argument("adapter", help="PEFT adapter folder")
+    plan.add_argument("base", help=BASE_HELP)
+    plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
-    merge.add_argument("base", help="model folder or .safetensors file")
-    merge.add_argument("adapter", help="PEFT adapter folder")
+    merge.add_argument("base", help=BASE_HELP)
+    merge.add_argument("adapter", help=ADAPTER_HELP)
     merge.add_argument("out", help="output folder (created; must not be inside an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -85,10 +89,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="merge even if BASE's manifest shows this adapter was already merged into it")
     merge.add_argument("--allow-nonfinite", action="store_true",
                        help="write NaN/Inf that the adapter or the merge produces instead of stopping")
+    merge.add_argument("--low-disk", action="store_true",
+                       help="BASE from the Hub: delete each shard this run downloaded once it is merged (disk "
+                            "needed: the output plus about two shards); shards already cached are kept")
     verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model")
     verify.add_argument("out", help="the merged model folder to check")
-    verify.add_argument("--base", required=True, help="the base model folder or .safetensors file it was merged from")
-    verify.add_argument("--adapter", required=True, help="the PEFT adapter folder it was merged with")
+    verify.add_argument("--base", required=True, help="the base it was merged from: " + BASE_HELP)
+    verify.add_argument("--adapter", required=True, help="the adapter it was merged with: " + ADAPTER_HELP)
     verify.add_argument("--full", action="store_true", help="recompute every row block of merged tensors "
                         "(default: the first, middle and last block of each)")
     for p in (plan, merge, verify):
@@ -148,7 +155,7 @@ def _merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
                           resume=args.resume, force=args.force, allow_nonfinite=args.allow_nonfinite,
-                          **_options(args))
+                          low_disk=args.low_disk, **_options(args))
     if args.quiet:
         return 0
     if report.already_complete:

@@ -44,3 +44,16 @@ class ZeroNormError(MismatchError):
 
 class AlreadyMergedError(MismatchError):
     """The base's manifest shows this adapter was merged into it already; merging again applies it twice."""
+
+
+class HubError(QwenMergeError):
+    """A Hugging Face Hub input cannot be used: no such repo, revision or file, gated, only `.bin` weights."""
+
+
+class DownloadError(HubError):
+    """Reaching the Hub or downloading from it failed (or offline mode without the file in the cache).
+    A merge stopped by it keeps its completed shards: the same command with `--resume` continues."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import MANIFEST_NAME, read_json
+from .checkpoint import MANIFEST_NAME, HubOrigin, read_json
 from .errors import AlreadyMergedError, OutputError
 from .output import partial_folder_of, sha256_file
 from .plan import MergePlan
@@ -24,17 +24,25 @@ def identity(plan: MergePlan) -> dict:
         "tool": "qwen-merge",
         "version": VERSION,
         "base": {"files": {s.path.name: s.size for s in base.shards}
-                 | {p.name: p.stat().st_size for p in base.side_files},
-                 "merged_adapters": previous_adapters(base.root)},
+                 | {p.name: base.file_size(p) for p in base.side_files},
+                 "merged_adapters": previous_adapters(base.root)} | _hub(base.hub),
         "adapter": {"weights_sha256": sha256_file(adapter.file.path), "weights_size": adapter.file.size,
-                    "config_sha256": sha256_file(adapter.root / "adapter_config.json")},
+                    "config_sha256": sha256_file(adapter.root / "adapter_config.json")} | _hub(adapter.hub),
         "options": plan.options.identity(),
     }
 
 
+def _hub(origin: HubOrigin | None) -> dict:
+    """A Hub input is identified by repo and resolved commit (not the branch name, which moves)."""
+    return {"hub": {"repo": origin.repo_id, "commit": origin.commit}} if origin is not None else {}
+
+
 def base_file_stats(plan: MergePlan) -> dict[str, list[int]]:
     """Size, mtime and inode of every base file: kept in the resume state only (they vary between
-    copies of the same model, so they stay out of the manifest)."""
+    copies of the same model, so they stay out of the manifest). A Hub base has none: its commit is in
+    the identity, and its files appear in the cache as the merge goes."""
+    if plan.base.hub is not None:
+        return {}
     files = [s.path for s in plan.base.shards] + list(plan.base.side_files)
     return {p.name: [(st := p.stat()).st_size, st.st_mtime_ns, st.st_ino] for p in files}
 
@@ -97,10 +105,18 @@ def differences(old: dict, new: dict) -> list[str]:
     changes += [f"option {key} changed: {old_options.get(key)!r} -> {new_options.get(key)!r}"
                 for key in sorted(old_options.keys() | new_options.keys())
                 if old_options.get(key) != new_options.get(key)]
+    for role in ("base", "adapter"):
+        was, now = (old.get(role) or {}).get("hub"), (new.get(role) or {}).get("hub")
+        if was != now:
+            changes.append(f"{role} {_hub_text(was)} -> {_hub_text(now)}")
     changes += _base_changes(old, new) + _adapter_changes(old.get("adapter") or {}, new.get("adapter") or {})
     if not changes and old != new:  # a field this version does not describe (a record from another version)
         changes.append("the recorded identity differs")
     return changes
+
+
+def _hub_text(hub: dict | None) -> str:
+    return f"Hub repo {hub.get('repo')} at commit {str(hub.get('commit'))[:12]}" if hub else "local files"
 
 
 def _base_changes(old: dict, new: dict, shown: int = 3) -> list[str]:

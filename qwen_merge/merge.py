@@ -8,6 +8,7 @@ only copy bytes, run without it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import tempfile
@@ -19,13 +20,16 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import hub
 from .adapter import open_adapter
-from .checkpoint import MANIFEST_NAME, open_checkpoint
+from .checkpoint import MANIFEST_NAME, Checkpoint, HubOrigin, open_checkpoint
 from .errors import DiskFullError, FormatError
+from .fetchplan import FetchPlan, base_reads, fetch_plan
 from .manifest import base_file_stats, check_not_merged_twice, finished_merge, identity, manifest
 from .memory import RING_SIZE
 from .options import MergeOptions
-from .output import (check_destination, check_free_space, copy_side_file, publish, staging_folder, write_bytes,
+from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file, publish,
+                     staging_folder, write_bytes,
                      write_json, write_json_atomic)
 from .pieces import Block, BlockRing, Piece, shard_pieces, shard_runs
 from .plan import MergePlan, TensorOp, make_plan
@@ -61,8 +65,14 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
     """Check that `adapter` fits `base` and describe the merge, reading only headers and JSON.
 
     Args:
-        base: a model folder (`model.safetensors`, or an index plus shards) or one `.safetensors` file.
-        adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`).
+        base: a model folder (`model.safetensors`, or an index plus shards) or one `.safetensors` file;
+            or a Hugging Face Hub repo id, `"org/name"` or `"org/name@revision"` (a `str` that is not an
+            existing path). A repo is read through the Hugging Face cache: planning fetches its JSON
+            files and each shard's header only; merging downloads the shards it lacks into the cache,
+            the next one while the current one merges. HF_TOKEN / the stored login, HF_HUB_OFFLINE,
+            HF_HUB_CACHE / HF_HOME and HF_ENDPOINT apply as in every huggingface_hub tool.
+        adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a Hub repo
+            id holding one.
         options: a `MergeOptions`; the keyword arguments below, when given, are set on top of it.
         rounding: "single" (fp32 accumulation, one rounding; the default) or "peft" (PEFT's double
             rounding where PEFT rounds twice: embedding LoRA, target_parameters, MiCA).
@@ -82,7 +92,8 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
 
     Raises:
         FormatError, AdapterError, MismatchError, OptionError: the inputs cannot be merged; nothing was
-        written.
+        written. HubError: a repo id cannot be resolved (not found, gated, no such revision or file);
+        DownloadError (a HubError): the Hub cannot be reached, or offline mode lacks a file.
 
     Example:
         >>> plan = plan_merge("Qwen3-0.6B", "my-lora")          # doctest: +SKIP
@@ -100,7 +111,8 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  allow_nonfinite: bool | None = None, block_bytes: int | None = None,
-                 dtype: str | None = None, max_shard_size: int | str | None = None) -> MergeReport:
+                 dtype: str | None = None, max_shard_size: int | str | None = None,
+                 low_disk: bool | None = None) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
     The output has the base's shard names and tensor-to-shard assignment (or `max_shard_size` shards),
@@ -109,8 +121,8 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     `output` and moved into place only when complete; on any error nothing appears at `output`.
 
     Args:
-        base: a model folder or one `.safetensors` file.
-        adapter: a PEFT LoRA folder.
+        base: a model folder, one `.safetensors` file, or a Hub repo id (as for `plan_merge`).
+        adapter: a PEFT LoRA folder, or a Hub repo id.
         output: the folder to create. It must not be, contain or lie inside an input.
         overwrite: replace `output` if it is a non-empty folder.
         progress: show progress by bytes on stderr: a bar on a terminal, a plain line every 10% or 10 s
@@ -121,6 +133,9 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         force: merge even when the base's manifest shows this adapter was already merged into it.
         options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: as for `plan_merge`.
         allow_nonfinite: write NaN/Inf that the adapter or the merge produces instead of stopping.
+        low_disk: for a base from the Hub, delete each shard this run downloaded from the cache as soon as
+            the output shards that read it are complete (shards cached before the run are kept); free
+            disk must then hold the output plus about two shards instead of the whole base.
 
     The output folder also holds `qwen_merge.json`: tool version, input identity (file sizes, the
     adapter's SHA-256), options, counts and each shard's SHA-256 — nothing that varies between runs.
@@ -139,9 +154,10 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     dest = Path(output)
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
-                              dtype=dtype, max_shard_size=max_shard_size)
+                              dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk)
     with _planned(base, adapter, options) as plan:
-        check_destination(dest, [Path(base), Path(adapter)], overwrite=overwrite, resume=resume)
+        check_destination(dest, _inputs(base, adapter, plan), overwrite=overwrite, resume=resume)
+        fetch_side_files(plan)
         if any(not op.is_raw_copy for op in plan.ops):
             _import_compute_in_background()
         ident = identity(plan)
@@ -154,7 +170,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
             needed = plan.output_bytes - sum(d["size"] for d in state.done.values())
             try:
                 state.save()
-                check_free_space(dest, needed)
+                _check_space(dest, plan, needed, state)
                 _write_folder(plan, folder, state, progress)
                 shards = {s.name: state.done[s.name] for s in plan.shards}
                 write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
@@ -248,20 +264,50 @@ def without_gc() -> Iterator[None]:
 
 @contextmanager
 def _planned(base: PathLike, adapter: PathLike, options: MergeOptions) -> Iterator[MergePlan]:
-    """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime."""
+    """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime. A
+    `str` that is not an existing path but reads `org/name[@revision]` is a Hugging Face Hub repo."""
     with without_gc(), tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
+        checkpoint = _open_base(base)
+        adapter_folder, adapter_hub = _adapter_folder(adapter, options)
         weights = None
         if options.allow_pickle:
             from .pickled import unpickle_adapter  # torch.load: only when pickles are allowed
 
-            weights = unpickle_adapter(Path(adapter), Path(scratch))
-        checkpoint, parsed = open_checkpoint(base), open_adapter(adapter, weights=weights)
+            weights = unpickle_adapter(adapter_folder, Path(scratch))
+        parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
         yield make_plan(checkpoint, parsed, options, partial(same_values, parsed.file))
+
+
+def _open_base(base: PathLike) -> Checkpoint:
+    if (ref := hub.repo_ref(base)) is None:
+        return open_checkpoint(base)
+    return hub.open_hub_checkpoint(hub.resolve(ref))
+
+
+def _adapter_folder(adapter: PathLike, options: MergeOptions) -> tuple[Path, HubOrigin | None]:
+    if (ref := hub.repo_ref(adapter)) is None:
+        return Path(adapter), None
+    origin = hub.resolve(ref)
+    return hub.fetch_adapter(origin, options.allow_pickle), origin
+
+
+def fetch_side_files(plan: MergePlan) -> None:
+    """A Hub base's config, tokenizer and other small files, into the cache: the identity, the copy into
+    the output and `verify` read them from disk."""
+    if plan.base.hub is not None:
+        for side in plan.base.side_files:
+            hub.fetch(plan.base.hub, side.name)
+
+
+def _inputs(base: PathLike, adapter: PathLike, plan: MergePlan) -> list[Path]:
+    """The input locations the destination must stay out of (a Hub input's snapshot folder)."""
+    return [plan.base.root if plan.base.hub else Path(base), plan.adapter.root if plan.adapter.hub else Path(adapter)]
 
 
 def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     with stack:
-        files = stack.enter_context(Files())  # closed after the computer, whose read-ahead uses them
+        downloads = stack.enter_context(_downloads(plan, None, progress=False))
+        files = stack.enter_context(Files(downloads.wait if downloads else None))  # closed after the computer
         compute = LazyComputer(plan, files, BlockRing(1), stack)
         for shard in plan.shards:
             for entry, pieces in shard_pieces(shard, files, compute):
@@ -284,16 +330,55 @@ def _assemble(entry: TensorEntry, pieces: Iterator[Piece], path: Path) -> torch.
     return as_tensor(buffer, entry.dtype, entry.shape)
 
 
+def _check_space(dest: Path, plan: MergePlan, needed: int, state: ResumeState) -> None:
+    """Free space for the output, and for the base shards a Hub merge downloads into the cache."""
+    fetch = fetch_plan(plan)
+    if fetch is None:
+        return check_free_space(dest, needed)
+    todo = _still_needed(plan, state, fetch)
+    download = sum(plan.base.hub.sizes[n] for n in todo)
+    held = min(fetch.low_disk_bytes, download) if plan.options.low_disk else download
+    hint = ("" if plan.options.low_disk or fetch.low_disk_bytes >= download else
+            f"; --low-disk (low_disk=True) deletes each downloaded shard once merged and needs only "
+            f"{human_bytes(fetch.low_disk_bytes)} for downloads")
+    check_free_space_for([(dest, needed, "the output"), (plan.base.root.parent.parent, held, "downloads")], hint)
+
+
+def _still_needed(plan: MergePlan, state: ResumeState, fetch: FetchPlan) -> tuple[str, ...]:
+    """The downloads the output shards not yet done still read, in order."""
+    reads = {p.name for s in plan.shards if s.name not in state.done for p in base_reads(s)}
+    return tuple(n for n in fetch.order if n in reads)
+
+
+@contextmanager
+def _downloads(plan: MergePlan, state: ResumeState | None, progress: bool) -> Iterator[hub.Downloads | None]:
+    """The background download of a Hub base's shards (None for a local base), with its progress bar."""
+    fetch = fetch_plan(plan)
+    if fetch is None:
+        yield None
+        return
+    order = _still_needed(plan, state, fetch) if state is not None else fetch.order
+    total = sum(plan.base.hub.sizes[n] for n in order)
+    with progress_bar(total, "downloading", enabled=progress and total > 0, position=1) as bar:
+        downloads = hub.Downloads(plan.base.hub, order, low_disk=plan.options.low_disk, on_bytes=bar.update)
+        try:
+            yield downloads
+        finally:
+            downloads.close()
+
+
 def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: bool) -> None:
     """Write the shards not yet done, then the side files and the index. Each shard is produced here
     (computed blocks on this thread) while the writer writes, hashes and finishes the ones before it."""
     bar = progress_bar(sum(s.size for s in plan.shards), "merging", enabled=progress)
     bar.update(sum(s.size for s in plan.shards if s.name in state.done))
     with bar, ExitStack() as stack:
-        files = stack.enter_context(Files())
+        downloads = stack.enter_context(_downloads(plan, state, progress))
+        files = stack.enter_context(Files(downloads.wait if downloads else None))
         ring = BlockRing(RING_SIZE)
         compute = LazyComputer(plan, files, ring, stack, threads=1)
-        writer = stack.enter_context(ShardWriter(folder, state, files, bar.update))
+        on_done = _releaser(plan, files, downloads) if downloads and plan.options.low_disk else lambda name: None
+        writer = stack.enter_context(ShardWriter(folder, state, files, bar.update, on_done))
         for shard in plan.shards:
             if shard.name not in state.done:
                 writer.write(shard.name, shard.header, shard_runs(shard, files, compute, compute.batch))
@@ -305,6 +390,21 @@ def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: b
             copy_side_file(side, folder)
     if plan.index_name:
         write_bytes(folder / plan.index_name, plan.index_json)
+
+
+def _releaser(plan: MergePlan, files: Files, downloads: hub.Downloads):
+    """`on_done(output shard)` for --low-disk: the base shards no later output shard reads are closed
+    and deleted from the cache (those this run downloaded)."""
+    fetch = fetch_plan(plan)
+    index = {s.name: k for k, s in enumerate(plan.shards)}
+    paths = {p.name: p for s in plan.shards for p in base_reads(s)}
+
+    def on_done(name: str) -> None:
+        for base_name, last in fetch.last_use.items():
+            if last == index[name]:
+                files.retire(paths[base_name])
+                downloads.release(base_name)
+    return on_done
 
 
 def _report(dest: Path, plan: MergePlan, already_complete: bool = False) -> MergeReport:

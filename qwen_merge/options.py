@@ -36,7 +36,9 @@ class MergeOptions:
     allow_nonfinite: write NaN/Inf instead of stopping. block_bytes: fp32 bytes of a row block, which
     bounds the working memory of each tensor. dtype: the output's float dtype ("bfloat16", "float16",
     "float32"; stored as the safetensors name, "BF16"...), None for the base's own. max_shard_size: bytes
-    per output shard (or "5GB", "500MB"), None for the base's shard layout."""
+    per output shard (or "5GB", "500MB"), None for the base's shard layout. low_disk: delete each base
+    shard this run downloaded from the Hub as soon as the output shards that read it are complete (how the
+    merge runs, not what it writes: not part of the identity)."""
 
     rounding: Rounding = Rounding.SINGLE
     key_map: tuple[tuple[str, str], ...] = ()
@@ -45,6 +47,7 @@ class MergeOptions:
     block_bytes: int = DEFAULT_BLOCK_BYTES
     dtype: str | None = None
     max_shard_size: int | None = None
+    low_disk: bool = False
 
     def __post_init__(self) -> None:
         try:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DiskFullError, OutputError
+from .errors import DiskFullError, DownloadError, OutputError
 from .units import human_bytes
 
 
@@ -59,8 +59,8 @@ def staging_folder(dest: Path, *, resume: bool) -> Iterator[tuple[Path, bool]]:
         raise OutputError(f"{dest}: cannot create a folder beside the destination: {e.strerror or e}") from e
     try:
         yield folder, fresh
-    except Exception:
-        if fresh:
+    except Exception as e:
+        if fresh and not isinstance(e, DownloadError):  # a download that failed can continue with resume
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
@@ -71,6 +71,21 @@ def check_free_space(dest: Path, needed: int) -> None:
     if free is not None and free < needed:
         raise DiskFullError(f"{dest}: the merge writes {human_bytes(needed)} ({needed} bytes) but only "
                             f"{human_bytes(free)} ({free} bytes) are free there")
+
+
+def check_free_space_for(needs: list[tuple[Path, int, str]], hint: str = "") -> None:
+    """Like `check_free_space` for several needs — (folder, bytes, what for) — that may share a filesystem."""
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, count, what in needs:
+        existing = next((f for f in (folder, *folder.parents) if f.exists()), None)
+        if existing is not None and count > 0:
+            by_device.setdefault(existing.stat().st_dev, []).append((existing, count, what))
+    for group in by_device.values():
+        total, free = sum(n for _, n, _ in group), free_bytes(group[0][0])
+        if free is not None and free < total:
+            parts = " and ".join(f"{human_bytes(n)} for {what}" for _, n, what in group)
+            raise DiskFullError(f"{group[0][0]}: the merge needs {parts} ({total} bytes) on this filesystem but only "
+                                f"{human_bytes(free)} ({free} bytes) are free{hint}")
 
 
 def free_bytes(dest: Path) -> int | None:

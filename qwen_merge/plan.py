@@ -546,5 +546,5 @@ def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
 
 
 def _output_bytes(plan: MergePlan, index_bytes: int) -> int:
-    side = sum(p.stat().st_size for p in plan.base.side_files)
+    side = sum(plan.base.file_size(p) for p in plan.base.side_files)
     return sum(s.size for s in plan.shards) + side + index_bytes

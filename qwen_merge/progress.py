@@ -22,14 +22,15 @@ LINE_EVERY_S = 10.0
 LINE_EVERY_FRACTION = 0.1
 
 
-def progress_bar(total: int, desc: str, *, enabled: bool = True, stream: TextIO | None = None
-                 ) -> tqdm | PlainProgress:
-    """A byte counter for `total` bytes labelled `desc`; silent when not `enabled`."""
+def progress_bar(total: int, desc: str, *, enabled: bool = True, stream: TextIO | None = None,
+                 position: int = 0) -> tqdm | PlainProgress:
+    """A byte counter for `total` bytes labelled `desc`; silent when not `enabled`. `position` is the
+    terminal line of a bar shown beside others (downloading under merging)."""
     stream = sys.stderr if stream is None else stream
     if not enabled:
         return tqdm(total=total, disable=True)
     if _is_terminal(stream):
-        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=stream)
+        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=stream, position=position)
     return PlainProgress(total, desc, stream)
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .adapter import Kind
+from .checkpoint import HubOrigin
 from .options import Rounding
 from .recipe import Part
 from .units import human_bytes
@@ -23,12 +25,29 @@ def render(plan: MergePlan, detail: bool = False) -> str:
     return "\n".join(_lines(plan, detail))
 
 
+def _where(root: Path, origin: HubOrigin | None) -> str:
+    return str(root) if origin is None else f"{origin} (Hub, commit {origin.commit[:12]}; cache {root})"
+
+
+def _download_lines(plan: MergePlan) -> Iterator[str]:
+    from .fetchplan import fetch_plan  # it reads the plan, which imports this module lazily
+
+    fetch = fetch_plan(plan)
+    if fetch is None:
+        return
+    yield (f"download: {len(fetch.order)} shard(s), {human_bytes(fetch.download_bytes)} "
+           f"({human_bytes(fetch.cached_bytes)} already in the cache)")
+    yield (f"disk:    output {human_bytes(plan.output_bytes)} + downloads {human_bytes(fetch.download_bytes)}; "
+           f"with --low-disk output + {human_bytes(fetch.low_disk_bytes)} (each downloaded shard deleted once merged)")
+
+
 def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     base, adapter = plan.base, plan.adapter
     n_tensors = sum(len(s.entries) for s in base.shards)
     size = sum(s.entries[-1].end for s in base.shards if s.entries)
-    yield f"base:    {base.root}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
-    yield f"adapter: {adapter.root}  ({_adapter_summary(adapter)})"
+    yield f"base:    {_where(base.root, base.hub)}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
+    yield f"adapter: {_where(adapter.root, adapter.hub)}  ({_adapter_summary(adapter)})"
+    yield from _download_lines(plan)
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
     yield from _tensor_lines(plan, detail)

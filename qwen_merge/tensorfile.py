@@ -83,6 +83,24 @@ def read_header(path: str | os.PathLike) -> TensorFile:
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_header(path, prefix + raw, size)
+
+
+def parse_header(path: Path, header_bytes: bytes, size: int) -> TensorFile:
+    """Parse the first bytes of a safetensors file of `size` bytes (the 8-byte length and the JSON it
+    announces; a remote file's header arrives this way, without the data).
+
+    Raises:
+        FormatError: with one line naming `path` and the rule it breaks.
+    """
+    if len(header_bytes) < 8:
+        raise FormatError(f"{path}: not a safetensors file: the 8-byte header length is missing")
+    (n,) = struct.unpack("<Q", header_bytes[:8])
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header length {n} exceeds the format limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + n > size or len(header_bytes) < 8 + n:
+        raise FormatError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+    prefix, raw = header_bytes[:8], header_bytes[8:8 + n]
     header = _decode_json(path, raw)
     metadata = _check_metadata(path, header.pop("__metadata__", None))
     entries = sorted((_parse_entry(path, k, v) for k, v in header.items()), key=lambda e: (e.start, e.end))

@@ -23,7 +23,7 @@ import numpy
 
 from .checkpoint import MANIFEST_NAME
 from .errors import FormatError, QwenMergeError
-from .merge import LazyComputer, _planned
+from .merge import LazyComputer, _downloads, _planned, fetch_side_files
 from .options import MergeOptions
 from .pieces import Block, BlockRing, RawSpan, shard_pieces
 from .plan import MergePlan, ShardPlan, TensorOp
@@ -101,6 +101,7 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
                               block_bytes=block_bytes, allow_nonfinite=True,
                               dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
+        fetch_side_files(plan)
         checker = _Checker(plan, out, full)
         checker.run()
     return VerifyReport(not checker.problems, tuple(checker.problems), checker.tensors, checker.bytes, full)
@@ -128,7 +129,8 @@ class _Checker:
         if self.plan.index_name and self.plan.index_name in present:
             self._check_index(self.out / self.plan.index_name)
         with ExitStack() as stack:
-            files = stack.enter_context(Files())
+            downloads = stack.enter_context(_downloads(self.plan, None, progress=False))  # a Hub base's shards
+            files = stack.enter_context(Files(downloads.wait if downloads else None))
             compute = LazyComputer(self.plan, files, BlockRing(1), stack, threads=1)  # the merge's own GEMMs
             for shard in self.plan.shards:
                 if shard.name in present:

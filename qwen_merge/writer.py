@@ -165,10 +165,12 @@ def _release(item: object) -> None:
 
 class ShardWriter:
     """Writes shards into `folder`, one `write` call each, in the background; `close` waits for all of
-    them. `on_bytes(n)` is told of every n bytes written (from the disk thread)."""
+    them. `on_bytes(n)` is told of every n bytes written (from the disk thread); `on_done(name)` of every
+    shard complete and recorded (from the finisher thread)."""
 
-    def __init__(self, folder: Path, state: ResumeState, files: Files, on_bytes: Callable[[int], None]) -> None:
-        self.folder, self.state = folder, state
+    def __init__(self, folder: Path, state: ResumeState, files: Files, on_bytes: Callable[[int], None],
+                 on_done: Callable[[str], None] = lambda name: None) -> None:
+        self.folder, self.state, self.on_done = folder, state, on_done
         self._chunks = _ChunkPool(CHUNKS)
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._disk: queue.SimpleQueue = queue.SimpleQueue()
@@ -272,6 +274,7 @@ class ShardWriter:
         _fsync(part)
         os.replace(part, self.folder / name)
         self.state.record(name, {"size": size, "sha256": digest})
+        self.on_done(name)
 
 
 class _Assembler:

@@ -34,10 +34,12 @@ ALLOWED = {
     "quant": {"errors", "recipe", "tensorfile"},
     "layout": {"checkpoint", "tensorfile"},
     "memory": {"tensorfile"},
-    "report": {"adapter", "options", "recipe", "units"},
+    "report": {"adapter", "checkpoint", "fetchplan", "options", "recipe", "units"},
     "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "targets", "memory",
              "options", "recipe", "report", "quant", "layout"},
     "sources": {"errors", "tensorfile"},
+    "hub": {"checkpoint", "errors", "tensorfile"},
+    "fetchplan": {"plan"},
     "pieces": {"plan", "sources", "tensorfile"},
     "compute": set(),
     "blockquant": set(),
@@ -48,7 +50,8 @@ ALLOWED = {
     "writer": {"checkpoint", "errors", "manifest", "output", "pieces", "sources"},
     "progress": {"units"},
     "pickled": {"errors", "adapter"},
-    "merge": {"adapter", "checkpoint", "compute", "errors", "manifest", "memory", "options", "output", "pickled",
+    "merge": {"adapter", "checkpoint", "compute", "errors", "fetchplan", "hub", "manifest", "memory", "options",
+              "output", "pickled",
               "pieces", "plan", "progress", "sources", "stream", "tensorfile", "units", "writer"},
     "demo": {"merge"},
     "verify": {"checkpoint", "errors", "merge", "options", "pieces", "plan", "sources", "tensorfile", "ties",
@@ -105,10 +108,12 @@ def test_every_module_is_listed_and_imports_only_downward():
 
 
 def test_planning_and_importing_do_not_load_torch(zoo):
-    """`import qwen_merge`, `plan_merge` and the CLI's --help run without torch."""
+    """`import qwen_merge`, `plan_merge` and the CLI's --help run without torch, and local inputs without
+    huggingface_hub."""
     code = ("import sys, qwen_merge; "
             f"plan = qwen_merge.plan_merge({str(zoo.base('qwen_bf16'))!r}, {str(zoo.adapter('basic'))!r}); "
             "plan.render(); assert plan.merges; "
             "from qwen_merge.cli import main; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'huggingface_hub' not in sys.modules, 'huggingface_hub was imported for local inputs'")
     subprocess.run([sys.executable, "-c", code], check=True)
