@@ -81,3 +81,14 @@ def quantize(v: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], out:
     v.clamp_(-E4M3_MAX, E4M3_MAX)
     out.copy_(v)
     return out
+
+
+def rounding_bound(v: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Per element, how far a correct requantization of merged values `v` with the fp32 block `scales` may
+    be from `v`: half an e4m3 step of v/s, times s. For |v/s| in [2^e, 2^(e+1)) the step is 2^(e-3); below
+    2^-6 (subnormals) it is 2^-9. Beyond 448 nothing is correct (the value was clipped)."""
+    y = v.clone()
+    scale_rows(y, scales, block, divide=True)
+    half = torch.exp2(torch.floor(torch.log2(y.abs_())).clamp_(min=-6.0).sub_(4.0))
+    scale_rows(half, scales, block)
+    return half

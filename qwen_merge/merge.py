@@ -236,6 +236,10 @@ class LazyComputer:
     def batch(self, ops: tuple[TensorOp, ...]) -> Iterator[Block]:
         return self._get().batch(ops)
 
+    def requant_error(self, op: TensorOp, index: int, q: memoryview, stored_scales: memoryview
+                      ) -> tuple[int, int, float]:
+        return self._get().requant_error(op, index, q, stored_scales)
+
     def _get(self):
         if self._computer is None:
             from .compute import compute_threads

@@ -83,6 +83,29 @@ class Computer:
     def close(self) -> None:
         self.reader.close()
 
+    def requant_error(self, op: TensorOp, index: int, q: memoryview, stored_scales: memoryview
+                      ) -> tuple[int, int, float]:
+        """For `verify`: row block `index` of a requantized weight as stored (e4m3 bytes `q`, and the bytes of
+        the whole tensor's stored block scales) against the exact merged values: (elements beyond the
+        rounding bound, the first of them, the largest error as a multiple of the bound)."""
+        entry = op.requant.source.entry
+        scales = as_tensor(stored_scales, entry.dtype, entry.shape).to(torch.float32)
+        rows_total, cols = op.matrix
+        row0 = index * op.block_rows
+        rows, b0 = min(op.block_rows, rows_total - row0), op.requant.block[0]
+        reader = self._row_reader(op)
+        factors = self._factors(op, reader) if op.pair is not None else None
+        v, _ = self._requant_rows(op, reader.rows(row0, rows), factors, row0)
+        rows_scales = scales[row0 // b0:-(-(row0 + rows) // b0)]
+        got = torch.empty(rows, cols, dtype=torch.float32)
+        blockquant.dequantize(as_tensor(q, "F8_E4M3", (rows, cols)), rows_scales, op.requant.block, got,
+                              torch.empty(rows, cols, dtype=torch.int32))
+        bound = blockquant.rounding_bound(v, rows_scales, op.requant.block)
+        ratio = (got - v).abs_().div_(bound.add_(v.abs() * 2**-20))  # + fp32 rounding of the recomputation
+        ratio.nan_to_num_(nan=float("inf"))
+        beyond = torch.nonzero(ratio.view(-1) > 1).view(-1)
+        return len(beyond), int(beyond[0]) if len(beyond) else -1, float(ratio.max())
+
     def _row_reader(self, op: TensorOp) -> _RowReader:
         scales = self._scales32(op.dequant) if op.dequant is not None else None
         return _RowReader(op, self.files, self.reader, self.workspace, op.matrix, scales)

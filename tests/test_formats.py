@@ -31,6 +31,7 @@ from builders import (
     record,
     run_cli,
     shard_files,
+    tensor_bytes,
     tree_hash,
     ulp_distance,
 )
@@ -39,6 +40,7 @@ from fp8ref import (
     build_fp8_qwen3_moe,
     dequantize_f64,
     dequantized_checkpoint,
+    expand_scale,
     read_shards,
     requant_bound,
 )
@@ -306,6 +308,35 @@ def test_fp8_verify(fp8, options):
         f.write(bytes([byte[0] ^ 0x08]))
     report = verify_merge(broken, c.base, c.adapter, full=True, **options)
     assert not report.ok and name in report.problems[0], report.problems
+
+
+def test_fp8_verify_accepts_another_valid_requantization_and_names_one_beyond_the_bound(fp8):
+    """verify compares a requantized weight by value, within the e4m3 rounding bound, so an output that
+    another tool requantized with other (valid) scales passes, and one element off by two steps does not."""
+    c = fp8("ragged")
+    name = "model.layers.1.mlp.down_proj.weight"
+    exact = c.exact()[name]
+    other = c.root / "other-requant"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(c.merged(), other)
+    scale = flat(c.merged())[name + "_scale_inv"] * 2  # half the range: still valid, another tool's choice
+    q = (exact / expand_scale(scale.double(), tuple(exact.shape))).float().to(torch.float8_e4m3fn)
+    for tensor_name, value in ((name, q), (name + "_scale_inv", scale)):
+        shard, offset, entry = _locate(other, tensor_name)
+        with open(shard, "r+b") as f:
+            f.seek(offset)
+            f.write(tensor_bytes(value))
+    report = verify_merge(other, c.base, c.adapter, full=True)
+    assert report.ok, report.problems
+    q.view(torch.uint8)[3, 5] += 2  # two e4m3 steps away (same binade: codes are monotonic within it)
+    shard, offset, _ = _locate(other, name)
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        f.write(tensor_bytes(q))
+    report = verify_merge(other, c.base, c.adapter, full=True)
+    assert not report.ok and len(report.problems) == 1, report.problems
+    assert f"tensor {name!r} is off the recomputed merge by more than FP8 requantization allows" in report.problems[0]
+    assert "1 of " in report.problems[0] and "the first in row 3" in report.problems[0]
 
 
 def _locate(folder: Path, name: str) -> tuple[Path, int, dict]:

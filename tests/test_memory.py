@@ -13,7 +13,9 @@ import subprocess
 import sys
 import textwrap
 
-from builders import write_linear_pair
+import torch
+from builders import Streamed, write_checkpoint, write_linear_pair, write_lora_adapter
+from safetensors import safe_open
 
 ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16
 LIMIT_MIB = 600
@@ -76,3 +78,45 @@ def test_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(tmp_path):
     # We never map files, so VmHWM is honest here, and the plan's prediction must cover it.
     assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
     assert (out / "model-00002-of-00002.safetensors").stat().st_size == (base / "model-00002-of-00002.safetensors").stat().st_size
+
+
+def _build_fp8(tmp_path):
+    """One FP8 block-quantized weight of the same shape (128 MiB of e4m3, 512 MiB as fp32), written chunk
+    by chunk, with F32 block scales, and a LoRA adapter on it: the merge dequantizes, merges and requantizes."""
+    base, adapter = tmp_path / "fp8-base", tmp_path / "fp8-adapter"
+    g = torch.Generator().manual_seed(1)
+    step = 1024
+    codes = torch.randint(0, 0x7F, (step, COLS), generator=g, dtype=torch.uint8)  # finite e4m3 (0x7F is NaN)
+    codes |= (torch.rand(step, COLS, generator=g) < 0.5).to(torch.uint8) << 7  # random signs
+    weight = Streamed("F8_E4M3", (ROWS, COLS), (torch.roll(codes, 37 * i + 1, dims=1) for i in range(ROWS // step)))
+    scales = torch.rand(ROWS // 128, COLS // 128, generator=g) * 1e-3 + 1e-4
+    name = "model.layers.0.mlp.up_proj"
+    config = {"model_type": "qwen3", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                             "activation_scheme": "dynamic",
+                                                             "weight_block_size": [128, 128]}}
+    write_checkpoint(base, {"model.safetensors": {f"{name}.weight_scale_inv": scales, f"{name}.weight": weight}},
+                     config)
+    write_lora_adapter(adapter, {name: (torch.randn(RANK, COLS, generator=g) * 0.01,
+                                        torch.randn(ROWS, RANK, generator=g) * 0.01)},
+                       {"peft_type": "LORA", "r": RANK, "lora_alpha": 32})
+    return base, adapter
+
+
+def test_fp8_merge_runs_under_the_same_data_limit(tmp_path):
+    """Dequantize, merge and requantize in row blocks: the FP8 path stays under the limit too, within its
+    prediction, and requantizes the weight (new scales, new bytes)."""
+    base, adapter = _build_fp8(tmp_path)
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", CHILD, str(base), str(adapter), str(out), str(LIMIT_MIB)],
+                           capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-2000:]
+    numbers = json.loads(child.stdout.strip().splitlines()[-1])
+    growth = numbers["peak_mib"] - numbers["baseline_mib"]
+    print(f"FP8 anonymous memory: +{growth:.0f} MiB for a 128 MiB e4m3 tensor (512 MiB as fp32); "
+          f"VmHWM {numbers['hwm_mib']:.0f} MiB, predicted {numbers['predicted_mib']:.0f} MiB")
+    assert growth < 80, numbers
+    assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
+    name = "model.layers.0.mlp.up_proj.weight_scale_inv"
+    with safe_open(base / "model.safetensors", "pt") as before, safe_open(out / "model.safetensors", "pt") as after:
+        assert after.get_slice("model.layers.0.mlp.up_proj.weight").get_dtype() == "F8_E4M3"
+        assert not torch.equal(before.get_tensor(name), after.get_tensor(name))  # requantized: fresh scales
