@@ -63,13 +63,18 @@ def _build(tmp_path):
     return base, adapter
 
 
-def test_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(tmp_path):
-    base, adapter = _build(tmp_path)
-    out = tmp_path / "out"
+def _merge_in_limited_child(base, adapter, out) -> dict:
+    """Merge in a child process under RLIMIT_DATA; its memory figures (MiB)."""
     child = subprocess.run([sys.executable, "-c", CHILD, str(base), str(adapter), str(out), str(LIMIT_MIB)],
                            capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-2000:]
-    numbers = json.loads(child.stdout.strip().splitlines()[-1])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def test_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(tmp_path):
+    base, adapter = _build(tmp_path)
+    out = tmp_path / "out"
+    numbers = _merge_in_limited_child(base, adapter, out)
     growth = numbers["peak_mib"] - numbers["baseline_mib"]
     print(f"anonymous memory: baseline {numbers['baseline_mib']:.0f} MiB, peak {numbers['peak_mib']:.0f} MiB "
           f"(+{growth:.0f} MiB) for a 256 MiB bf16 tensor merged in 8 MiB fp32 row blocks; "
@@ -107,10 +112,7 @@ def test_fp8_merge_runs_under_the_same_data_limit(tmp_path):
     prediction, and requantizes the weight (new scales, new bytes)."""
     base, adapter = _build_fp8(tmp_path)
     out = tmp_path / "out"
-    child = subprocess.run([sys.executable, "-c", CHILD, str(base), str(adapter), str(out), str(LIMIT_MIB)],
-                           capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-2000:]
-    numbers = json.loads(child.stdout.strip().splitlines()[-1])
+    numbers = _merge_in_limited_child(base, adapter, out)
     growth = numbers["peak_mib"] - numbers["baseline_mib"]
     print(f"FP8 anonymous memory: +{growth:.0f} MiB for a 128 MiB e4m3 tensor (512 MiB as fp32); "
           f"VmHWM {numbers['hwm_mib']:.0f} MiB, predicted {numbers['predicted_mib']:.0f} MiB")
