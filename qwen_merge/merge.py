@@ -155,8 +155,11 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk)
-    with _planned(base, adapter, options) as plan:
-        check_destination(dest, _inputs(base, adapter, plan), overwrite=overwrite, resume=resume)
+    local = [Path(p) for p in (base, adapter) if hub.repo_ref(p) is None]
+    check_destination(dest, local, overwrite=overwrite, resume=resume)  # before torch starts loading
+    with _planned(base, adapter, options, warm_compute=True) as plan:
+        if plan.base.hub is not None or plan.adapter.hub is not None:
+            check_destination(dest, _inputs(base, adapter, plan), overwrite=overwrite, resume=resume)
         fetch_side_files(plan)
         if any(not op.is_raw_copy for op in plan.ops):
             _import_compute_in_background()
@@ -215,9 +218,15 @@ def _import_compute_in_background() -> None:
         except Exception:  # noqa: BLE001 - raised again, where the module is needed
             pass
 
-    # not a daemon: an interpreter that exits (an error right after the start) waits for the import to end;
-    # torch aborts the process when it is torn down in the middle of being imported
-    threading.Thread(target=load, name="qwen-merge-import").start()
+    global _compute_import
+    if _compute_import is None:
+        # not a daemon: an interpreter that exits (an error right after the start) waits for the import to
+        # end; torch aborts the process when it is torn down in the middle of being imported
+        _compute_import = threading.Thread(target=load, name="qwen-merge-import")
+        _compute_import.start()
+
+
+_compute_import: threading.Thread | None = None  # started once per process
 
 
 class LazyComputer:
@@ -267,9 +276,12 @@ def without_gc() -> Iterator[None]:
 
 
 @contextmanager
-def _planned(base: PathLike, adapter: PathLike, options: MergeOptions) -> Iterator[MergePlan]:
+def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, warm_compute: bool = False
+             ) -> Iterator[MergePlan]:
     """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime. A
-    `str` that is not an existing path but reads `org/name[@revision]` is a Hugging Face Hub repo."""
+    `str` that is not an existing path but reads `org/name[@revision]` is a Hugging Face Hub repo.
+    `warm_compute`: an adapter with LoRA factors will be computed with, so torch starts loading while
+    the plan is made (it takes longer than planning)."""
     with without_gc(), tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
         checkpoint = _open_base(base)
         adapter_folder, adapter_hub = _adapter_folder(adapter, options)
@@ -279,6 +291,8 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions) -> Iterat
 
             weights = unpickle_adapter(adapter_folder, Path(scratch))
         parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
+        if warm_compute and (parsed.pairs or parsed.param_pairs):
+            _import_compute_in_background()
         yield make_plan(checkpoint, parsed, options, partial(same_values, parsed.file))
 
 
