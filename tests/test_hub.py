@@ -253,3 +253,19 @@ def test_low_disk_with_a_resharded_output(hub, tmp_path, demo_inputs):
     merge_shards(BASE, LORA, tmp_path / "hub", progress=False, low_disk=True, max_shard_size=120_000)
     assert len(list((tmp_path / "hub").glob("*.safetensors"))) > 3
     same_output(tmp_path / "hub", tmp_path / "local")
+
+
+def test_single_file_repo_and_cli_offline(hub, zoo, tmp_path, monkeypatch):
+    """A repo holding one model.safetensors, merged through the CLI online, then offline from the cache."""
+    base, adapter = zoo.pair("basic_single")
+    hub.add_repo("org/single", base)
+    reference = zoo.merged("basic_single").out
+    online = run_cli("merge", "org/single", adapter, tmp_path / "online")
+    assert online.returncode == 0, online.stderr
+    use_hub(monkeypatch, hub, hub.cache, home=tmp_path / "hf-home", offline=True)
+    hub.reset_requests()
+    offline = run_cli("merge", "org/single", adapter, tmp_path / "offline")
+    assert offline.returncode == 0, offline.stderr
+    assert hub.requests == []
+    for out in (tmp_path / "online", tmp_path / "offline"):
+        same_output(out, reference)
