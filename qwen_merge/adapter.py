@@ -473,11 +473,6 @@ def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> T
     return TokenRows(module, tuple(indices), values)
 
 
-def targets_module(config: dict, module: str) -> bool:
-    """Whether PEFT would inject LoRA into `module` under this config (PEFT's check_target_module_exists)."""
-    return TargetMatcher(config)(module)
-
-
 class TargetMatcher:
     """PEFT's test of a module name against target_modules, exclude_modules, modules_to_save and
     layers_to_transform, prepared once for a config so that thousands of names are cheap to test."""

@@ -12,8 +12,10 @@ the parameter's input size, B's height its output size. None or several fitting 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .adapter import Adapter, ExpertPair, ParamPair, module_scale, targeted_parameters
 from .errors import MismatchError
@@ -23,54 +25,59 @@ from .tensorfile import TensorEntry
 PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
 
 
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """The on-disk names by module: each module's own tensors, the per-expert tensors by (module,
+    projection), the modules that hold experts, and every module that owns a parameter."""
+
+    leaves: dict[str, set[str]]
+    experts: dict[tuple[str, str], list[int]]
+    expert_modules: set[str]
+    modules: set[str]
+
+
 class HeldParameters:
     """Which parameters each module owns in memory, read from the on-disk names: its own tensors
     (`<module>.<name>`), plus the fused expert parameters that its per-expert tensors make up."""
 
     def __init__(self, entries: dict[str, TensorEntry]) -> None:
         self._entries = entries
-        self._built = False  # indexed on first use: many plans (LoRA on Linear layers only) never ask
 
-    def _build(self) -> None:
-        self._leaves: dict[str, set[str]] = {}
+    @functools.cached_property
+    def _index(self) -> _Index:
+        """Built on first use: many plans (LoRA on Linear layers only) never ask."""
+        leaves: dict[str, set[str]] = {}
         for name in self._entries:
             module, _, leaf = name.rpartition(".")
-            self._leaves.setdefault(module, set()).add(leaf)
-        self._experts = _expert_index(self._entries)
-        self._expert_modules = {module for module, _ in self._experts}
-        self._modules = set(self._leaves) | self._expert_modules
-        self._built = True
+            leaves.setdefault(module, set()).add(leaf)
+        experts = _expert_index(self._entries)
+        expert_modules = {module for module, _ in experts}
+        return _Index(leaves, experts, expert_modules, set(leaves) | expert_modules)
 
     @property
     def experts(self) -> dict[tuple[str, str], list[int]]:
         """(module, projection) -> the expert indices stored per expert."""
-        if not self._built:
-            self._build()
-        return self._experts
+        return self._index.experts
 
     def __call__(self, module: str) -> frozenset[str]:
         """The parameters of on-disk module path `module`."""
-        if not self._built:
-            self._build()
-        held = set(self._leaves.get(module, ()))
-        if module in self._expert_modules:
+        index = self._index
+        held = set(index.leaves.get(module, ()))
+        if module in index.expert_modules:
             held.update(p for p, alternatives in PER_EXPERT.items()
-                        if any(_count_experts(module, parts, self.experts) for parts in alternatives))
+                        if any(_count_experts(module, parts, index.experts) for parts in alternatives))
         return frozenset(held)
 
     def modules(self) -> set[str]:
         """Every on-disk module path that owns a parameter."""
-        if not self._built:
-            self._build()
-        return self._modules
+        return self._index.modules
 
     def owners(self, param: str) -> set[str]:
         """The on-disk modules that own a parameter named `param`."""
-        if not self._built:
-            self._build()
-        found = {m for m, leaves in self._leaves.items() if param in leaves}
+        index = self._index
+        found = {m for m, leaves in index.leaves.items() if param in leaves}
         if param in PER_EXPERT:
-            found |= {m for m in self._expert_modules if param in self(m)}
+            found |= {m for m in index.expert_modules if param in self(m)}
         return found
 
 

@@ -31,21 +31,16 @@ class RawSpan:
     length: int
 
 
-class Slot:
-    """One reusable output buffer of the ring; grows to the largest block it has held."""
+class Shared:
+    """A pooled buffer handed on to several consumers: `hold(users)` before handing it on; each consumer
+    calls `release` once, and the last one gives it back to its pool (`give_back`), from any thread."""
 
-    __slots__ = ("buffer", "_users", "_lock", "_ring")
+    __slots__ = ("_users", "_lock", "_give_back")
 
-    def __init__(self, ring: BlockRing) -> None:
-        self.buffer, self._users, self._lock, self._ring = bytearray(), 0, threading.Lock(), ring
-
-    def view(self, nbytes: int) -> memoryview:
-        if len(self.buffer) < nbytes:
-            self.buffer = bytearray(nbytes)
-        return memoryview(self.buffer)[:nbytes]
+    def __init__(self, give_back: Callable[[Shared], None]) -> None:
+        self._users, self._lock, self._give_back = 0, threading.Lock(), give_back
 
     def hold(self, users: int) -> None:
-        """The block in this slot is handed to `users` consumers; each calls `release` once."""
         self._users = users
 
     def release(self) -> None:
@@ -53,7 +48,22 @@ class Slot:
             self._users -= 1
             done = self._users <= 0
         if done:
-            self._ring.give_back(self)
+            self._give_back(self)
+
+
+class Slot(Shared):
+    """One reusable output buffer of the ring; grows to the largest block it has held."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, ring: BlockRing) -> None:
+        super().__init__(ring.give_back)
+        self.buffer = bytearray()
+
+    def view(self, nbytes: int) -> memoryview:
+        if len(self.buffer) < nbytes:
+            self.buffer = bytearray(nbytes)
+        return memoryview(self.buffer)[:nbytes]
 
 
 class BlockRing:

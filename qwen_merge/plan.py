@@ -8,7 +8,6 @@ Every adapter module must land on exactly one base tensor with fitting shapes, o
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 

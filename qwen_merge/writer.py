@@ -35,7 +35,7 @@ from .checkpoint import read_json
 from .errors import OutputError
 from .manifest import differences
 from .output import write_error, write_json_atomic
-from .pieces import Block, Piece, RawSpan
+from .pieces import Block, Piece, RawSpan, Shared
 from .sources import Files
 
 STATE_NAME = "qwen_merge.partial.json"
@@ -88,21 +88,16 @@ class ResumeState:
         self.path.unlink()
 
 
-class _Chunk:
+class _Chunk(Shared):
     """A page-aligned staging buffer and the file bytes it holds: [offset, offset + fill)."""
 
+    __slots__ = ("memory", "view", "offset", "fill")
+
     def __init__(self, pool: _ChunkPool) -> None:
+        super().__init__(pool.put)
         self.memory = mmap.mmap(-1, CHUNK_BYTES)  # anonymous memory: page-aligned, as O_DIRECT needs
         self.view = memoryview(self.memory)
-        self.pool, self.offset, self.fill, self.users = pool, 0, 0, 0
-        self._lock = threading.Lock()
-
-    def release(self) -> None:
-        with self._lock:
-            self.users -= 1
-            done = self.users <= 0
-        if done:
-            self.pool.put(self)
+        self.offset, self.fill = 0, 0
 
 
 class _ChunkPool(queue.SimpleQueue):
@@ -319,7 +314,7 @@ class _Assembler:
 
     def close(self) -> None:
         if self.chunk is not None:
-            self.chunk.users = 1
+            self.chunk.hold(1)
             self.chunk.release()
             self.chunk = None
 
@@ -360,7 +355,7 @@ class _Assembler:
         chunk, self.chunk = self.chunk, None
         if chunk is None:
             return
-        chunk.users = 2  # the disk thread and the hasher each release it
+        chunk.hold(2)  # the disk thread and the hasher each release it
         self.disk.put(chunk)
         self.start.hashes.put(chunk)
 
