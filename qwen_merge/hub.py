@@ -27,8 +27,8 @@ from .tensorfile import MAX_HEADER_BYTES, TensorFile, parse_header, read_header
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-HEADER_GUESS = 1 << 16
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # the first range request; a header larger than this takes a second one
+HEADER_GUESS = 1 << 16  # the first range request; a header larger than this takes a second one
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,8 @@ def resolve(ref: RepoRef) -> HubOrigin:
     folder = _repo_folder(ref.repo_id) / "snapshots" / info.sha
     if ref.revision != info.sha:  # so later offline runs find this commit by the name the user gave
         _remember_ref(ref.repo_id, ref.revision or "main", info.sha)
-    return HubOrigin(ref.repo_id, ref.revision, info.sha, folder, sizes, frozenset(n for n in sizes if (folder / n).is_file()))
+    cached = frozenset(n for n in sizes if (folder / n).is_file())
+    return HubOrigin(ref.repo_id, ref.revision, info.sha, folder, sizes, cached)
 
 
 def open_hub_checkpoint(origin: HubOrigin) -> Checkpoint:
@@ -190,7 +191,7 @@ def shard_header(origin: HubOrigin, name: str) -> TensorFile:
     if name in origin.cached:
         return read_header(path)
     size = origin.sizes.get(name, 0)
-    first = _range(origin, name, 0, min(HEADER_GUESS, size) - 1)
+    first = _range(origin, name, 0, min(HEADER_GUESS, size) - 1) if size else b""  # empty: parse_header says so
     length = int.from_bytes(first[:8], "little") if len(first) >= 8 else 0
     if len(first) < 8 + length <= 8 + MAX_HEADER_BYTES:
         first += _range(origin, name, len(first), 8 + length - 1)
@@ -251,11 +252,10 @@ def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> I
         raise DownloadError(f"{where}: not in the Hugging Face cache, and the Hub cannot be reached or offline "
                             f"mode is on (HF_HUB_OFFLINE); connect and run again with --resume",
                             reason="not cached") from e
-    except (errors.HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"{where}: download failed ({_reason(e)}); run the same command again with --resume "
-                            f"to continue (completed files are kept)", reason=_reason(e)) from e
-    except Exception as e:  # httpx's transport errors (connection refused or dropped, timeouts)
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "h11"):
+    except Exception as e:
+        # HTTP errors, OSError, and httpx's transport errors (connection refused or dropped, timeouts)
+        transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11")
+        if not (transport or isinstance(e, (errors.HfHubHTTPError, OSError))):
             raise
         raise DownloadError(f"{where}: download failed ({_reason(e)}); run the same command again with --resume "
                             f"to continue (completed files are kept)", reason=_reason(e)) from e
@@ -316,24 +316,20 @@ class Downloads:
 
     def _run(self, order: tuple[str, ...]) -> None:
         for i, name in enumerate(order):
-            with self._cond:
-                while (self.low_disk and len(self._held) >= 2 and name not in self._wanted
-                       and not self._stopped):
-                    self._cond.wait()
-                if self._stopped:
-                    error = DownloadError(f"{self.origin.repo_id}: {name}: download stopped", reason="stopped")
-                    for rest in order[i:]:
-                        self._futures[rest].set_exception(error)
-                    return
             try:
+                with self._cond:
+                    while (self.low_disk and len(self._held) >= 2 and name not in self._wanted
+                           and not self._stopped):
+                        self._cond.wait()
+                    if self._stopped:
+                        raise DownloadError(f"{self.origin.repo_id}: {name}: download stopped", reason="stopped")
                 fetch(self.origin, name, self._tqdm)
-            except BaseException as e:  # noqa: BLE001 - handed to the reader that waits for this file
+            except BaseException as e:  # noqa: BLE001 - handed to the readers that wait for these files
                 for rest in order[i:]:
                     self._futures[rest].set_exception(e)
                 return
             with self._cond:
-                if name not in self.origin.cached:
-                    self._held.add(name)
+                self._held.add(name)  # `order` holds only files the cache lacked
             self._futures[name].set_result(None)
 
 

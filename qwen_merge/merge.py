@@ -13,7 +13,7 @@ import gc
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +24,7 @@ from . import hub
 from .adapter import open_adapter
 from .checkpoint import MANIFEST_NAME, Checkpoint, HubOrigin, open_checkpoint
 from .errors import DiskFullError, FormatError
-from .fetchplan import FetchPlan, base_reads, fetch_plan
+from .fetchplan import FetchPlan, fetch_plan
 from .manifest import base_file_stats, check_not_merged_twice, finished_merge, identity, manifest
 from .memory import RING_SIZE
 from .options import MergeOptions
@@ -173,8 +173,9 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
             needed = plan.output_bytes - sum(d["size"] for d in state.done.values())
             try:
                 state.save()
-                _check_space(dest, plan, needed, state)
-                _write_folder(plan, folder, state, progress)
+                fetch = fetch_plan(plan)
+                _check_space(dest, plan, fetch, needed, state)
+                _write_folder(plan, fetch, folder, state, progress)
                 shards = {s.name: state.done[s.name] for s in plan.shards}
                 write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
             except DiskFullError as e:
@@ -324,7 +325,7 @@ def _inputs(base: PathLike, adapter: PathLike, plan: MergePlan) -> list[Path]:
 
 def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     with stack:
-        downloads = stack.enter_context(_downloads(plan, None, progress=False))
+        downloads = stack.enter_context(_downloads(plan, fetch_plan(plan)))
         files = stack.enter_context(Files(downloads.wait if downloads else None))  # closed after the computer
         compute = LazyComputer(plan, files, BlockRing(1), stack)
         for shard in plan.shards:
@@ -348,13 +349,11 @@ def _assemble(entry: TensorEntry, pieces: Iterator[Piece], path: Path) -> torch.
     return as_tensor(buffer, entry.dtype, entry.shape)
 
 
-def _check_space(dest: Path, plan: MergePlan, needed: int, state: ResumeState) -> None:
+def _check_space(dest: Path, plan: MergePlan, fetch: FetchPlan | None, needed: int, state: ResumeState) -> None:
     """Free space for the output, and for the base shards a Hub merge downloads into the cache."""
-    fetch = fetch_plan(plan)
     if fetch is None:
         return check_free_space(dest, needed)
-    todo = _still_needed(plan, state, fetch)
-    download = sum(plan.base.hub.sizes[n] for n in todo)
+    download = sum(plan.base.hub.sizes[n] for n in fetch.still_needed(state.done))
     held = min(fetch.low_disk_bytes, download) if plan.options.low_disk else download
     hint = ("" if plan.options.low_disk or fetch.low_disk_bytes >= download else
             f"; --low-disk (low_disk=True) deletes each downloaded shard once merged and needs only "
@@ -362,20 +361,15 @@ def _check_space(dest: Path, plan: MergePlan, needed: int, state: ResumeState) -
     check_free_space_for([(dest, needed, "the output"), (plan.base.root.parent.parent, held, "downloads")], hint)
 
 
-def _still_needed(plan: MergePlan, state: ResumeState, fetch: FetchPlan) -> tuple[str, ...]:
-    """The downloads the output shards not yet done still read, in order."""
-    reads = {p.name for s in plan.shards if s.name not in state.done for p in base_reads(s)}
-    return tuple(n for n in fetch.order if n in reads)
-
-
 @contextmanager
-def _downloads(plan: MergePlan, state: ResumeState | None, progress: bool) -> Iterator[hub.Downloads | None]:
-    """The background download of a Hub base's shards (None for a local base), with its progress bar."""
-    fetch = fetch_plan(plan)
+def _downloads(plan: MergePlan, fetch: FetchPlan | None, done: Collection[str] = (), progress: bool = False
+               ) -> Iterator[hub.Downloads | None]:
+    """The background download of a Hub base's shards that the output shards not `done` read (None for a
+    local base), with its progress bar."""
     if fetch is None:
         yield None
         return
-    order = _still_needed(plan, state, fetch) if state is not None else fetch.order
+    order = fetch.still_needed(done)
     total = sum(plan.base.hub.sizes[n] for n in order)
     with progress_bar(total, "downloading", enabled=progress and total > 0, position=1) as bar:
         downloads = hub.Downloads(plan.base.hub, order, low_disk=plan.options.low_disk, on_bytes=bar.update)
@@ -385,17 +379,19 @@ def _downloads(plan: MergePlan, state: ResumeState | None, progress: bool) -> It
             downloads.close()
 
 
-def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: bool) -> None:
+def _write_folder(plan: MergePlan, fetch: FetchPlan | None, folder: Path, state: ResumeState, progress: bool
+                  ) -> None:
     """Write the shards not yet done, then the side files and the index. Each shard is produced here
     (computed blocks on this thread) while the writer writes, hashes and finishes the ones before it."""
     bar = progress_bar(sum(s.size for s in plan.shards), "merging", enabled=progress)
     bar.update(sum(s.size for s in plan.shards if s.name in state.done))
     with bar, ExitStack() as stack:
-        downloads = stack.enter_context(_downloads(plan, state, progress))
+        downloads = stack.enter_context(_downloads(plan, fetch, state.done, progress))
         files = stack.enter_context(Files(downloads.wait if downloads else None))
         ring = BlockRing(RING_SIZE)
         compute = LazyComputer(plan, files, ring, stack, threads=1)
-        on_done = _releaser(plan, files, downloads) if downloads and plan.options.low_disk else lambda name: None
+        low_disk = downloads is not None and plan.options.low_disk
+        on_done = _releaser(plan, fetch, files, downloads) if low_disk else lambda name: None
         writer = stack.enter_context(ShardWriter(folder, state, files, bar.update, on_done))
         for shard in plan.shards:
             if shard.name not in state.done:
@@ -410,17 +406,16 @@ def _write_folder(plan: MergePlan, folder: Path, state: ResumeState, progress: b
         write_bytes(folder / plan.index_name, plan.index_json)
 
 
-def _releaser(plan: MergePlan, files: Files, downloads: hub.Downloads):
+def _releaser(plan: MergePlan, fetch: FetchPlan, files: Files, downloads: hub.Downloads):
     """`on_done(output shard)` for --low-disk: the base shards no later output shard reads are closed
     and deleted from the cache (those this run downloaded)."""
-    fetch = fetch_plan(plan)
     index = {s.name: k for k, s in enumerate(plan.shards)}
-    paths = {p.name: p for s in plan.shards for p in base_reads(s)}
+    last_use = fetch.last_use()
 
     def on_done(name: str) -> None:
-        for base_name, last in fetch.last_use.items():
+        for base_name, last in last_use.items():
             if last == index[name]:
-                files.retire(paths[base_name])
+                files.retire(plan.base.hub.folder / base_name)  # the path the shard's TensorFile has
                 downloads.release(base_name)
     return on_done
 

@@ -23,6 +23,7 @@ import numpy
 
 from .checkpoint import MANIFEST_NAME
 from .errors import FormatError, QwenMergeError
+from .fetchplan import fetch_plan
 from .merge import LazyComputer, _downloads, _planned, fetch_side_files
 from .options import MergeOptions
 from .pieces import Block, BlockRing, RawSpan, shard_pieces
@@ -120,7 +121,8 @@ class _Checker:
         self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
         self._reads: dict[str, bytearray] = {}  # grow-only read buffers by role, apart from the merge's own
         self.config: dict | None = None  # the output's config.json, once parsed
-        self._headers: dict[str, TensorFile] = {}  # output shard headers read for FP8 block scales
+        self._headers: dict[str, TensorFile] = {}  # output shard headers, by file name
+        self._planned: dict[str, tuple[str, TensorEntry]] = {}  # tensor -> its planned shard and entry
 
     def problem(self, line: str) -> None:
         self.problems.append(line)
@@ -130,7 +132,7 @@ class _Checker:
         if self.plan.index_name and self.plan.index_name in present:
             self._check_index(self.out / self.plan.index_name)
         with ExitStack() as stack:
-            downloads = stack.enter_context(_downloads(self.plan, None, progress=False))  # a Hub base's shards
+            downloads = stack.enter_context(_downloads(self.plan, fetch_plan(self.plan)))  # a Hub base's shards
             files = stack.enter_context(Files(downloads.wait if downloads else None))
             compute = LazyComputer(self.plan, files, BlockRing(1), stack, threads=1)  # the merge's own GEMMs
             self._compute, self._out_files = compute, files
@@ -194,7 +196,7 @@ class _Checker:
     def _check_shard(self, shard: ShardPlan, files: Files, compute: LazyComputer) -> None:
         path = self.out / shard.name
         try:
-            got = read_header(path)
+            got = self._output_header(shard.name)
         except FormatError as e:
             self.problem(f"{e} (header of the merged shard)")
             return
@@ -250,6 +252,8 @@ class _Checker:
                                      f"mismatch in {_bytes(count)}, the first at byte {first} of {entry.nbytes}")
             elif op.scales_of is not None:
                 pass  # new block scales: judged by their effect, when their weight's values are checked
+            elif op.requant is not None:
+                self._check_requantized(where, op, out_fd, start, got.path)
             else:
                 self._check_computed(where, op, entry, pieces, files, out_fd, start, got.path)
         except QwenMergeError as e:
@@ -268,7 +272,6 @@ class _Checker:
         item = DTYPE_BITS[op.dtype] // 8
         row_bytes = entry.nbytes // max(rows, 1)
         bad, checked, first, worst, unmerged = 0, 0, None, 0, True
-        requant_bad, requant_worst = 0, 0.0
         for block in pieces:  # only the blocks `self._blocks` selected are computed
             assert isinstance(block, Block)
             mine = bytes(block.data)
@@ -277,54 +280,62 @@ class _Checker:
             checked += len(mine) // item
             if _same(mine, theirs):
                 continue
-            if op.requant is not None:
-                n, first_elem, ratio = self._requant_error(op, block.offset // max(row_bytes, 1), theirs)
-                requant_bad += n
-                requant_worst = max(requant_worst, ratio)
-                if n and first is None:
-                    first = block.offset // max(row_bytes, 1) + first_elem // max(op.matrix[1], 1)
-                continue
             n, first_elem, ulp = _element_diff(mine, theirs, op.dtype)
             bad, worst = bad + n, max(worst, ulp)
             if first is None:
                 first = (block.offset + first_elem * item) // max(row_bytes, 1)
             unmerged = unmerged and self._equals_source(op, files, block.offset, theirs)
         self.bytes += checked * item
-        if requant_bad:
-            self.problem(f"{where} is off the recomputed merge by more than FP8 requantization allows (half an "
-                         f"e4m3 step of the value divided by its block scale, times the scale): {requant_bad} of "
-                         f"{checked} checked elements, the first in row {first}, up to {requant_worst:.3g}x that bound")
         if bad:
             hint = ("; it holds the unmerged source rows: the LoRA delta was not applied"
                     if unmerged and op.pair is not None else "")
             self.problem(f"{where} differs from the recomputed merge: {bad} of {checked} checked elements, the "
                          f"first in row {first}, up to {worst} ulp{hint}")
 
-    def _requant_error(self, op: TensorOp, row0: int, theirs: memoryview) -> tuple[int, int, float]:
-        """A requantized block whose bytes differ from ours may still be a correct requantization (another
-        tool's scale choice or rounding): compare the values, dequantized with the output's own scales."""
+    def _check_requantized(self, where: str, op: TensorOp, out_fd: int, start: int, path: Path) -> None:
+        """A weight requantized to FP8 is checked by value, not by bytes: the stored e4m3 values,
+        dequantized with the output's own block scales, must be within the rounding bound of a fresh
+        quantization of the exact merged values, so another tool's scale choice or rounding also passes."""
         scale_name = op.requant.source.entry.name
         found = self._output_tensor(scale_name)
         if found is None:
-            return op.matrix[1] * op.block_rows, 0, float("inf")
+            self.problem(f"{where}: cannot check it: its block scales {scale_name!r} are not stored as planned")
+            return
         file, entry = found
         scales = bytearray(self._read("scales", self._out_files.fd(file.path), file.data_offset + entry.start,
-                                  entry.nbytes, file.path))
-        return self._compute.requant_error(op, row0 // op.block_rows, theirs, scales)
+                                      entry.nbytes, file.path))
+        rows, cols = op.matrix
+        bad, checked, first, worst = 0, 0, None, 0.0
+        for index in sorted(self._blocks(op)):
+            row0 = index * op.block_rows
+            count = min(op.block_rows, rows - row0) * cols  # elements, one byte each
+            theirs = self._read("out", out_fd, start + row0 * cols, count, path)
+            n, first_elem, ratio = self._compute.requant_error(op, index, theirs, scales)
+            bad, checked, worst = bad + n, checked + count, max(worst, ratio)
+            if n and first is None:
+                first = row0 + first_elem // cols
+        self.bytes += checked
+        if bad:
+            self.problem(f"{where} is off the recomputed merge by more than FP8 requantization allows (half an "
+                         f"e4m3 step of the value divided by its block scale, times the scale): {bad} of "
+                         f"{checked} checked elements, the first in row {first}, up to {worst:.3g}x that bound")
 
     def _output_tensor(self, name: str) -> tuple[TensorFile, TensorEntry] | None:
         """Where the output stores `name`, if its header entry is as planned."""
-        shard = next((s for s in self.plan.shards if any(e.name == name for e in s.entries)), None)
-        if shard is None or not (self.out / shard.name).is_file():
+        if name not in self._planned:
+            self._planned.update((e.name, (s.name, e)) for s in self.plan.shards for e in s.entries)
+        shard, planned = self._planned[name]
+        try:
+            got = self._output_header(shard)
+        except FormatError:
             return None
-        if shard.name not in self._headers:
-            try:
-                self._headers[shard.name] = read_header(self.out / shard.name)
-            except FormatError:
-                return None
-        got = self._headers[shard.name]
-        planned = next(e for e in shard.entries if e.name == name)
         return (got, planned) if got.entry_map().get(name) == planned else None
+
+    def _output_header(self, shard: str) -> TensorFile:
+        """An output shard's header, read once (the tensor checks and the FP8 scale lookups share it)."""
+        if shard not in self._headers:
+            self._headers[shard] = read_header(self.out / shard)
+        return self._headers[shard]
 
     def _equals_source(self, op: TensorOp, files: Files, offset: int, theirs: memoryview) -> bool:
         src = op.source

@@ -54,7 +54,7 @@ ALLOWED = {
               "output", "pickled",
               "pieces", "plan", "progress", "sources", "stream", "tensorfile", "units", "writer"},
     "demo": {"merge"},
-    "verify": {"checkpoint", "errors", "merge", "options", "pieces", "plan", "sources", "tensorfile", "ties",
+    "verify": {"checkpoint", "errors", "fetchplan", "merge", "options", "pieces", "plan", "sources", "tensorfile", "ties",
                "units"},
     "cli": {"errors", "merge", "demo", "options", "verify", "units", "version"},
     "__main__": {"cli"},
