@@ -194,6 +194,9 @@ def _check_shard_name(index_path: Path, tensor: str, shard: object, listed: Call
 
 
 def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
+    stored = {e.name: shard.path.name for shard in shards for e in shard.entries}
+    if stored == weight_map and len(stored) == sum(len(shard.entries) for shard in shards):
+        return  # the common case, at the speed of a dict comparison; otherwise find the first difference
     seen: dict[str, str] = {}
     for shard in shards:
         file = shard.path.name

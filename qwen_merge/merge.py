@@ -28,9 +28,8 @@ from .fetchplan import FetchPlan, fetch_plan
 from .manifest import base_file_stats, check_not_merged_twice, finished_merge, identity, manifest
 from .memory import RING_SIZE
 from .options import MergeOptions
-from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file, publish,
-                     staging_folder, write_bytes,
-                     write_json, write_json_atomic)
+from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file,
+                     hash_in_background, publish, staging_folder, write_bytes, write_json, write_json_atomic)
 from .pieces import Block, BlockRing, Piece, shard_pieces, shard_runs
 from .plan import MergePlan, TensorOp, make_plan
 from .progress import progress_bar
@@ -157,7 +156,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk)
     local = [Path(p) for p in (base, adapter) if hub.repo_ref(p) is None]
     check_destination(dest, local, overwrite=overwrite, resume=resume)  # before torch starts loading
-    with _planned(base, adapter, options, warm_compute=True) as plan:
+    with _planned(base, adapter, options, merging=True) as plan:
         if plan.base.hub is not None or plan.adapter.hub is not None:
             check_destination(dest, _inputs(base, adapter, plan), overwrite=overwrite, resume=resume)
         fetch_side_files(plan)
@@ -277,12 +276,12 @@ def without_gc() -> Iterator[None]:
 
 
 @contextmanager
-def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, warm_compute: bool = False
+def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, merging: bool = False
              ) -> Iterator[MergePlan]:
     """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime. A
     `str` that is not an existing path but reads `org/name[@revision]` is a Hugging Face Hub repo.
-    `warm_compute`: an adapter with LoRA factors will be computed with, so torch starts loading while
-    the plan is made (it takes longer than planning)."""
+    `merging`: the plan will be carried out, so work it will need starts while it is made: loading torch
+    (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest."""
     with without_gc(), tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
         checkpoint = _open_base(base)
         adapter_folder, adapter_hub = _adapter_folder(adapter, options)
@@ -292,8 +291,10 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, warm_comp
 
             weights = unpickle_adapter(adapter_folder, Path(scratch))
         parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
-        if warm_compute and (parsed.pairs or parsed.param_pairs):
-            _import_compute_in_background()
+        if merging:
+            hash_in_background(parsed.file.path)
+            if parsed.pairs or parsed.param_pairs:
+                _import_compute_in_background()
         yield make_plan(checkpoint, parsed, options, partial(same_values, parsed.file))
 
 

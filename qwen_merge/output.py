@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,13 +126,44 @@ def _free_text(folder: Path) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read through one small reused buffer (no per-chunk allocations)."""
+    """SHA-256 of a file, read through one small reused buffer (no per-chunk allocations); the result of
+    `hash_in_background` when one was started for the file as it is now."""
+    pending = _hashing.pop(_file_key(path), None)
+    return pending.result() if pending is not None else _sha256(path)
+
+
+def _sha256(path: Path) -> str:
     digest, buffer = hashlib.sha256(), bytearray(1 << 20)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+def hash_in_background(path: Path) -> None:
+    """Start `sha256_file(path)` on a thread of its own, so a later call returns at once: the adapter's
+    hash (tens of MB to GBs, for the manifest) runs on the other core while the merge is planned. The
+    thread is a daemon: an abandoned run does not wait for it at exit."""
+    key, result = _file_key(path), Future()
+
+    def run() -> None:
+        try:
+            result.set_result(_sha256(path))
+        except BaseException as e:  # noqa: BLE001 - raised again by the caller of sha256_file
+            result.set_exception(e)
+
+    _hashing[key] = result
+    threading.Thread(target=run, name="qwen-merge-adapter-hash", daemon=True).start()
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    """A file as it is now: a rewritten file is hashed afresh, not given an older result."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+_hashing: dict[tuple[str, int, int, int], Future] = {}  # hashes started by hash_in_background
 
 
 def write_json(path: Path, value: dict) -> int:

@@ -157,15 +157,16 @@ def _units(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: Co
 
 def _batch(shard: ShardPlan, first: int) -> tuple[TensorOp, ...]:
     """The batchable ops from entry `first` on that follow each other, up to BATCH_BYTES."""
-    ops = [shard.ops[shard.entries[first].name]]
-    size = ops[0].source.entry.nbytes
-    for entry in shard.entries[first + 1:]:
-        op = shard.ops.get(entry.name)
-        if op is None or not op.batchable or not op.follows(ops[-1]) or size + entry.nbytes > BATCH_BYTES:
+    entries, ops = shard.entries, shard.ops
+    batch = [ops[entries[first].name]]
+    size = batch[0].source.entry.nbytes
+    for k in range(first + 1, len(entries)):
+        op = ops.get(entries[k].name)
+        if op is None or not op.batchable or not op.follows(batch[-1]) or size + entries[k].nbytes > BATCH_BYTES:
             break
-        ops.append(op)
-        size += entry.nbytes
-    return tuple(ops)
+        batch.append(op)
+        size += entries[k].nbytes
+    return tuple(batch)
 
 
 def span(files: Files, file: TensorFile, entry: TensorEntry) -> RawSpan:

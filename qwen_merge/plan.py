@@ -108,9 +108,10 @@ class TensorOp:
 
     def follows(self, other: TensorOp) -> bool:
         """Whether this op's source bytes come right after `other`'s, in the same file, with the same
-        options: two batchable ops that can be read and written as one span."""
+        dtype and options: two batchable ops that can be read, merged and written as one span."""
         return (self.source.file is other.source.file and self.source.entry.start == other.source.entry.end
-                and (self.check_finite, self.round_delta) == (other.check_finite, other.round_delta))
+                and (self.dtype, self.check_finite, self.round_delta)
+                == (other.dtype, other.check_finite, other.round_delta))
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,9 +525,10 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
         for new, after in added.items():
             if after in names:
                 names.insert(names.index(after) + 1, new)
-        if max_shard_size is None and len(names) == len(source.entries) and not any(
-                n in ops or n in gone for n in names):
-            slots.append((source, None))  # nothing changes: the base's entries and header as they are
+        changed = [n for n in names if n in ops or n in gone]
+        if max_shard_size is None and len(names) == len(source.entries) and all(
+                n not in gone and n not in late and _keeps_layout(ops[n], where[n][1]) for n in changed):
+            slots.append((source, None))  # every tensor keeps its dtype and shape: the base's entries and header
             continue
         own = source.entry_map()
         slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
@@ -538,6 +540,10 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
     shards = tuple(ShardPlan(f.name, f.origin, f.entries, f.header,
                              {e.name: ops[e.name] for e in f.entries if e.name in ops}, where) for f in files)
     return shards, layout.index_name(base.index_name, files, max_shard_size is not None)
+
+
+def _keeps_layout(op: TensorOp, entry: TensorEntry) -> bool:
+    return op.dtype == entry.dtype and op.shape == entry.shape
 
 
 def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:

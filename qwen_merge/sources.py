@@ -17,6 +17,8 @@ from .errors import FormatError
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 CHUNK_BYTES = 16 << 20
+SMALL_READ = 1 << 20  # reads up to this size are done at once, on the caller's thread
+TAIL_ROOM = 1 << 20  # spare room after a read-ahead buffer, for a read that ends a little past the guess
 
 
 def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: object) -> None:
@@ -82,42 +84,58 @@ class Files:
 
 
 class ReadAhead:
-    """Positioned reads for one consumer, each followed by a read of the bytes after it on a thread of
-    its own: a pass through a tensor's rows (and on into the next tensor) finds each block already read
-    while the one before was being merged, so the disk, or the page cache copy, runs beside the
-    arithmetic instead of between its steps. A read outside the range fetched ahead is done at once.
+    """Positioned reads for one consumer, each large one followed by a read of the bytes after it on a
+    thread of its own: a pass through a tensor's rows (and on into the next tensor) finds each block
+    already read while the one before was being merged, so the disk, or the page cache copy, runs beside
+    the arithmetic instead of between its steps.
+
+    A read that starts inside the range fetched ahead but ends a little past it (the next layer's experts,
+    after the attention tensors between them) takes what was fetched and reads only the rest. A read
+    outside the range is done at once. Small reads (a small tensor merged between copied ones) are done
+    at once on the caller's thread, unless already fetched: handing them to a thread costs more than the
+    read, and they neither wait for nor discard a guess still in flight, which may serve the next large read.
 
     `read` returns a view that stays valid until the next `read`."""
 
     def __init__(self, files: Files) -> None:
         self.files = files
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-merge-read")
-        self._buffers = [bytearray(), bytearray()]
-        self._ahead: tuple[int, int, int, Future] | None = None  # fd, offset, length, done
-        self._current = 0  # the buffer the last returned view is in
+        # two buffers alternate between the caller's last read and the read ahead; a third holds small reads
+        self._buffers = [bytearray(), bytearray(), bytearray()]
+        self._ahead: _Guess | None = None
+        self._current = 0  # the buffer the last large read is in
         self._sizes: dict[int, int] = {}  # fd -> file size: nothing is read past the end
 
     def read(self, fd: int, offset: int, length: int, path: object) -> memoryview:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            a_fd, a_offset, a_length, done = ahead
-            got = 0 if done.exception() is not None else done.result()  # waits before the buffer is reused;
-            # a failed guess (a retired file) is a miss: the read below is done at once and reports its own error
-            if a_fd == fd and a_offset <= offset and offset + length <= a_offset + got:
-                self._current = 1 - self._current
-                start = offset - a_offset
-                view = memoryview(self._buffers[self._current])[start:start + length]
-                self._fetch(fd, offset + length, max(length, a_length), path)
-                return view
-        view = self._buffer(self._current, length)
-        self.files.read(fd, view, offset, path)
-        self._fetch(fd, offset + length, length, path)
+        ahead = self._ahead
+        if length <= SMALL_READ:
+            if ahead is not None and ahead.done.done() and ahead.holds(fd, offset, length):
+                return memoryview(self._buffers[1 - self._current])[offset - ahead.offset:][:length]
+            view = self._buffer(2, length)
+            self.files.read(fd, view, offset, path)
+            return view
+        self._ahead = None
+        if ahead is not None and ahead.wait() and ahead.starts(fd, offset, length):
+            view = self._take(ahead, offset, length, path)
+        else:  # no guess, or a wrong or failed one (a failed guess is retired file: this read reports the error)
+            view = self._buffer(self._current, length)
+            self.files.read(fd, view, offset, path)
+        self._fetch(fd, offset + length, max(length, ahead.length if ahead else 0), path)
         return view
 
     def close(self) -> None:
         if self._ahead is not None:
-            self._ahead[3].exception()  # wait, ignoring a failed guess
+            self._ahead.wait()
         self._pool.shutdown(wait=True)
+
+    def _take(self, ahead: _Guess, offset: int, length: int, path: object) -> memoryview:
+        """The guessed buffer becomes the caller's; bytes past the guess are read into its spare room."""
+        self._current = 1 - self._current
+        buffer = memoryview(self._buffers[self._current])
+        start, end = offset - ahead.offset, offset - ahead.offset + length
+        if end > ahead.got:
+            self.files.read(ahead.fd, buffer[ahead.got:end], ahead.offset + ahead.got, path)
+        return buffer[start:end]
 
     def _fetch(self, fd: int, offset: int, length: int, path: object) -> None:
         if fd not in self._sizes:
@@ -125,8 +143,8 @@ class ReadAhead:
         length = min(length, self._sizes[fd] - offset)
         if length <= 0:
             return
-        view = self._buffer(1 - self._current, length)
-        self._ahead = (fd, offset, length, self._pool.submit(self._fill, fd, view, offset, path))
+        view = self._buffer(1 - self._current, length + TAIL_ROOM)[:length]
+        self._ahead = _Guess(fd, offset, length, self._pool.submit(self._fill, fd, view, offset, path))
 
     def _fill(self, fd: int, view: memoryview, offset: int, path: object) -> int:
         self.files.read(fd, view, offset, path)
@@ -136,6 +154,29 @@ class ReadAhead:
         if len(self._buffers[index]) < length:
             self._buffers[index] = bytearray(length)
         return memoryview(self._buffers[index])[:length]
+
+
+class _Guess:
+    """A read ahead: `length` bytes of `fd` from `offset`, read on the thread (`done` says how many)."""
+
+    __slots__ = ("fd", "offset", "length", "done", "got")
+
+    def __init__(self, fd: int, offset: int, length: int, done: Future) -> None:
+        self.fd, self.offset, self.length, self.done, self.got = fd, offset, length, done, 0
+
+    def wait(self) -> int:
+        """The bytes read: 0 for a failed guess (a retired file), which counts as a miss."""
+        self.got = 0 if self.done.exception() is not None else self.done.result()
+        return self.got
+
+    def holds(self, fd: int, offset: int, length: int) -> bool:
+        return fd == self.fd and self.offset <= offset and offset + length <= self.offset + self.wait()
+
+    def starts(self, fd: int, offset: int, length: int) -> bool:
+        """Whether a read of these bytes is served by the guess: it starts inside the bytes read and ends
+        within the buffer's spare room after them."""
+        return fd == self.fd and self.offset <= offset < self.offset + self.got and \
+            offset + length <= self.offset + self.length + TAIL_ROOM
 
 
 def same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bool) -> bool:

@@ -15,9 +15,9 @@ import torch
 
 from . import blockquant
 from .adapter import Kind
-from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_vector, as_tensor,
-                      batched_exact, cast_rows, column_sumsq, expert_factors, finish_column_norms, make_factors,
-                      merge_experts, merge_rows, split_experts)
+from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_vector, all_finite,
+                      as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
+                      finish_column_norms, make_factors, merge_experts, merge_rows, split_experts)
 from .errors import NonFiniteError, ZeroNormError
 from .pieces import Block, BlockRing
 from .plan import TensorOp
@@ -184,10 +184,14 @@ class Computer:
 
     def _merge_batch(self, ops: tuple[TensorOp, ...], source: torch.Tensor, out: torch.Tensor) -> None:
         groups: dict[tuple, list[tuple[TensorOp, int]]] = {}
-        origin = ops[0].source.entry.start
+        origin, item = ops[0].source.entry.start, _item(ops[0])  # a batch has one dtype (`follows`)
         for op in ops:
-            key = (op.pair.a.name, op.pair.b.name, op.pair.rows, op.shape)
-            groups.setdefault(key, []).append((op, (op.source.entry.start - origin) // _item(op)))
+            pair = op.pair
+            key = (pair.a.name, pair.b.name, pair.rows, op.shape)
+            members = groups.get(key)
+            if members is None:
+                members = groups[key] = []
+            members.append((op, (op.source.entry.start - origin) // item))
         for members in groups.values():
             op, (rows, cols) = members[0][0], members[0][0].shape
             offsets = [offset for _, offset in members]
@@ -206,10 +210,15 @@ class Computer:
                      stride: int) -> None:
         """Same-shaped slices of one fused LoRA, at `offset` + k·`stride` elements of the batch."""
         rows, cols = ops[0].shape
-        split, (r0, r1) = self._split(ops[0]), ops[0].pair.rows
-        experts = torch.tensor([op.pair.expert for op in ops])
-        lhs = split.lhs[experts, r0:r1].contiguous()
-        rhs = split.rhs[experts].contiguous()
+        split = self._split(ops[0])
+        every_lhs = expert_rows(split, ops[0].pair.rows)
+        experts = [op.pair.expert for op in ops]
+        first = experts[0]
+        if experts == list(range(first, first + len(experts))):  # stored in expert order: views, no copy
+            lhs, rhs = every_lhs[first:first + len(ops)], split.rhs[first:first + len(ops)]
+        else:  # e.g. names sorted as text (1, 10, 100, ...): gathered, contiguous as the views are
+            index = torch.tensor(experts)
+            lhs, rhs = every_lhs[index], split.rhs[index]
         layout = ((len(ops), rows, cols), (stride, cols, 1), offset)
         merged = out.as_strided(*layout)
         merge_experts(source.as_strided(*layout), lhs, rhs, split.scale, ops[0].round_delta, merged,
@@ -297,7 +306,7 @@ def _item(op: TensorOp) -> int:
 
 def _check_finite(op: TensorOp, values: torch.Tensor, what: str) -> None:
     """NaN or Inf in an adapter tensor, or a merge that overflows (fp16), would poison the model silently."""
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise NonFiniteError(f"{what}: holds NaN or Inf; the adapter is broken or the merge overflows {op.dtype} "
                              f"(pass allow_nonfinite=True / --allow-nonfinite to write it anyway)")
 

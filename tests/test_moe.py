@@ -30,6 +30,7 @@ MismatchError and write nothing. The plan groups experts; ``--detail`` lists eve
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from builders import (
     checkpoint_tensors,
     disk_tensors,
     double_rounding,
+    expert_delta_loop,
     fuse_checkpoint,
     fused_reference_deltas,
     header_names,
@@ -62,6 +64,7 @@ from builders import (
     tensor_bytes,
     tree_hash,
     ulp_distance,
+    write_checkpoint,
     write_expert_linear_adapter,
     write_synthetic_fused_adapter,
     write_synthetic_moe,
@@ -528,3 +531,49 @@ def test_report_ulp_stats():
 
     for line in stats_lines(STATS):
         print(f"\n[ulp] {line}")
+
+
+def _text_ordered_copy(base: Path, out: Path) -> Path:
+    """The same checkpoint with each shard's tensors stored in name order as text (experts 0, 1, 10, 11,
+    2, ...), as writers that sort by name store them."""
+    tensors = checkpoint_tensors(base)
+    shards: dict[str, dict] = {}
+    for name in sorted(tensors):
+        shard, dtype, shape, payload = tensors[name]
+        shards.setdefault(shard, {})[name] = (dtype, shape, payload)
+    write_checkpoint(out, dict(sorted(shards.items())), json.loads((base / "config.json").read_text()))
+    return out
+
+
+def test_batched_experts_equal_one_by_one_in_any_storage_order(tmp_path, monkeypatch):
+    """Small per-expert tensors are merged in batches (one read, one batched product per projection).
+    Stored in expert order the batch takes views of the split factors; stored in text order it gathers
+    them. Both must give the bits of merging each expert's tensor alone, and rnd(W + ΔW_e) within 1 ulp."""
+    spec = SynthSpec(layers=2, experts=12, hidden=32, moe_intermediate=16, head_dim=8, vocab=64, shards=2)
+    numeric = write_synthetic_moe(tmp_path / "numeric", spec)
+    text = _text_ordered_copy(numeric, tmp_path / "text")
+    names = header_names(text)
+    downs = [n for n in names if n.startswith("model.layers.0.") and n.endswith(".down_proj.weight")]
+    assert downs[:3] == [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in (0, 1, 10)], downs
+    adapter = write_synthetic_fused_adapter(tmp_path / "adapter", spec, r=4, alpha=8)
+    batched = {"numeric": disk_tensors(merge_shards(numeric, adapter, tmp_path / "out_n", progress=False).output),
+               "text": disk_tensors(merge_shards(text, adapter, tmp_path / "out_t", progress=False).output)}
+    monkeypatch.setattr("qwen_merge.plan.BATCH_TENSOR_BYTES", 0)  # nothing is batchable: one tensor at a time
+    alone = disk_tensors(merge_shards(numeric, adapter, tmp_path / "out_1", progress=False).output)
+    base, factors = disk_tensors(numeric), adapter_tensors(adapter)
+    assert set(alone) == set(batched["numeric"]) == set(batched["text"]) == set(base)
+    for name, t in alone.items():
+        for order, merged in batched.items():
+            assert tensor_bytes(merged[name]) == tensor_bytes(t), f"{name}: batched ({order} order) != alone"
+    inter = spec.moe_intermediate
+    for layer in range(spec.layers):
+        mod = f"model.layers.{layer}.mlp.experts"
+        gate_up = expert_delta_loop(factors[mod + ".base_layer.lora_A.weight"],
+                                    factors[mod + ".base_layer.lora_B.weight"], spec.experts, 4, 2.0)
+        down = expert_delta_loop(factors[mod + ".lora_A.weight"], factors[mod + ".lora_B.weight"], spec.experts,
+                                 4, 2.0)
+        for e in range(spec.experts):
+            for proj, delta in (("gate", gate_up[e][:inter]), ("up", gate_up[e][inter:]), ("down", down[e])):
+                name = f"{mod}.{e}.{proj}_proj.weight"
+                assert int(ulp_distance(alone[name], single_rounding(base[name], delta)).max()) <= 1, name
+                assert (alone[name] != base[name]).any(), f"{name}: the delta did not land"
