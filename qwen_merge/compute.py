@@ -277,31 +277,26 @@ def expert_factors(split: ExpertFactors, *, expert: int | None, rows: tuple[int,
     return Factors(split.lhs.reshape(experts * out, rank), split.rhs, split.scale, round_delta, group_rows=out)
 
 
-def merge_experts(w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scale: float, round_delta: bool,
-                  out: torch.Tensor, workspace: Workspace) -> None:
-    """Many experts' tensors at once: out[k] = rnd(fp32(w[k]) + fl32(fl32(lhs[k] @ rhs[k]) · s)).
+def add_experts(acc: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scale: float, round_delta: bool,
+                dtype: str, workspace: Workspace) -> None:
+    """Many experts' deltas at once: acc[k] += fl32(fl32(lhs[k] @ rhs[k]) · s), the delta rounded to `dtype`
+    first when `round_delta` (PEFT's double rounding). The caller rounds `acc` once to the weights' dtype.
 
-    `w` and `out` are (n, rows, cols) views (they may be strided: one expert's tensors sit between
-    another's on disk), `lhs` (n, rows, r), `rhs` (n, r, cols). The same operations as `merge_rows`,
-    batched over experts in chunks that fit the cache; callers use it only where `batched_exact` holds,
-    so every expert gets the bits its own product would."""
-    n, rows, cols = w.shape
-    step = max(1, SUB_BLOCK_BYTES // (4 * rows * cols))
-    fused = scale == 1.0 and not round_delta and _batched_add_exact(rows, lhs.shape[2], cols)
-    for k in range(0, n, step):
-        m = min(step, n - k)
-        acc = workspace.tensor("batch_acc", "F32", (m, rows, cols)).copy_(w[k:k + m])  # fp32(W), exact
-        if fused:  # W + B_e@A_e in the GEMM, the same bits (see _batched_add_exact)
-            acc.baddbmm_(lhs[k:k + m], rhs[k:k + m])
-        else:
-            delta = workspace.tensor("batch_delta", "F32", (m, rows, cols))
-            torch.bmm(lhs[k:k + m], rhs[k:k + m], out=delta)               # fl32(B_e @ A_e)
-            if scale != 1.0:
-                delta.mul_(scale)
-            if round_delta:
-                delta.copy_(out[k:k + m].copy_(delta))                     # PEFT: W + rnd_W(ΔW)
-            acc.add_(delta)
-        out[k:k + m].copy_(acc)                                            # the one rounding
+    `acc` is an (n, rows, cols) fp32 view of the weights (it may be strided: one expert's tensors sit
+    between another's on disk), `lhs` (n, rows, r), `rhs` (n, r, cols). The same operations as
+    `merge_rows`; callers use it only where `batched_exact` holds, so every expert gets the bits its own
+    product would."""
+    n, rows, cols = acc.shape
+    if scale == 1.0 and not round_delta and _batched_add_exact(rows, lhs.shape[2], cols):
+        acc.baddbmm_(lhs, rhs)  # W + B_e@A_e in the GEMM, the same bits (see _batched_add_exact)
+        return
+    delta = workspace.tensor("batch_delta", "F32", (n, rows, cols))
+    torch.bmm(lhs, rhs, out=delta)                                         # fl32(B_e @ A_e)
+    if scale != 1.0:
+        delta.mul_(scale)
+    if round_delta:                                                        # PEFT: W + rnd_W(ΔW)
+        delta.copy_(workspace.tensor("batch_rounded", dtype, (n, rows, cols)).copy_(delta))
+    acc.add_(delta)
 
 
 @functools.lru_cache(maxsize=None)

@@ -196,8 +196,7 @@ def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter, orientatio
         raise MismatchError(f"{adapter.file.path}: {pp.a.name!r} {list(pp.a.shape)} / {pp.b.name!r} "
                             f"{list(pp.b.shape)}: expected {lay.experts} experts x r={rank} = "
                             f"{lay.experts * rank} rank rows for {pp.module}.{param}")
-    base = dict(module=pp.module, param=param, a=pp.a, b=pp.b, experts=lay.experts, rank=rank,
-                alpha=float(alpha), scale=scale)
+    fixed = (pp.module, param, pp.a, pp.b, lay.experts, rank, float(alpha), scale)
     if lay.fused is not None:
         transposed = _orientation(pp, lay)
         transposed = orientation if transposed is None else transposed
@@ -205,12 +204,13 @@ def _split(pp: ParamPair, param: str, lay: _Layout, adapter: Adapter, orientatio
             raise MismatchError(f"{lay.fused}: the fused expert tensor is square per expert "
                                 f"({lay.out}x{lay.inp}), so its shape cannot tell (E, out, in) from (E, in, out), "
                                 f"and no sibling tensor of {pp.module} settles it")
-        return {lay.fused: ExpertPair(**base, transposed=transposed)}
+        return {lay.fused: ExpertPair(*fixed, transposed=transposed)}
+    # one pair per expert tensor (thousands in a model): positional arguments, and the row ranges shared
+    starts = [sum(lay.part_rows[:k]) for k in range(len(lay.part_rows))]
+    ranges = [(start, start + rows) for start, rows in zip(starts, lay.part_rows, strict=True)]
     found = {}
     for e, tensor_names in enumerate(lay.per_expert):
-        start = 0
-        for name, rows in zip(tensor_names, lay.part_rows, strict=True):
-            found[name] = ExpertPair(**base, expert=e, rows=(start, start + rows))
-            start += rows
+        for name, rows in zip(tensor_names, ranges, strict=True):
+            found[name] = ExpertPair(*fixed, e, rows)
     return found
 

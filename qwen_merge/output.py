@@ -125,17 +125,24 @@ def _free_text(folder: Path) -> str:
     return f"{human_bytes(free)} ({free} bytes)"  # the exact count too: it is what a user compares
 
 
+HASH_READ_BYTES = 16 << 20  # the hash's read buffer (at most the file's size)
+
+
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read through one small reused buffer (no per-chunk allocations); the result of
+    """SHA-256 of a file, read through one reused buffer (no per-chunk allocations); the result of
     `hash_in_background` when one was started for the file as it is now."""
     pending = _hashing.pop(_file_key(path), None)
     return pending.result() if pending is not None else _sha256(path)
 
 
 def _sha256(path: Path) -> str:
-    digest, buffer = hashlib.sha256(), bytearray(1 << 20)
-    view = memoryview(buffer)
+    # Large reads: the GIL is let go for each read and each update and taken back after, which a thread
+    # hashing beside Python code (the planner) waits for up to 5 ms each time. 1 MiB reads made the
+    # background hash of an 85 MB adapter take 0.32 s instead of 0.07 s.
+    digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(min(HASH_READ_BYTES, max(os.fstat(f.fileno()).st_size, 1)))
+        view = memoryview(buffer)
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()

@@ -17,7 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .plan import BATCH_BYTES, ShardPlan, TensorOp
+from .memory import BATCH_BYTES
+from .plan import ShardPlan, TensorOp
 from .sources import Files
 from .tensorfile import TensorEntry, TensorFile
 

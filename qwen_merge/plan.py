@@ -22,7 +22,6 @@ from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_t
 from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
 
-BATCH_BYTES = 4 << 20  # most bytes of adjacent per-expert tensors merged as one batch (one read, one block)
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out); PEFT forces
@@ -234,8 +233,9 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
                      copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
                      renames=names.renames, tie=tie, index_name=index_name, dropped=tuple(dropped))
     index = index_json(plan.index_document()) if index_name else b""
+    peak = memory.predict_peak(plan.ops, tensors=sum(len(s.entries) for s in shards))
     return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
-                               predicted_peak_bytes=memory.predict_peak(plan.ops))
+                               predicted_peak_bytes=peak)
 
 
 def _recipes(adapter: Adapter, names: NameMap, where: dict[str, tuple[TensorFile, TensorEntry]]

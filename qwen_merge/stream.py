@@ -15,9 +15,9 @@ import torch
 
 from . import blockquant
 from .adapter import Kind
-from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_vector, all_finite,
-                      as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
-                      finish_column_norms, make_factors, merge_experts, merge_rows, split_experts)
+from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
+                      all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
+                      finish_column_norms, make_factors, merge_rows, split_experts)
 from .errors import NonFiniteError, ZeroNormError
 from .pieces import Block, BlockRing
 from .plan import TensorOp
@@ -183,6 +183,9 @@ class Computer:
         yield Block(0, data, slot)
 
     def _merge_batch(self, ops: tuple[TensorOp, ...], source: torch.Tensor, out: torch.Tensor) -> None:
+        """The whole batch goes to fp32 in one copy and back, rounded once, in another: each group's delta
+        is added in place between them (few torch calls per batch: each lets go of the GIL and waits to
+        take it back while the writer's threads run)."""
         groups: dict[tuple, list[tuple[TensorOp, int]]] = {}
         origin, item = ops[0].source.entry.start, _item(ops[0])  # a batch has one dtype (`follows`)
         for op in ops:
@@ -192,23 +195,31 @@ class Computer:
             if members is None:
                 members = groups[key] = []
             members.append((op, (op.source.entry.start - origin) // item))
+        acc = self.workspace.tensor("batch_acc", "F32", tuple(source.shape)).copy_(source)  # fp32(W), exact
+        alone = []
         for members in groups.values():
             op, (rows, cols) = members[0][0], members[0][0].shape
             offsets = [offset for _, offset in members]
             stride = offsets[1] - offsets[0] if len(offsets) > 1 else 0
             even = all(b - a == stride for a, b in zip(offsets, offsets[1:]))
             if len(members) > 1 and even and batched_exact(rows, op.pair.rank, cols):
-                self._merge_group([m for m, _ in members], source, out, offsets[0], stride)
-                continue
-            for member, offset in members:  # one by one, exactly as a tensor outside a batch
-                view = slice(offset, offset + rows * cols)
-                buffers = self.workspace.block(rows, (cols,), member.dtype, out[view].view(rows, cols))
-                self._merge(member, source[view].view(rows, cols), self._factors(member, None), 0, buffers)
-                self._check_output(member, buffers.out, 0, rows)
+                self._add_group([m for m, _ in members], acc, offsets[0], stride)
+            else:
+                alone += members
+        out.copy_(acc)  # the one rounding
+        for member, offset in alone:  # one by one, exactly as a tensor outside a batch
+            rows, cols = member.shape
+            view = slice(offset, offset + rows * cols)
+            buffers = self.workspace.block(rows, (cols,), member.dtype, out[view].view(rows, cols))
+            self._merge(member, source[view].view(rows, cols), self._factors(member, None), 0, buffers)
+        if ops[0].check_finite and ops[0].dtype == "F16" and not all_finite(out):
+            for op in ops:
+                start = (op.source.entry.start - origin) // item
+                self._check_output(op, out[start:start + math.prod(op.shape)].view(op.shape), 0, op.shape[0])
 
-    def _merge_group(self, ops: list[TensorOp], source: torch.Tensor, out: torch.Tensor, offset: int,
-                     stride: int) -> None:
-        """Same-shaped slices of one fused LoRA, at `offset` + k·`stride` elements of the batch."""
+    def _add_group(self, ops: list[TensorOp], acc: torch.Tensor, offset: int, stride: int) -> None:
+        """The deltas of same-shaped slices of one fused LoRA, at `offset` + k·`stride` elements of the
+        batch's fp32 copy `acc`."""
         rows, cols = ops[0].shape
         split = self._split(ops[0])
         every_lhs = expert_rows(split, ops[0].pair.rows)
@@ -219,12 +230,8 @@ class Computer:
         else:  # e.g. names sorted as text (1, 10, 100, ...): gathered, contiguous as the views are
             index = torch.tensor(experts)
             lhs, rhs = every_lhs[index], split.rhs[index]
-        layout = ((len(ops), rows, cols), (stride, cols, 1), offset)
-        merged = out.as_strided(*layout)
-        merge_experts(source.as_strided(*layout), lhs, rhs, split.scale, ops[0].round_delta, merged,
-                      self.workspace)
-        for k, op in enumerate(ops):
-            self._check_output(op, merged[k], 0, rows)
+        add_experts(acc.as_strided((len(ops), rows, cols), (stride, cols, 1), offset), lhs, rhs, split.scale,
+                    ops[0].round_delta, ops[0].dtype, self.workspace)
 
     def _check_output(self, op: TensorOp, rows_out: torch.Tensor, row0: int, rows: int) -> None:
         if op.check_finite and op.dtype == "F16":  # finite inputs overflow only in fp16 (merged or converted)

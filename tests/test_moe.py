@@ -62,6 +62,7 @@ from builders import (
     single_rounding,
     swap_nesting,
     tensor_bytes,
+    to_tensor,
     tree_hash,
     ulp_distance,
     write_checkpoint,
@@ -69,7 +70,7 @@ from builders import (
     write_synthetic_fused_adapter,
     write_synthetic_moe,
 )
-from qwen_merge import MismatchError, iter_merged, merge_shards, plan_merge
+from qwen_merge import MismatchError, NonFiniteError, iter_merged, merge_shards, plan_merge
 
 H, I, E, L = TINY["hidden"], TINY["moe_intermediate"], TINY["experts"], TINY["layers"]
 I_NARROW = 8  # a second base with 2·I != H, so that gate_up_proj is not square
@@ -577,3 +578,28 @@ def test_batched_experts_equal_one_by_one_in_any_storage_order(tmp_path, monkeyp
                 name = f"{mod}.{e}.{proj}_proj.weight"
                 assert int(ulp_distance(alone[name], single_rounding(base[name], delta)).max()) <= 1, name
                 assert (alone[name] != base[name]).any(), f"{name}: the delta did not land"
+
+
+def test_batched_experts_in_fp16_stop_on_an_overflow_naming_the_tensor(tmp_path):
+    """A batch is rounded to fp16 in one pass; an expert whose merged values overflow is still named."""
+    spec = SynthSpec(layers=1, experts=12, hidden=32, moe_intermediate=16, head_dim=8, vocab=64, shards=1)
+    bf16 = write_synthetic_moe(tmp_path / "bf16", spec)
+    tensors = checkpoint_tensors(bf16)
+    halves = {name: to_tensor(dtype, shape, payload).to(torch.float16)
+              for name, (_, dtype, shape, payload) in tensors.items()}
+    config = {**json.loads((bf16 / "config.json").read_text()), "torch_dtype": "float16"}
+    base = write_checkpoint(tmp_path / "f16", {"model.safetensors": halves}, config)
+    adapter = write_synthetic_fused_adapter(tmp_path / "adapter", spec, r=4, alpha=8)
+    clean = merge_shards(base, adapter, tmp_path / "clean", progress=False)
+    assert clean.merged == 3 * spec.experts + 2
+
+    def blow_up_expert_7(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key.endswith("mlp.experts.lora_A.weight"):  # down_proj's A: rows 7·r .. 7·r + r are expert 7's
+            t = t.clone()
+            t[7 * 4:8 * 4] *= 1e9
+        return t
+
+    broken = rewrite_adapter(adapter, tmp_path / "broken", transform=blow_up_expert_7)
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.mlp\.experts\.7\.down_proj\.weight rows .*F16"):
+        merge_shards(base, broken, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
