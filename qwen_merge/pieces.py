@@ -119,41 +119,55 @@ def shard_pieces(shard: ShardPlan, files: Files, compute: ComputeOp) -> Iterator
 def shard_runs(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: ComputeBatch) -> Iterator[Piece]:
     """The shard's pieces in file order, for writing, with two economies for models of many tensors:
     adjacent unchanged bytes of one input file become one span (one copy call, however many tensors it
-    holds), and adjacent small per-expert tensors are merged as one batch (`compute_batch`, one block)."""
-    pending: RawSpan | None = None
-    for piece in _units(shard, files, compute, compute_batch):
-        if isinstance(piece, RawSpan):
-            if pending and pending.fd == piece.fd and pending.offset + pending.length == piece.offset:
-                pending = RawSpan(piece.fd, pending.offset, pending.length + piece.length)
-                continue
-            if pending:
-                yield pending
-            pending = piece
-        else:
-            if pending:
-                yield pending
-                pending = None
-            yield piece
-    if pending:
-        yield pending
-
-
-def _units(shard: ShardPlan, files: Files, compute: ComputeOp, compute_batch: ComputeBatch) -> Iterator[Piece]:
-    entries, i = shard.entries, 0
+    holds; the run is kept as numbers until it ends), and adjacent small per-expert tensors are merged as
+    one batch (`compute_batch`, one block)."""
+    entries, ops = shard.entries, shard.ops
+    run = _Run()
+    i = 0
     while i < len(entries):
-        op = shard.ops.get(entries[i].name)
-        batch = _batch(shard, i) if op is not None and op.batchable else ()
+        op = ops.get(entries[i].name)
+        if op is None or op.is_raw_copy:
+            file, entry = shard.copy_source(entries[i].name) if op is None else (op.source.file, op.source.entry)
+            if (span := run.extend(files.fd(file.path), file.data_offset + entry.start, entry.nbytes)) is not None:
+                yield span
+            i += 1
+            continue
+        if (span := run.end()) is not None:
+            yield span
+        batch = _batch(shard, i) if op.batchable else ()
         if len(batch) > 1:
             yield from compute_batch(batch)
             i += len(batch)
-            continue
-        if op is None:
-            yield span(files, *shard.copy_source(entries[i].name))
-        elif op.is_raw_copy:
-            yield span(files, op.source.file, op.source.entry)
         else:
             yield from compute(op)
-        i += 1
+            i += 1
+    if (span := run.end()) is not None:
+        yield span
+
+
+class _Run:
+    """Adjacent bytes of one input file being gathered into one span."""
+
+    __slots__ = ("fd", "start", "stop")
+
+    def __init__(self) -> None:
+        self.fd, self.start, self.stop = -1, 0, 0
+
+    def extend(self, fd: int, offset: int, length: int) -> RawSpan | None:
+        """Add these bytes; returns the run they do not continue, now complete."""
+        if fd == self.fd and offset == self.stop:
+            self.stop += length
+            return None
+        done = self.end()
+        self.fd, self.start, self.stop = fd, offset, offset + length
+        return done
+
+    def end(self) -> RawSpan | None:
+        if self.fd < 0:
+            return None
+        done = RawSpan(self.fd, self.start, self.stop - self.start)
+        self.fd = -1
+        return done
 
 
 def _batch(shard: ShardPlan, first: int) -> tuple[TensorOp, ...]:
