@@ -193,8 +193,16 @@ def _check_shard_name(index_path: Path, tensor: str, shard: object, listed: Call
         raise FormatError(f"{index_path}: weight_map[{tensor!r}] names {shard!r}, which does not exist")
 
 
+def stored_map(shards: tuple[TensorFile, ...]) -> dict[str, str]:
+    """Tensor name -> the shard file holding it, as the headers say."""
+    found: dict[str, str] = {}
+    for shard in shards:
+        found.update(dict.fromkeys((e.name for e in shard.entries), shard.path.name))
+    return found
+
+
 def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
-    stored = {e.name: shard.path.name for shard in shards for e in shard.entries}
+    stored = stored_map(shards)
     if stored == weight_map and len(stored) == sum(len(shard.entries) for shard in shards):
         return  # the common case, at the speed of a dict comparison; otherwise find the first difference
     seen: dict[str, str] = {}
@@ -215,7 +223,7 @@ def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tu
 
 def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None, metadata: dict,
               *, side_files: bool) -> Checkpoint:
-    weight_map = {e.name: s.path.name for s in shards for e in s.entries}
+    weight_map = stored_map(shards)
     if len(weight_map) != sum(len(s.entries) for s in shards):
         raise FormatError(f"{root}: a tensor name appears in more than one shard")
     used = {s.path.name for s in shards} | {index_name, MANIFEST_NAME}

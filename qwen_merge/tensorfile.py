@@ -143,15 +143,21 @@ def _check_metadata(path: Path, meta: object) -> dict[str, str] | None:
 
 
 def _parse_entry(path: Path, name: str, info: object) -> TensorEntry:
-    # The common case, checked in one expression: a checkpoint has thousands of entries to vouch for.
+    # The common case, checked with plain comparisons: a checkpoint has thousands of entries to vouch for.
     if type(info) is dict and len(info) == 3:
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (dtype in DTYPE_BITS and type(shape) is list and type(offsets) is list and len(offsets) == 2
-                and all(type(d) is int and d >= 0 for d in shape) and type(offsets[0]) is int
-                and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
-            bits = math.prod(shape) * DTYPE_BITS[dtype]
-            if bits % 8 == 0 and bits // 8 == offsets[1] - offsets[0]:
-                return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+        if dtype in DTYPE_BITS and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+            begin, end = offsets
+            if type(begin) is int and type(end) is int and 0 <= begin <= end:
+                count = 1
+                for d in shape:
+                    if type(d) is not int or d < 0:
+                        break
+                    count *= d
+                else:
+                    bits = count * DTYPE_BITS[dtype]
+                    if bits % 8 == 0 and bits // 8 == end - begin:
+                        return TensorEntry(name, dtype, tuple(shape), begin, end)
     return _refuse_entry(path, name, info)
 
 
