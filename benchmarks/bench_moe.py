@@ -83,13 +83,14 @@ import json, sys, time
 t0 = time.perf_counter()
 import qwen_merge
 import qwen_merge.stream  # start-up includes torch: the timed call is the merge after it
+plan_merge, merge_shards = qwen_merge.plan_merge, qwen_merge.merge_shards  # and the modules they live in
 t1 = time.perf_counter()
 what, base, adapter = sys.argv[1:4]
 if what == "plan":
-    plan = qwen_merge.plan_merge(base, adapter)
+    plan = plan_merge(base, adapter)
     n = len(plan.merges)
 else:
-    n = qwen_merge.merge_shards(base, adapter, sys.argv[4], progress=False).merged
+    n = merge_shards(base, adapter, sys.argv[4], progress=False).merged
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1, "merged": n}))
 """
