@@ -174,23 +174,26 @@ def read_index(index_path: Path, listed: Callable[[str], bool] | None = None) ->
         raise FormatError(f"{index_path}: 'weight_map' must be a non-empty object of tensor -> shard file")
     if not isinstance(metadata, dict):
         raise FormatError(f"{index_path}: 'metadata' must be an object, found {type(metadata).__name__}")
-    checked: set[object] = set()  # thousands of tensors name a few shards: check each name once
-    for tensor, shard in weight_map.items():
-        if not (isinstance(shard, str) and shard in checked):
-            _check_shard_name(index_path, tensor, shard, listed)
-            checked.add(shard)
+    try:
+        shards = set(weight_map.values())  # thousands of tensors name a few shards: check each name once
+    except TypeError:  # a list or an object where a file name belongs
+        shards = list(weight_map.values())
+    for shard in shards:
+        if (problem := _shard_name_problem(index_path, shard, listed)) is not None:
+            tensor = next(t for t, s in weight_map.items() if s == shard)
+            raise FormatError(f"{index_path}: weight_map[{tensor!r}] {problem}")
     return dict(weight_map), dict(metadata)
 
 
-def _check_shard_name(index_path: Path, tensor: str, shard: object, listed: Callable[[str], bool] | None) -> None:
+def _shard_name_problem(index_path: Path, shard: object, listed: Callable[[str], bool] | None) -> str | None:
     if not isinstance(shard, str):
-        raise FormatError(f"{index_path}: weight_map[{tensor!r}] must be a file name, found {shard!r}")
+        return f"must be a file name, found {shard!r}"
     plain = PurePosixPath(shard).name == shard and PureWindowsPath(shard).name == shard
     if not plain or shard in (".", "..") or not shard.endswith(".safetensors"):
-        raise FormatError(f"{index_path}: weight_map[{tensor!r}] = {shard!r} is not a plain "
-                          f".safetensors file name inside the model folder")
+        return f"= {shard!r} is not a plain .safetensors file name inside the model folder"
     if not (listed(shard) if listed is not None else (index_path.parent / shard).is_file()):
-        raise FormatError(f"{index_path}: weight_map[{tensor!r}] names {shard!r}, which does not exist")
+        return f"names {shard!r}, which does not exist"
+    return None
 
 
 def stored_map(shards: tuple[TensorFile, ...]) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import struct
 from dataclasses import dataclass
@@ -103,9 +104,13 @@ def parse_header(path: Path, header_bytes: bytes, size: int) -> TensorFile:
     prefix, raw = header_bytes[:8], header_bytes[8:8 + n]
     header = _decode_json(path, raw)
     metadata = _check_metadata(path, header.pop("__metadata__", None))
-    entries = sorted((_parse_entry(path, k, v) for k, v in header.items()), key=lambda e: (e.start, e.end))
+    entries = [_parse_entry(path, k, v) for k, v in header.items()]
+    entries.sort(key=_DATA_ORDER)
     _check_tiling(path, entries, size - 8 - n)
     return TensorFile(path, tuple(entries), metadata, 8 + n, size, prefix + raw)
+
+
+_DATA_ORDER = operator.attrgetter("start", "end")
 
 
 def _decode_json(path: Path, raw: bytes) -> dict:
