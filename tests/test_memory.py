@@ -14,7 +14,8 @@ import sys
 import textwrap
 
 import torch
-from builders import Streamed, write_checkpoint, write_linear_pair, write_lora_adapter
+from builders import (Streamed, SynthSpec, write_checkpoint, write_linear_pair, write_lora_adapter,
+                      write_synthetic_fused_adapter, write_synthetic_moe)
 from safetensors import safe_open
 
 ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16
@@ -122,3 +123,15 @@ def test_fp8_merge_runs_under_the_same_data_limit(tmp_path):
     with safe_open(base / "model.safetensors", "pt") as before, safe_open(out / "model.safetensors", "pt") as after:
         assert after.get_slice("model.layers.0.mlp.up_proj.weight").get_dtype() == "F8_E4M3"
         assert not torch.equal(before.get_tensor(name), after.get_tensor(name))  # requantized: fresh scales
+
+
+def test_batched_experts_stay_within_their_prediction(tmp_path):
+    """Thousands of small expert tensors merged in 4 MiB batches (the batch read ahead, in the ring, and
+    twice in fp32) and the plan's own objects: the prediction covers them too."""
+    spec = SynthSpec(layers=8, experts=128, hidden=128, moe_intermediate=64, vocab=4096, shards=4)
+    base = write_synthetic_moe(tmp_path / "moe-base", spec)
+    adapter = write_synthetic_fused_adapter(tmp_path / "moe-adapter", spec, r=8, alpha=16)
+    numbers = _merge_in_limited_child(base, adapter, tmp_path / "out")
+    print(f"batched experts: {8 * 3 * 128} expert tensors, VmHWM {numbers['hwm_mib']:.0f} MiB, "
+          f"predicted {numbers['predicted_mib']:.0f} MiB")
+    assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
