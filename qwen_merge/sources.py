@@ -118,7 +118,7 @@ class ReadAhead:
         self._ahead = None
         if ahead is not None and ahead.wait() and ahead.starts(fd, offset, length):
             view = self._take(ahead, offset, length, path)
-        else:  # no guess, or a wrong or failed one (a failed guess is retired file: this read reports the error)
+        else:  # no guess, or a wrong or failed one (a retired file: this read reports the error)
             view = self._buffer(self._current, length)
             self.files.read(fd, view, offset, path)
         self._fetch(fd, offset + length, max(length, ahead.length if ahead else 0), path)
