@@ -164,10 +164,22 @@ def _layout(module: str, param: str, entries: dict[str, TensorEntry],
             shapes = [entries[n].shape for n in names[0]]
             if any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
                 break
+            _check_expert_shapes(names, shapes, entries)
             rows = tuple(s[0] for s in shapes)
             return _Layout(experts, shapes[0][1], sum(rows), names, None, False, rows)
     raise MismatchError(f"target_parameters names {module}.{param}, but the base has neither a 3-D tensor "
                         f"{module}.{param} nor per-expert tensors {module}.<e>.<proj>.weight for it")
+
+
+def _check_expert_shapes(names: list[tuple[str, ...]], shapes: list[tuple[int, ...]],
+                         entries: dict[str, TensorEntry]) -> None:
+    """Every expert's tensors have expert 0's shapes: one fused LoRA is split evenly among them."""
+    for tensor_names in names[1:]:
+        for name, shape in zip(tensor_names, shapes, strict=True):
+            if entries[name].shape != shape:
+                raise MismatchError(f"{name}: the base stores this expert's tensor as {list(entries[name].shape)} "
+                                    f"but expert 0's as {list(shape)}; a target_parameters LoRA is split evenly "
+                                    f"over experts of one shape (is the checkpoint damaged, or another model's?)")
 
 
 def _count_experts(module: str, parts: tuple[str, ...], experts: dict[tuple[str, str], list[int]]) -> int:

@@ -461,6 +461,21 @@ def test_refuses_pair_that_fits_no_targeted_parameter(moe, tmp_path):
     _assert_refused(moe.base("fused"), narrow, tmp_path / "o3" / "out", "fit")
 
 
+def test_refuses_an_expert_stored_in_another_shape(tmp_path):
+    """One fused LoRA splits evenly over the experts: an expert whose tensor has another shape is named
+    before anything is written (it failed inside torch, mid-merge)."""
+    spec = SynthSpec(layers=1, experts=8, hidden=32, moe_intermediate=16, head_dim=8, vocab=64, shards=1)
+    good = write_synthetic_moe(tmp_path / "good", spec)
+    adapter = write_synthetic_fused_adapter(tmp_path / "adapter", spec, r=4, alpha=8)
+    odd_name = "model.layers.0.mlp.experts.5.down_proj.weight"
+    shards: dict[str, dict] = {}
+    for name, (shard, dtype, shape, payload) in checkpoint_tensors(good).items():
+        t = to_tensor(dtype, shape, payload)
+        shards.setdefault(shard, {})[name] = t[:, :8].contiguous() if name == odd_name else t
+    odd = write_checkpoint(tmp_path / "odd", shards, json.loads((good / "config.json").read_text()))
+    _assert_refused(odd, adapter, tmp_path / "o" / "out", odd_name, "[32, 8]", "[32, 16]")
+
+
 def test_refuses_rank_rows_that_are_not_experts_times_r(moe, tmp_path):
     src = moe.adapter("fused")
     # 22 rows of A / columns of B: not 6 experts x r=4
