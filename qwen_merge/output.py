@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DiskFullError, DownloadError, OutputError
+from .memory import HASH_READ_BYTES  # the hash's read buffer (at most the file's size)
 from .units import human_bytes
 
 
@@ -123,9 +124,6 @@ def write_error(path: Path, e: OSError) -> OutputError:
 def _free_text(folder: Path) -> str:
     free = free_bytes(folder) or 0
     return f"{human_bytes(free)} ({free} bytes)"  # the exact count too: it is what a user compares
-
-
-HASH_READ_BYTES = 16 << 20  # the hash's read buffer (at most the file's size)
 
 
 def sha256_file(path: Path) -> str:
