@@ -4,7 +4,7 @@ and the index — from the planned tensors alone (names, dtypes, shapes), never 
 Two layouts:
 * the base's (default): the same shard names and tensor-to-shard assignment. A shard whose tensors keep
   their dtypes and shapes keeps the base's offsets and header bytes; one that changes (a converted
-  dtype, a resized vocabulary, a new or dropped tensor) is packed afresh;
+  dtype, a resized vocabulary, a new or dropped tensor, new block scales) is packed afresh;
 * `max_shard_size`: shards filled greedily in checkpoint order, a new one started when the next tensor
   would pass the limit (a larger tensor gets a shard of its own), named `model-0000k-of-0000n.safetensors`
   as `save_pretrained` names them; a result that fits in one shard is a single `model.safetensors`
@@ -56,32 +56,19 @@ class FileLayout:
 
 def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]], late: frozenset[str] = frozenset()
                 ) -> list[FileLayout]:
-    """The base's shard names and assignment; offsets and header kept where nothing in a shard changed
-    (`None`: the shard's tensors are all copied as they are). `late`: tensors better written after the
-    others (the new scales of requantized weights)."""
+    """The base's shard names and assignment. `None`: every tensor of the shard keeps its dtype and shape,
+    so its offsets and header are kept (the planner decides that); otherwise the slots are packed afresh.
+    `late`: tensors better written after the others (the new scales of requantized weights)."""
     files = []
     for source, slots in shards:
+        metadata = {**(source.metadata or {}), **FORMAT_PT}
         if slots is None:
-            metadata = {**(source.metadata or {}), **FORMAT_PT}
             header = (source.header if metadata == source.metadata and source.header
                       else encode_header(source.entries, metadata, pad_to=source.data_offset - 8))
             files.append(FileLayout(source.path.name, source, source.entries, header))
-            continue
-        if not slots:  # every tensor of it was dropped (block scales of a dequantized checkpoint)
-            continue
-        own = source.entry_map()
-        unchanged = len(slots) == len(source.entries) and all(
-            s.name in own and (s.dtype, s.shape) == (own[s.name].dtype, own[s.name].shape) and s.name not in late
-            for s in slots)
-        metadata = {**(source.metadata or {}), **FORMAT_PT}
-        if unchanged:
-            entries = source.entries
-            header = (source.header if metadata == source.metadata and source.header
-                      else encode_header(entries, metadata, pad_to=source.data_offset - 8))
-        else:
+        elif slots:  # (an empty list: every tensor of it was dropped, the block scales of a dequantized model)
             entries = pack(slots, late)
-            header = encode_header(entries, metadata)
-        files.append(FileLayout(source.path.name, source, tuple(entries), header))
+            files.append(FileLayout(source.path.name, source, tuple(entries), encode_header(entries, metadata)))
     return files
 
 

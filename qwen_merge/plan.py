@@ -530,9 +530,9 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
                 n not in gone and n not in late and _keeps_layout(ops[n], where[n][1]) for n in changed):
             slots.append((source, None))  # every tensor keeps its dtype and shape: the base's entries and header
             continue
-        own = source.entry_map()
         slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
-                               else Slot(n, own[n].dtype, own[n].shape, source) for n in names if n not in gone]))
+                               else Slot(n, where[n][1].dtype, where[n][1].shape, source)
+                               for n in names if n not in gone]))
     if max_shard_size is None:
         files = layout.base_layout(slots, late)
     else:
