@@ -88,8 +88,8 @@ def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
         return _assemble(root, (read_header(_inside(root, single)),), None, {}, side_files=True)
     weight_map, metadata = read_index(index_path)
     shards = tuple(read_header(_inside(root, root / name)) for name in sorted(set(weight_map.values())))
-    check_index_matches(index_path, weight_map, shards)
-    return _assemble(root, shards, index_path.name, metadata, side_files=True)
+    stored = check_index_matches(index_path, weight_map, shards)
+    return _assemble(root, shards, index_path.name, metadata, side_files=True, weight_map=stored)
 
 
 def _inside(root: Path, path: Path) -> Path:
@@ -204,10 +204,12 @@ def stored_map(shards: tuple[TensorFile, ...]) -> dict[str, str]:
     return found
 
 
-def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]) -> None:
+def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tuple[TensorFile, ...]
+                        ) -> dict[str, str]:
+    """The tensor -> shard map the headers give (`stored_map`), once it is checked to be the index's."""
     stored = stored_map(shards)
     if stored == weight_map and len(stored) == sum(len(shard.entries) for shard in shards):
-        return  # the common case, at the speed of a dict comparison; otherwise find the first difference
+        return stored  # the common case, at the speed of a dict comparison; otherwise find the first difference
     seen: dict[str, str] = {}
     for shard in shards:
         file = shard.path.name
@@ -222,11 +224,12 @@ def check_index_matches(index_path: Path, weight_map: dict[str, str], shards: tu
     if missing:
         raise FormatError(f"{index_path}: tensor {missing[0]!r} is listed for {weight_map[missing[0]]} "
                           f"but that shard does not contain it ({len(missing)} such tensors)")
+    return stored
 
 
 def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None, metadata: dict,
-              *, side_files: bool) -> Checkpoint:
-    weight_map = stored_map(shards)
+              *, side_files: bool, weight_map: dict[str, str] | None = None) -> Checkpoint:
+    weight_map = stored_map(shards) if weight_map is None else weight_map
     if len(weight_map) != sum(len(s.entries) for s in shards):
         raise FormatError(f"{root}: a tensor name appears in more than one shard")
     used = {s.path.name for s in shards} | {index_name, MANIFEST_NAME}

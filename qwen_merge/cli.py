@@ -187,8 +187,6 @@ def _options(args: argparse.Namespace) -> dict:
         if not sep or not old:
             raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
         key_map.append((old, new))
-    if args.max_shard_size is not None and args.max_shard_size.isdigit():
-        args.max_shard_size = int(args.max_shard_size)
     return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle,
                                     dtype=args.dtype, max_shard_size=args.max_shard_size)}
 

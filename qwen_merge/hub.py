@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import (INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, Checkpoint, HubOrigin, check_index_matches,
-                         is_side_file, read_index, read_json)
+                         is_side_file, read_index, read_json, stored_map)
 from .errors import DownloadError, HubError
 from .tensorfile import MAX_HEADER_BYTES, TensorFile, parse_header, read_header
 
@@ -91,15 +91,16 @@ def open_hub_checkpoint(origin: HubOrigin) -> Checkpoint:
         names, metadata = [_single_weights(origin, top)], {}
     shards = tuple(shard_header(origin, n) for n in names)
     if index_name is not None:
-        check_index_matches(origin.folder / index_name, weight_map, shards)
+        weight_map = check_index_matches(origin.folder / index_name, weight_map, shards)
+    else:
+        weight_map = stored_map(shards)
     used = set(names) | {index_name, MANIFEST_NAME}
     if MANIFEST_NAME in top:  # a checkpoint qwen-merge made: it says which adapters are in it already
         fetch(origin, MANIFEST_NAME)
     config = read_json(fetch(origin, "config.json"), "config.json") if "config.json" in top else None
     side = tuple(origin.folder / n for n in sorted(top) if n not in used and is_side_file(n))
     skipped = tuple(sorted(n for n in top if n not in used and not is_side_file(n) and not n.startswith(".")))
-    return Checkpoint(origin.folder, shards, {e.name: s.path.name for s in shards for e in s.entries}, index_name,
-                      metadata, side, skipped, config, hub=origin)
+    return Checkpoint(origin.folder, shards, weight_map, index_name, metadata, side, skipped, config, hub=origin)
 
 
 def _listed(origin: HubOrigin, name: str) -> bool:
@@ -234,7 +235,7 @@ def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> I
     """huggingface_hub's exceptions as one-line HubErrors (DownloadError for a network failure)."""
     from huggingface_hub import errors
 
-    where = repo_id + (f"@{revision}" if revision else "") + (f": {name}" if name else "")
+    where = str(RepoRef(repo_id, revision)) + (f": {name}" if name else "")
     try:
         yield
     except errors.GatedRepoError as e:
