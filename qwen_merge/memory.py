@@ -33,10 +33,9 @@ SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (compute.SUB_BLOCK_BYTES
 
 def predict_peak(ops: Iterable[TensorOp], tensors: int = 0) -> int:
     """Runtime, threads and their buffers + the plan itself (`tensors` output tensors and `ops`) + the
-    largest op's working set: the
-    factors, raw and in fp32; a read buffer and RING_SIZE output buffers per row block; fp32 sub-block
-    scratch (1 MiB each, unless a row is larger: the delta scratch holds at least two rows) and the
-    finiteness mask; token rows, and DoRA's norms."""
+    largest op's working set: the factors, raw and in fp32; a read buffer and RING_SIZE output buffers per
+    row block (per batch, for small experts); fp32 sub-block scratch (1 MiB each, unless a row is larger:
+    the delta scratch holds at least two rows) and the finiteness mask; token rows, and DoRA's norms."""
     ops = list(ops)
     shapes = {_shape_key(op): op for op in ops}  # thousands of experts share a handful of shapes
     plan = PLAN_BYTES_PER_TENSOR * tensors + PLAN_BYTES_PER_OP * len(ops)
@@ -54,16 +53,15 @@ def _shape_key(op: TensorOp) -> tuple:
 def _working_set(op: TensorOp) -> int:
     if op.scales_of is not None:  # the new scales of a requantized weight: that weight's rows again
         return _working_set(op.scales_of) + op.source.entry.nbytes
-    if op.batchable:  # adjacent small experts merged as one block: BATCH_BYTES read ahead (two buffers),
-        # in each ring slot, and as fp32 twice (the weights and the delta) and the rounded delta once
-        fp32 = BATCH_BYTES * 4 // (DTYPE_BITS[op.dtype] // 8)
-        extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape))
-        return extra + 2 * (BATCH_BYTES + READ_SLACK_BYTES) + RING_SIZE * BATCH_BYTES + 2 * fp32 + BATCH_BYTES
-    row_elems = op.matrix[1]
-    row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
     extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
     extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
     extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
+    if op.batchable:  # adjacent small experts merged as one block: BATCH_BYTES read ahead (two buffers),
+        # in each ring slot, and as fp32 twice (the weights and the delta) and the rounded delta once
+        fp32 = BATCH_BYTES * 4 // (DTYPE_BITS[op.dtype] // 8)
+        return extra + 2 * (BATCH_BYTES + READ_SLACK_BYTES) + RING_SIZE * BATCH_BYTES + 2 * fp32 + BATCH_BYTES
+    row_elems = op.matrix[1]
+    row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
     scratch = 3 * max(SUB_BLOCK_BYTES, 8 * row_elems) + op.block_rows * row_elems
     if op.dequant is not None or op.requant is not None:  # fp32 rows: dequantized, and merged before requant
         scratch += 2 * 4 * op.block_rows * row_elems + 2 * (op.dequant or op.requant).source.entry.nbytes

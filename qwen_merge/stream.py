@@ -154,15 +154,15 @@ class Computer:
             _, scales = self._requant_rows(weight, reader.rows(row0, rows), factors, row0)
             out[row0 // b0:row0 // b0 + scales.shape[0]] = scales
 
-    def _scales(self, scale: BlockScale) -> torch.Tensor:
-        """A base tensor's block scales as stored (small: one value per block), read whole."""
-        entry, file = scale.source.entry, scale.source.file
+    def _scales32(self, scale: BlockScale) -> torch.Tensor:
+        """A base tensor's block scales (small: one value per block), read whole, in fp32."""
+        return self._whole(scale.source.file, scale.source.entry).to(torch.float32)
+
+    def _whole(self, file: TensorFile, entry: TensorEntry) -> torch.Tensor:
+        """A small tensor read whole into a buffer of its own."""
         buffer = bytearray(entry.nbytes)
         read_exact(self.files.fd(file.path), buffer, file.data_offset + entry.start, file.path)
         return as_tensor(buffer, entry.dtype, entry.shape)
-
-    def _scales32(self, scale: BlockScale) -> torch.Tensor:
-        return self._scales(scale).to(torch.float32)
 
     def batch(self, ops: tuple[TensorOp, ...]) -> Iterator[Block]:
         """Adjacent small per-expert tensors (`TensorOp.batchable`, each `follows` the one before) as one
@@ -297,13 +297,10 @@ class Computer:
     def _load(self, entry: TensorEntry, op: TensorOp, dtype: str | None = None) -> torch.Tensor:
         """A whole (small) adapter tensor for `op`: factors, magnitudes, biases, token rows. The first time a
         run loads it, it is checked for NaN/Inf (unless the op allows them)."""
-        file = self.adapter
-        buffer = bytearray(entry.nbytes)
-        read_exact(self.files.fd(file.path), buffer, file.data_offset + entry.start, file.path)
-        tensor = as_tensor(buffer, entry.dtype, entry.shape)
+        tensor = self._whole(self.adapter, entry)
         if op.check_finite and entry.name not in self._checked:
             self._checked.add(entry.name)
-            _check_finite(op, tensor, f"{file.path}: tensor {entry.name!r} (for {op.name})")
+            _check_finite(op, tensor, f"{self.adapter.path}: tensor {entry.name!r} (for {op.name})")
         return tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor
 
 

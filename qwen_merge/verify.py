@@ -121,7 +121,7 @@ class _Checker:
         self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
         self._reads: dict[str, bytearray] = {}  # grow-only read buffers by role, apart from the merge's own
         self.config: dict | None = None  # the output's config.json, once parsed
-        self._headers: dict[str, TensorFile] = {}  # output shard headers, by file name
+        self._headers: dict[str, tuple[TensorFile, dict[str, TensorEntry]]] = {}  # output headers and entries
         self._planned: dict[str, tuple[str, TensorEntry]] = {}  # tensor -> its planned shard and entry
 
     def problem(self, line: str) -> None:
@@ -196,11 +196,11 @@ class _Checker:
     def _check_shard(self, shard: ShardPlan, files: Files, compute: LazyComputer) -> None:
         path = self.out / shard.name
         try:
-            got = self._output_header(shard.name)
+            got, have = self._output_header(shard.name)
         except FormatError as e:
             self.problem(f"{e} (header of the merged shard)")
             return
-        ok, have = self._check_header(shard, got), got.entry_map()
+        ok = self._check_header(shard, got, have)
         sampled = lambda op: compute(op, self._blocks(op))  # noqa: E731 - only the sampled row blocks
         for entry, pieces in shard_pieces(shard, files, sampled):  # lazy: starts when iterated
             if have.get(entry.name) == entry:
@@ -209,12 +209,11 @@ class _Checker:
         if ok and got.size != shard.size:
             self.problem(f"{path}: {got.size} bytes, planned {shard.size}")
 
-    def _check_header(self, shard: ShardPlan, got: TensorFile) -> bool:
+    def _check_header(self, shard: ShardPlan, got: TensorFile, have: dict[str, TensorEntry]) -> bool:
         path, before = got.path, len(self.problems)
         fmt = (got.metadata or {}).get("format")
         if fmt != "pt":
             self.problem(f"{path}: __metadata__ format is {fmt!r}, expected 'pt'")
-        have = got.entry_map()
         for e in shard.entries:
             g = have.get(e.name)
             if g is None:
@@ -326,15 +325,17 @@ class _Checker:
             self._planned.update((e.name, (s.name, e)) for s in self.plan.shards for e in s.entries)
         shard, planned = self._planned[name]
         try:
-            got = self._output_header(shard)
+            got, have = self._output_header(shard)
         except FormatError:
             return None
-        return (got, planned) if got.entry_map().get(name) == planned else None
+        return (got, planned) if have.get(name) == planned else None
 
-    def _output_header(self, shard: str) -> TensorFile:
-        """An output shard's header, read once (the tensor checks and the FP8 scale lookups share it)."""
+    def _output_header(self, shard: str) -> tuple[TensorFile, dict[str, TensorEntry]]:
+        """An output shard's header and its entries by name, read once (the tensor checks and the FP8 scale
+        lookups share them)."""
         if shard not in self._headers:
-            self._headers[shard] = read_header(self.out / shard)
+            got = read_header(self.out / shard)
+            self._headers[shard] = got, got.entry_map()
         return self._headers[shard]
 
     def _equals_source(self, op: TensorOp, files: Files, offset: int, theirs: memoryview) -> bool:
