@@ -2,8 +2,15 @@
 
 For rows i:j of W, PEFT's default merge (fp32 factors, an in-place add into W) computes
     W'[i:j] = round_W( fp32(W[i:j]) + fl32( fl32(B[i:j] @ A) * fl32(s) ) )
-fp32 accumulation and one rounding to W's dtype. We keep exactly that order of operations (product, then
-scale, then add) so results are bit-identical to PEFT except where the fp32 GEMM sums in another order.
+fp32 accumulation and one rounding to W's dtype. For a bf16/fp16 output we keep exactly that order of
+operations (product, then scale, then add), so results are bit-identical to PEFT except where the fp32 GEMM
+sums in another order and the sum lies that close to a rounding boundary of the output dtype.
+
+An fp32 output has no narrower rounding to hide the GEMM's summation order, which changes with the host's
+kernel, the thread count and the block shape. There the product is made exact instead (`widen`): each factor
+is split into two float64 parts whose products a float64 GEMM sums without any rounding, whatever its order;
+W + s·(B @ A) is then formed in float64 and rounded once to fp32. The result is the same on every host.
+
 When W is stored transposed (GPT-2 Conv1D, and every embedding), rows of W are columns of B @ A:
 W'[i:j] uses Aᵀ[i:j] @ Bᵀ. A convolution's W (out, in, *k) is merged as the matrix (out, in·prod(k)) it
 is in memory, with A (r, in, *k) and B (out, r, 1, …) as the matrices (r, in·prod(k)) and (out, r): that
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block: a few of these fit in L2 together
+SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (twice that in float64): a few fit in L2 together
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
@@ -39,7 +46,9 @@ class Factors:
 
     `round_delta`: round ΔW to W's dtype before adding it (PEFT's double rounding). `magnitude`: DoRA's m;
     with `col_norm` set (transposed layouts) it scales columns by m / col_norm, else rows by m / ‖row‖.
-    `row_vector`: the delta is a single column, and `lhs` @ `rhs` is B (1, r) @ A (r, in) (see `_product`)."""
+    `row_vector`: the delta is a single column, and `lhs` @ `rhs` is B (1, r) @ A (r, in) (see `_product`).
+    `wide`: the factors are float64 halves made by `widen` (lhs = [hi | lo], rhs = [lo ; hi] along the rank)
+    and everything is computed in float64, exactly as far as the product goes."""
 
     lhs: torch.Tensor
     rhs: torch.Tensor
@@ -49,6 +58,7 @@ class Factors:
     col_norm: torch.Tensor | None = None
     group_rows: int | None = None  # fused experts: rhs is (E, r, cols) and rows come in groups per expert
     row_vector: bool = False
+    wide: bool = False
 
 
 class ZeroNormFound(ArithmeticError):
@@ -100,18 +110,59 @@ def make_factors(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool
     return Factors(lhs.contiguous(), rhs.contiguous(), scale, round_delta, m32, row_vector=row_vector)
 
 
+def widen(factors: Factors) -> Factors:
+    """The same factors for an exact product in float64 (fp32 outputs; see the module's docstring).
+
+    Every vector of fp32 values along the rank index (a row of lhs, a column of rhs) is split as x = hi + lo,
+    hi a multiple of q = 2^(e - ρ) and lo of q·2^-ρ, where 2^e bounds the vector's largest magnitude. Then
+    the terms of hi_lhs @ hi_rhs are integer multiples of one quantum per output element, at most 2^(2ρ)
+    of them each, and a sum of r of them stays below 2^53: a float64 GEMM adds them without rounding, in
+    whatever order its kernel takes. The same holds for the cross terms hi @ lo + lo @ hi, which one GEMM
+    over the concatenated rank computes (lhs = [hi | lo], rhs = [lo ; hi]). What the split leaves out, lo @ lo
+    and the bits of an fp32 value more than 2ρ bits below its vector's largest, is below 2^-2ρ (2^-46 for
+    r ≤ 128) of the largest products: far below fp32's resolution, and the same on every host."""
+    rank = factors.lhs.shape[-1]
+    rho = (53 - max(rank - 1, 1).bit_length()) // 2  # 2ρ + log2(r) ≤ 53
+    lhs_hi, lhs_lo = _split_exact(factors.lhs, -1, rho)
+    rhs_hi, rhs_lo = _split_exact(factors.rhs, -2, rho)
+    magnitude = None if factors.magnitude is None else factors.magnitude.to(torch.float64)
+    return dataclasses.replace(factors, lhs=torch.cat([lhs_hi, lhs_lo], dim=-1).contiguous(),
+                               rhs=torch.cat([rhs_lo, rhs_hi], dim=-2).contiguous(), magnitude=magnitude,
+                               wide=True)
+
+
+def _split_exact(x: torch.Tensor, dim: int, rho: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = hi + lo (+ what lies more than 2ρ bits below each vector's largest), in float64, per vector
+    along `dim`; every step is exact: scaling by powers of two, rounding to integers, subtracting."""
+    x64 = x.to(torch.float64)
+    _, exponent = torch.frexp(x64.abs().amax(dim=dim, keepdim=True))  # largest < 2^e (e = 0 for a zero vector)
+    inv_q = _power_of_two(rho - exponent)  # 1/q, q = 2^(e - ρ)
+    hi = torch.round(x64 * inv_q).div_(inv_q)
+    inv_q.mul_(2.0 ** rho)
+    lo = torch.round((x64 - hi).mul_(inv_q)).div_(inv_q)
+    return hi, lo
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2^exponent in float64, exactly: the exponent field of the IEEE bits (torch.ldexp computes a pow in the
+    default dtype, which underflows). Factors of fp32 values keep exponents well inside float64's range."""
+    return ((exponent.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 @dataclass(frozen=True, slots=True)
 class BlockBuffers:
-    """Working memory for one row block: fp32 scratch for a cache-sized sub-block of `w32.shape[0]` rows
-    (`delta` holds at least two rows, see `_product`), and the output block.
+    """Working memory for one row block: scratch for a cache-sized sub-block of `work.shape[0]` rows in the
+    working precision (fp32, or float64 for wide factors): W promoted, and the delta (at least two rows, see
+    `_product`); `cross`, float64 for the cross terms of a wide product; and the output block.
 
     Every op in `merge_rows` writes into these buffers. Mixed-dtype ops (`add_` of a bf16 operand,
-    `add(out=bf16)`) would allocate hidden fp32 temporaries per call, and those grow the heap (measured:
+    `add(out=bf16)`) would allocate hidden temporaries per call, and those grow the heap (measured:
     +16 MiB per 16 MiB block)."""
 
-    w32: torch.Tensor
+    work: torch.Tensor
     delta: torch.Tensor
     out: torch.Tensor
+    cross: torch.Tensor | None = None
 
 
 class Workspace:
@@ -132,15 +183,19 @@ class Workspace:
         nbytes = math.prod(shape) * TORCH_DTYPES[dtype].itemsize
         return as_tensor(self.raw(role, nbytes), dtype, shape)
 
-    def block(self, rows: int, row_shape: tuple[int, ...], dtype: str, out: torch.Tensor | None = None
-              ) -> BlockBuffers:
-        """Buffers for a block of `rows` rows: fp32 scratch, and `out` (scratch too when not given: a pass
-        whose result is not handed on, such as DoRA's column norms)."""
+    def block(self, rows: int, row_shape: tuple[int, ...], dtype: str, out: torch.Tensor | None = None,
+              wide: bool = False) -> BlockBuffers:
+        """Buffers for a block of `rows` rows: scratch (float64 when `wide`), and `out` (scratch too when not
+        given: a pass whose result is not handed on, such as DoRA's column norms)."""
+        work = "F64" if wide else "F32"
+        # as many rows as 1 MiB of fp32 holds, in float64 too: a float64 GEMM of fewer rows runs far below
+        # its speed (measured: the cross-term GEMM of r = 64 on 13-row sub-blocks took 3x as long as on 53)
         sub = max(1, min(rows, SUB_BLOCK_BYTES // (4 * math.prod(row_shape) or 1)))
         if out is None:
             out = self.tensor("out", dtype, (rows, *row_shape))
-        return BlockBuffers(self.tensor("w32", "F32", (sub, *row_shape)),
-                            self.tensor("delta", "F32", (max(2, sub), *row_shape)), out)
+        return BlockBuffers(self.tensor("work", work, (sub, *row_shape)),
+                            self.tensor("delta", work, (max(2, sub), *row_shape)), out,
+                            self.tensor("cross", work, (max(2, sub), *row_shape)) if wide else None)
 
 
 def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
@@ -152,12 +207,12 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
     Raises:
         ZeroNormFound: DoRA's norm of a row is zero.
     """
-    step = buffers.w32.shape[0]
+    step = buffers.work.shape[0]
     for i in range(0, w_rows.shape[0], step):
         w, out = w_rows[i:i + step], buffers.out[i:i + step]
         v = _w_plus_delta(w, factors, row0 + i, buffers, out)
         if factors.magnitude is not None:
-            v.mul_(_dora_factor(v, factors, row0 + i))
+            v.mul_(_dora_factor(v, factors, row0 + i, buffers))
         if v.data_ptr() != out.data_ptr():
             out.copy_(v)                                                   # the one rounding (RNE)
     return buffers.out
@@ -165,71 +220,92 @@ def merge_rows(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Block
 
 def _w_plus_delta(w: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers, out: torch.Tensor
                   ) -> torch.Tensor:
-    """V = fp32(W) + fl32(fl32(lhs @ rhs) · s) for the rows of `w`, in the fp32 scratch buffer."""
+    """V = W + s·(lhs @ rhs) for the rows of `w`, in the working precision's scratch: for fp32,
+    fp32(W) + fl32(fl32(lhs @ rhs) · s), PEFT's order; for wide factors the same in float64 from an exact
+    product."""
     rows = w.shape[0]
-    if _fusable(factors, rows):  # one pass fewer: W + B@A in the GEMM, the same bits (see _fused_add_exact)
+    if _fusable(factors, rows, w.shape[1]):  # one pass fewer: W + B@A in the GEMM, the same bits
         # an fp32 output is its own accumulator; fp32 rows that are the output (FP8's dequantized rows) are
         # merged in place
         acc = out if out.dtype == torch.float32 else buffers.delta[:rows]
         if acc.data_ptr() != w.data_ptr():
             acc.copy_(w)                                                   # fp32(W), exact
         return acc.addmm_(factors.lhs[row0:row0 + rows], factors.rhs)      # fl32(W + fl32(B @ A))
-    delta = _product(factors, row0, rows, buffers.delta)                   # fl32(B @ A), fp32 accumulation
+    delta = _product(factors, row0, rows, buffers)                         # fl32(B @ A), or exact in float64
     if factors.scale != 1.0:
-        delta.mul_(factors.scale)                                          # fl32(· fl32(s))
+        delta.mul_(factors.scale)                                          # · fl32(s), or · s in float64
     if factors.round_delta:
         delta.copy_(out.copy_(delta))                                      # PEFT: W + rnd_W(ΔW)
-    if w.dtype == torch.float32:
+    if w.dtype == delta.dtype:
         return delta.add_(w)
-    return delta.add_(buffers.w32[:w.shape[0]].copy_(w))                   # fp32(W) + Δ, W promoted exactly
+    return delta.add_(buffers.work[:rows].copy_(w))                        # W promoted exactly, + Δ
 
 
-def _fusable(factors: Factors, rows: int) -> bool:
+def _fusable(factors: Factors, rows: int, cols: int) -> bool:
     return (factors.scale == 1.0 and not factors.round_delta and factors.group_rows is None
-            and not factors.row_vector and rows >= 2 and _fused_add_exact(factors.rhs.shape[0]))
+            and not factors.row_vector and not factors.wide and rows >= 2
+            and _fused_add_exact(rows, factors.rhs.shape[0], cols))
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_add_exact(inner: int) -> bool:
-    """Whether `W.addmm_(L, R)` gives the bits of `mm(L, R) + W` for this inner dimension, checked once.
+def _fused_add_exact(rows: int, inner: int, cols: int) -> bool:
+    """Whether `W.addmm_(L, R)` gives the bits of `mm(L, R) + W` for this shape, checked once per shape.
 
     A GEMM that completes each dot product before adding C (one K block) does; where it splits K into
-    blocks and adds C first (measured here: inner 1 and ≥ 512), the sum is ordered otherwise, and the
-    merge keeps the separate add that PEFT's order needs."""
-    g = torch.Generator().manual_seed(inner)
-    lhs, rhs = torch.randn(8, inner, generator=g), torch.randn(inner, 67, generator=g)
-    w = torch.randn(8, 67, generator=g) * 3
+    blocks and adds C first, or takes another kernel for this shape, the sum is ordered otherwise, and the
+    merge keeps the separate add that PEFT's order needs. Checked at the shape of the call itself, since
+    the kernel a library picks depends on all three dimensions."""
+    g = torch.Generator().manual_seed(rows * 7919 + inner * 31 + cols)
+    lhs, rhs = torch.randn(rows, inner, generator=g), torch.randn(inner, cols, generator=g)
+    w = torch.randn(rows, cols, generator=g) * 3
     return torch.equal(torch.mm(lhs, rhs).add_(w), w.clone().addmm_(lhs, rhs))
 
 
-def _product(factors: Factors, row0: int, rows: int, scratch: torch.Tensor) -> torch.Tensor:
-    """Rows row0 : row0 + rows of the delta before scaling, written into `scratch[:rows]` and returned:
+def _product(factors: Factors, row0: int, rows: int, buffers: BlockBuffers) -> torch.Tensor:
+    """Rows row0 : row0 + rows of the delta before scaling, written into `buffers.delta[:rows]` and returned:
     lhs[row0 : row0 + rows] @ rhs, switching rhs at expert boundaries for fused experts.
 
-    The GEMM kernel, and with it the fp32 summation order, follows the shapes of the product. PEFT
-    computes B @ A whole; slices of two or more rows sum like it, but one row alone is a vector-matrix
-    product that sums otherwise (measured: most fp32 elements differ), so a lone row is computed inside
-    a two-row product. For the same reason a single-column delta (B (1, r), transposed) is computed as
-    PEFT's B @ A, not as Aᵀ @ Bᵀ; its (1, rows) result has the bytes of the (rows, 1) delta rows."""
+    For fp32 factors the GEMM kernel, and with it the fp32 summation order, follows the shapes of the
+    product. PEFT computes B @ A whole; slices of two or more rows sum like it, but one row alone is a
+    vector-matrix product that sums otherwise (measured: most fp32 elements differ), so a lone row is
+    computed inside a two-row product. For the same reason a single-column delta (B (1, r), transposed) is
+    computed as PEFT's B @ A, not as Aᵀ @ Bᵀ; its (1, rows) result has the bytes of the (rows, 1) delta
+    rows. Wide products are exact, so these shapes change nothing there."""
+    scratch = buffers.delta
     out = scratch[:rows]
+    mm = functools.partial(_exact_mm, cross=buffers.cross) if factors.wide else _mm
     if factors.row_vector:
-        torch.mm(factors.lhs, factors.rhs[:, row0:row0 + rows], out=out.view(1, rows))
+        mm(factors.lhs, factors.rhs[:, row0:row0 + rows], out.view(1, rows))
         return out
     if factors.group_rows is None:
         total = factors.lhs.shape[0]
         if rows == 1 and total > 1:
             start = min(row0, total - 2)  # the pair of rows holding row0
-            torch.mm(factors.lhs[start:start + 2], factors.rhs, out=scratch[:2])
+            mm(factors.lhs[start:start + 2], factors.rhs, scratch[:2])
             out.copy_(scratch[row0 - start:row0 - start + 1])
             return out
-        torch.mm(factors.lhs[row0:row0 + rows], factors.rhs, out=out)
+        mm(factors.lhs[row0:row0 + rows], factors.rhs, out)
         return out
     start, end, g = row0, row0 + rows, factors.group_rows
     while start < end:
         stop = min(end, (start // g + 1) * g)
-        torch.mm(factors.lhs[start:stop], factors.rhs[start // g], out=out[start - row0:stop - row0])
+        mm(factors.lhs[start:stop], factors.rhs[start // g], out[start - row0:stop - row0])
         start = stop
     return out
+
+
+def _mm(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mm(lhs, rhs, out=out)
+
+
+def _exact_mm(lhs: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor, cross: torch.Tensor) -> None:
+    """out = lhs @ rhs for wide factors (`widen`): hi @ hi, plus hi @ lo + lo @ hi from one GEMM over the
+    concatenated rank. Both GEMMs are exact; their sum is rounded once, here, the same on every host."""
+    rank = lhs.shape[1] // 2
+    torch.mm(lhs[:, :rank], rhs[rank:], out=out)
+    terms = cross.view(-1)[:out.numel()].view(out.shape)
+    torch.mm(lhs, rhs, out=terms)
+    out.add_(terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,28 +395,41 @@ def _batched_add_exact(rows: int, rank: int, cols: int) -> bool:
     return torch.equal(torch.bmm(lhs, rhs).add_(w), w.clone().baddbmm_(lhs, rhs))
 
 
-def _dora_factor(v: torch.Tensor, factors: Factors, row0: int) -> torch.Tensor:
+def _dora_factor(v: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers) -> torch.Tensor:
     """m / ‖V‖, shaped to broadcast over V: per row, or per column when `col_norm` was precomputed."""
     if factors.col_norm is not None:
         return factors.magnitude / factors.col_norm
-    norm = torch.linalg.norm(v, dim=1)
+    norm = _row_norms_fixed(v, buffers.cross) if factors.wide else torch.linalg.norm(v, dim=1)
     zero = torch.nonzero(norm == 0)
     if len(zero):
         raise ZeroNormFound(row0 + int(zero[0]), "row")
     return (factors.magnitude[row0:row0 + v.shape[0]] / norm).view(-1, 1)
 
 
+def _row_norms_fixed(v: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """‖V[i]‖ per row, its squares summed in one fixed order (a reduction's order otherwise follows the
+    host's vector width): the last columns are added onto the first ones, halving the width each time."""
+    squares = torch.mul(v, v, out=scratch[:v.shape[0]])
+    width = squares.shape[1]
+    while width > 1:
+        half = width // 2
+        squares[:, :half].add_(squares[:, width - half:width])
+        width -= half
+    return squares[:, 0].sqrt()
+
+
 def column_sumsq(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: BlockBuffers,
                  total: torch.Tensor | None) -> torch.Tensor:
-    """Add V² of these rows to `total` per column (a new fp32 vector when None): DoRA's first pass for
-    column norms. The blocks must come in row order.
+    """Add V² of these rows to `total` per column (a new vector in the working precision when None): DoRA's
+    first pass for column norms. The blocks must come in row order.
 
-    The squares are added in fp32 one row after another, because that is how PEFT's norm over the rows
-    of the transposed weight sums (measured on 50000 x 1024: equal but for 3 columns, by 1 ulp); an exact
-    fp64 sum differed from PEFT's norm by up to a few hundred fp32 ulp."""
+    The squares are added one row after another, whatever the blocks: in fp32 that is how PEFT's norm over
+    the rows of the transposed weight sums (measured on 50000 x 1024: equal but for 3 columns, by 1 ulp;
+    an exact sum differed from PEFT's fp32 norm by up to a few hundred fp32 ulp); in float64 it is one
+    fixed order."""
     if total is None:
-        total = torch.zeros(w_rows.shape[1], dtype=torch.float32)
-    step = buffers.w32.shape[0]
+        total = torch.zeros(w_rows.shape[1], dtype=buffers.work.dtype)
+    step = buffers.work.shape[0]
     for i in range(0, w_rows.shape[0], step):
         v = _w_plus_delta(w_rows[i:i + step], factors, row0 + i, buffers, buffers.out[i:i + step])
         for square in v.mul_(v):
@@ -349,7 +438,7 @@ def column_sumsq(w_rows: torch.Tensor, factors: Factors, row0: int, buffers: Blo
 
 
 def finish_column_norms(sumsq: torch.Tensor, factors: Factors) -> Factors:
-    """Attach ‖V[:, j]‖ (fp32) to the factors for the second pass.
+    """Attach ‖V[:, j]‖ (in the working precision) to the factors for the second pass.
 
     Raises:
         ZeroNormFound: a column's norm is zero.
@@ -361,7 +450,8 @@ def finish_column_norms(sumsq: torch.Tensor, factors: Factors) -> Factors:
 
 
 def add_vector(w_rows: torch.Tensor, vector: torch.Tensor, buffers: BlockBuffers) -> torch.Tensor:
-    """rnd_W(fp32(W) + vector) for a 1-row block (a bias and its scaled LoRA bias)."""
+    """rnd_W(W + vector) for a 1-row block (a bias and its scaled LoRA bias), in the buffers' working
+    precision (the vector's)."""
     v = buffers.delta[:1].copy_(w_rows).add_(vector)
     return buffers.out.copy_(v)
 

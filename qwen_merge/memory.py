@@ -53,7 +53,9 @@ def _shape_key(op: TensorOp) -> tuple:
 def _working_set(op: TensorOp) -> int:
     if op.scales_of is not None:  # the new scales of a requantized weight: that weight's rows again
         return _working_set(op.scales_of) + op.source.entry.nbytes
-    extra = 3 * 4 * (math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape)) if op.pair else 0
+    factors = math.prod(op.pair.a.shape) + math.prod(op.pair.b.shape) if op.pair else 0
+    # raw, fp32 and oriented; wide (float64) ops add two float64 halves of each and the split's temporaries
+    extra = (3 * 4 + (64 if op.wide else 0)) * factors
     extra += 2 * 4 * math.prod(op.tokens.values.shape) if op.tokens else 0
     extra += 16 * max(op.shape) if op.pair and op.pair.magnitude is not None else 0
     if op.batchable:  # adjacent small experts merged as one block: BATCH_BYTES read ahead (two buffers),
@@ -62,7 +64,8 @@ def _working_set(op: TensorOp) -> int:
         return extra + 2 * (BATCH_BYTES + READ_SLACK_BYTES) + RING_SIZE * BATCH_BYTES + 2 * fp32 + BATCH_BYTES
     row_elems = op.matrix[1]
     row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
-    scratch = 3 * max(SUB_BLOCK_BYTES, 8 * row_elems) + op.block_rows * row_elems
+    widen = 2 if op.wide else 1  # float64 scratch holds as many rows as the fp32 one: twice the bytes
+    scratch = 3 * widen * max(SUB_BLOCK_BYTES, 8 * row_elems) + op.block_rows * row_elems
     if op.dequant is not None or op.requant is not None:  # fp32 rows: dequantized, and merged before requant
         scratch += 2 * 4 * op.block_rows * row_elems + 2 * (op.dequant or op.requant).source.entry.nbytes
     return extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch

@@ -97,11 +97,18 @@ class TensorOp:
         return " → ".join(steps) if steps[:1] != [self.dtype] else f"→ {self.dtype}"
 
     @property
+    def wide(self) -> bool:
+        """Merged in float64 from an exact product (`compute.widen`): an fp32 output, where no narrower
+        rounding hides the order in which a GEMM sums, so fp32 arithmetic would make the bits depend on the
+        host. FP8 outputs are rounded to e4m3 and merge in fp32."""
+        return self.dtype == "F32" and self.pair is not None and self.requant is None
+
+    @property
     def batchable(self) -> bool:
         """One expert's small tensor that takes a slice of a fused-expert LoRA: it can be merged in one
         batched product with its neighbours (`follows`), instead of paying a tensor's overhead alone."""
         return (self.pair is not None and self.pair.kind == Kind.EXPERTS and self.pair.expert is not None
-                and self.tokens is None and self.source.entry.dtype == self.dtype
+                and self.tokens is None and self.source.entry.dtype == self.dtype and not self.wide
                 and self.dequant is None and self.requant is None
                 and self.source.entry.nbytes <= BATCH_TENSOR_BYTES)
 

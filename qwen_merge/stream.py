@@ -17,7 +17,7 @@ from . import blockquant
 from .adapter import Kind
 from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
                       all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
-                      finish_column_norms, make_factors, merge_rows, split_experts)
+                      finish_column_norms, make_factors, merge_rows, split_experts, widen)
 from .errors import NonFiniteError, ZeroNormError
 from .pieces import Block, BlockRing
 from .plan import TensorOp
@@ -51,7 +51,8 @@ class Computer:
         rows_total, cols = op.matrix
         reader = self._row_reader(op)
         if op.pair is not None and op.part == Part.BIAS:
-            vector = self._load(op.pair.bias, op, "F32").mul_(op.pair.scale)  # fl32(lora_B.bias · fl32(s))
+            # fl32(lora_B.bias · fl32(s)) as PEFT; an fp32 output in float64 (`TensorOp.wide`)
+            vector = self._load(op.pair.bias, op, "F64" if op.wide else "F32").mul_(op.pair.scale)
             yield self._block(op, 0, 1, lambda buffers: add_vector(reader.rows(0, 1), vector, buffers))
             return
         factors = self._factors(op, reader) if op.pair is not None else None
@@ -244,7 +245,7 @@ class Computer:
         slot = self.ring.take()
         try:
             data = slot.view(rows * row_bytes)
-            fill(self.workspace.block(rows, (cols,), op.dtype, as_tensor(data, op.dtype, (rows, cols))))
+            fill(self.workspace.block(rows, (cols,), op.dtype, as_tensor(data, op.dtype, (rows, cols)), op.wide))
         except BaseException:
             self.ring.give_back(slot)
             raise
@@ -259,18 +260,21 @@ class Computer:
     def _factors(self, op: TensorOp, reader: _RowReader | None) -> Factors:
         pair = op.pair
         if pair.kind == Kind.EXPERTS:  # the fused factors serve every expert of a layer: split them once
-            return expert_factors(self._split(op), expert=pair.expert, rows=pair.rows,
-                                  transposed=pair.transposed, round_delta=op.round_delta)
+            factors = expert_factors(self._split(op), expert=pair.expert, rows=pair.rows,
+                                     transposed=pair.transposed, round_delta=op.round_delta)
+            return widen(factors) if op.wide else factors
         magnitude = self._load(pair.magnitude, op) if pair.magnitude is not None else None
         factors = make_factors(self._load(pair.a, op), self._load(pair.b, op), pair.scale, op.transpose,
                                round_delta=op.round_delta, magnitude=magnitude)
+        if op.wide:
+            factors = widen(factors)
         if magnitude is None or not op.transpose:
             return factors
         sumsq = None  # DoRA per column needs every row first: a first pass over the blocks for the norms
         for row0 in range(0, reader.shape[0], op.block_rows):
             rows = min(op.block_rows, reader.shape[0] - row0)
             sumsq = column_sumsq(reader.rows(row0, rows), factors, row0,
-                                 self.workspace.block(rows, reader.shape[1:], op.dtype), sumsq)
+                                 self.workspace.block(rows, reader.shape[1:], op.dtype, wide=op.wide), sumsq)
         try:
             return finish_column_norms(sumsq, factors)
         except ZeroNormFound as e:

@@ -3,7 +3,9 @@
 For every variant of builders.ADAPTERS (bf16/fp16/fp32 bases, tied and untied, sharded and
 single-file, rsLoRA, rank/alpha patterns, layers_to_transform, bf16/fp16 adapter files, GPT-2 Conv1D):
 * untouched tensors are byte-identical to the base;
-* merged tensors equal PEFT's merge_and_unload() except for rare elements, each at most 1 ulp away;
+* merged tensors match PEFT's merge_and_unload() under bounds that hold on every host (reference.py):
+  bf16/fp16 bit for bit wherever no rounding boundary lies within the fp32 arithmetic's error of the
+  float64 merge; fp32 as the float64 merge rounded once, never further from it than PEFT's fp32 merge;
 * iter_merged yields exactly the bytes that were written, in checkpoint order;
 * plan_merge reports the right module set, rank, scale and transpose flag;
 * the output folder has the base's structure (shards, tensor->shard map, metadata, index, other files).
@@ -33,15 +35,17 @@ from builders import (
     record,
     shard_files,
     tensor_bytes,
+    load_base_model,
     to_tensor,
     ulp_distance,
 )
 from qwen_merge import MergeReport, iter_merged, plan_merge
+from reference import U32, U_WIDE, Exact, check_fp32, check_rounded
 
-# Largest share of merged elements allowed to differ from PEFT (each by at most 1 ulp).
-# bf16/fp16: the fp32 sum is rounded once to 8/11 mantissa bits, so an fp32 GEMM-order difference
-# almost never shows. fp32: nothing hides such a difference, so the share is larger.
-MAX_DIFF_SHARE = {"bf16": 1e-4, "fp16": 1e-4, "fp32": 1e-3}
+# Largest share of merged bf16/fp16 elements whose fp32 error band holds a rounding boundary: the band is
+# (r + 4) fp32 units of the terms' magnitude, a small fraction of an output unit (measured: 2.3 % of fp16
+# elements, whose unit is 2^-11, and far fewer bf16 ones), so a larger share means a vacuous band.
+MAX_NEAR_BOUNDARY_SHARE = 0.05
 
 
 class Result:
@@ -54,13 +58,21 @@ class Result:
         self.base_spec = BASES[self.spec.base]
         self.modules = adapter_modules(self.adapter)  # module -> rank, from the file
         self.expected_merged = {m + ".weight" for m in self.modules}
-        self._ref = None
+        self._ref = self._exact = None
 
     @property
     def reference(self) -> dict[str, torch.Tensor]:
         if self._ref is None:
             self._ref = peft_merged_state_dict(self.base, self.adapter, dtype=DTYPES[self.base_spec.dtype])
         return self._ref
+
+    @property
+    def exact(self) -> Exact:
+        """PEFT's merge in float64, and the magnitudes of its terms."""
+        if self._exact is None:
+            dtype = DTYPES[self.base_spec.dtype]
+            self._exact = Exact.of(lambda: load_base_model(self.base, dtype=dtype), self.adapter)
+        return self._exact
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +97,7 @@ def test_merged_tensors_match_peft(merged, variant):
     assert res.expected_merged <= set(base), "fixture error: adapter module without base tensor"
     assert len(res.expected_merged) > 0
 
-    n_diff = n_merged = max_ulp = 0
+    n_diff = n_merged = near = 0
     for name, (_, dtype, shape, payload) in out.items():
         _, b_dtype, b_shape, b_payload = base[name]
         assert (dtype, shape) == (b_dtype, b_shape), f"{name}: dtype/shape changed"
@@ -100,17 +112,17 @@ def test_merged_tensors_match_peft(merged, variant):
         base_t = to_tensor(b_dtype, b_shape, b_payload)
         changed = (ours.view(-1) != base_t.view(-1)).sum().item()
         assert changed > 0.5 * ours.numel(), f"{name}: only {changed}/{ours.numel()} elements changed"
-        ulps = ulp_distance(ours, theirs)
-        worst = int(ulps.max().item())
-        assert worst <= 1, f"{name}: an element differs from PEFT by {worst} ulp"
-        n_diff += int((ulps > 0).sum().item())
+        exact = res.exact
+        if ours.dtype == torch.float32:
+            n_diff += check_fp32(ours, exact.merged[name], exact.bands(name, U_WIDE), theirs)
+        else:
+            near += check_rounded(ours, theirs, exact.merged[name], exact.bands(name, U32))
+            n_diff += int((ours != theirs).sum())
         n_merged += ours.numel()
-        max_ulp = max(max_ulp, worst)
 
-    record("merged elements that differ from PEFT merge_and_unload", variant, n_diff, n_merged, max_ulp)
-    print(f"\n[{variant}] {n_diff} of {n_merged} merged elements differ from PEFT (max {max_ulp} ulp)")
-    share = MAX_DIFF_SHARE[res.base_spec.dtype]
-    assert n_diff <= share * n_merged, f"{n_diff}/{n_merged} elements differ from PEFT (bound {share:.4%})"
+    record("merged elements that differ from PEFT merge_and_unload", variant, n_diff, n_merged, 1)
+    print(f"\n[{variant}] {n_diff} of {n_merged} merged elements differ from PEFT's ({near} near a rounding boundary)")
+    assert near <= MAX_NEAR_BOUNDARY_SHARE * n_merged, f"{near}/{n_merged} elements near a boundary: a vacuous band"
 
 
 @pytest.mark.parametrize("variant", MERGE_VARIANTS)

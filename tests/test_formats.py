@@ -35,6 +35,7 @@ from builders import (
     tree_hash,
     ulp_distance,
 )
+from reference import U32, Exact, check_rounded
 from fp8ref import (
     build_fp8_qwen3,
     build_fp8_qwen3_moe,
@@ -421,14 +422,21 @@ def test_fp8_refusals(fp8, tmp_path):
 
 
 def test_dtype_converts_every_float_tensor_once(zoo):
-    _base, _adapter = zoo.pair("basic_fp32_base")
+    """fp32 -> bf16: a copied tensor is converted once; a merged one is PEFT's fp32 arithmetic rounded once
+    to bf16, so it equals the fp32 merge rounded to bf16 wherever no bf16 rounding boundary lies within the
+    fp32 arithmetic's error of the float64 merge (there the host's GEMM order decides)."""
+    base, adapter = zoo.pair("basic_fp32_base")
+    exact = Exact.of(lambda: load_base_model(base, dtype=torch.float32), adapter)
     merged_fp32 = flat(zoo.merged("basic_fp32_base").out)
     out = zoo.merged("basic_fp32_base", dtype="bfloat16").out
     got = flat(out)
+    base_fp32 = flat(base)
     for name, value in merged_fp32.items():
         assert got[name].dtype == torch.bfloat16, name
-        # merged tensors: one rounding from the fp32 result, i.e. the fp32 merge rounded to bf16
-        assert torch.equal(got[name], value.to(torch.bfloat16)), name
+        if torch.equal(value, base_fp32[name]):  # copied: converted once
+            assert torch.equal(got[name], value.to(torch.bfloat16)), name
+        else:  # merged: one rounding from the fp32 result
+            check_rounded(got[name], value.to(torch.bfloat16), exact.merged[name], exact.bands(name, U32))
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     check_index(out)
@@ -436,7 +444,9 @@ def test_dtype_converts_every_float_tensor_once(zoo):
     ours = logits(load_base_model(out, dtype=torch.bfloat16), ids)
     full = logits(load_base_model(zoo.merged("basic_fp32_base").out, dtype=torch.float32), ids)
     rounded = load_base_model(zoo.merged("basic_fp32_base").out, dtype=torch.bfloat16)  # cast while loading
-    assert torch.equal(ours, logits(rounded, ids))  # the bf16 checkpoint is the fp32 merge rounded once
+    # the bf16 checkpoint loads as the fp32 merge cast while loading does, but for the elements near a
+    # rounding boundary (one bf16 unit apart), which move the bf16 logits by a few units at most
+    torch.testing.assert_close(ours, logits(rounded, ids), rtol=0, atol=float(full.abs().max()) * 2 ** -5)
     note("dtype", "fp32 -> bf16", f"max |logits - fp32 merge| = {float((ours - full).abs().max()):.4g}")
 
 

@@ -541,14 +541,6 @@ def test_plan_of_many_experts_is_short(tmp_path, capsys):
     assert len(detail.splitlines()) >= n_tensors
 
 
-def test_report_ulp_stats():
-    """Prints the collected statistics (run with -s; they are in the session summary too); always passes."""
-    from builders import stats_lines
-
-    for line in stats_lines(STATS):
-        print(f"\n[ulp] {line}")
-
-
 def _text_ordered_copy(base: Path, out: Path) -> Path:
     """The same checkpoint with each shard's tensors stored in name order as text (experts 0, 1, 10, 11,
     2, ...), as writers that sort by name store them."""
