@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    cfg = bm.model_cfg(argparse.Namespace(preset="4b", layers=None, hidden=None))
+    cfg = bm.model_cfg(argparse.Namespace(preset="4b", layers=None, hidden=None, dtype="bf16"))
     bf16_base, adapter = bm.ensure_inputs(cfg)
     scale_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.scale_dtype]
     fp8_base = build_fp8(bf16_base, bm.CACHE_ROOT / f"4b-fp8-{args.scale_dtype}", scale_dtype)

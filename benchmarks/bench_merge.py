@@ -3,7 +3,7 @@
 
 One run does the following:
 
-1. Builds (once, then reuses) a synthetic Qwen3-shaped bf16 checkpoint and an r=16 LoRA
+1. Builds (once, then reuses) a synthetic Qwen3-shaped bf16 (or ``--dtype fp32``) checkpoint and an r=16 LoRA
    adapter on all seven projections, under ``benchmarks/.cache/<preset>/`` (git-ignored).
 2. Times ``cp -r BASE DST && sync``: the I/O floor.
 3. Times ``qwen-merge merge BASE ADAPTER OUT --quiet`` + ``sync`` under ``/usr/bin/time -v``.
@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench_merge.py --preset 4b           # Qwen3-4B shapes, no PEFT
     python benchmarks/bench_merge.py --repeat 3 --json out.json
     python benchmarks/bench_merge.py --preset 4b --build-only
+    python benchmarks/bench_merge.py --dtype fp32 --repeat 3   # fp32 weights: the float64 merge path
 """
 from __future__ import annotations
 
@@ -79,9 +80,16 @@ MEMORY_CAVEAT = (
 # synthetic checkpoint
 # --------------------------------------------------------------------------------------------
 
+# Weight dtypes the synthetic checkpoint can be built in: (safetensors name, bytes per element, torch name).
+WEIGHT_DTYPES = {"bf16": ("BF16", 2, "bfloat16"), "fp32": ("F32", 4, "float32")}
+
+
 def model_cfg(args) -> dict:
     cfg = dict(PRESETS[args.preset])
     key = args.preset
+    cfg["dtype"] = args.dtype
+    if args.dtype != "bf16":
+        key += f"-{args.dtype}"
     if args.layers is not None:
         cfg["layers"] = args.layers
         key += f"-L{args.layers}"
@@ -127,11 +135,11 @@ def numel(shape) -> int:
 
 def split_shards(specs, n_shards):
     """Greedy split in state_dict order into at most n_shards of ~equal bytes."""
-    total = sum(numel(s) * 2 for _, s, _ in specs)
+    total = sum(numel(s) for _, s, _ in specs)
     target = total / n_shards
     shards, cur, cur_bytes = [], [], 0
     for spec in specs:
-        nb = numel(spec[1]) * 2
+        nb = numel(spec[1])
         if cur and cur_bytes + nb > target and len(shards) < n_shards - 1:
             shards.append(cur)
             cur, cur_bytes = [], 0
@@ -141,8 +149,8 @@ def split_shards(specs, n_shards):
     return shards
 
 
-def gen_chunks(shape, init, gen, max_elems=8 * 1024 * 1024):
-    """Yield bf16 torch tensors covering the tensor row-major, bounded in size."""
+def gen_chunks(shape, init, gen, dtype: str, max_elems=8 * 1024 * 1024):
+    """Yield torch tensors of `dtype` covering the tensor row-major, bounded in size."""
     import torch
     rows = shape[0]
     row_elems = numel(shape[1:]) if len(shape) > 1 else 1
@@ -154,14 +162,14 @@ def gen_chunks(shape, init, gen, max_elems=8 * 1024 * 1024):
             x.mul_(0.05).add_(1.0)
         else:
             x.mul_(0.02)
-        yield x.to(torch.bfloat16)
+        yield x.to(getattr(torch, WEIGHT_DTYPES[dtype][2]))
 
 
-def write_shard(path: Path, specs, gen):
+def write_shard(path: Path, specs, gen, dtype: str):
     """Stream one safetensors shard to disk, tensor by tensor (bounded memory)."""
     ordered = sorted(specs, key=lambda s: s[0])  # reference writer: same dtype -> by name
     tmp = path.with_name(path.name + ".tmp")
-    off = write_safetensors(tmp, {name: Streamed("BF16", shape, gen_chunks(shape, init, gen))
+    off = write_safetensors(tmp, {name: Streamed(WEIGHT_DTYPES[dtype][0], shape, gen_chunks(shape, init, gen, dtype))
                                   for name, shape, init in ordered}, {"format": "pt"}, fsync=True)
     os.replace(tmp, path)
     return off
@@ -192,7 +200,7 @@ def hf_config(cfg) -> dict:
         "rope_theta": 1000000,
         "sliding_window": None,
         "tie_word_embeddings": cfg["tied"],
-        "torch_dtype": "bfloat16",
+        "torch_dtype": WEIGHT_DTYPES[cfg["dtype"]][2],
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": cfg["vocab"],
@@ -204,7 +212,7 @@ def build_marker(cfg) -> dict:
 
 
 def expected_total_size(cfg) -> int:
-    return sum(numel(s) * 2 for _, s, _ in tensor_specs(cfg))
+    return sum(numel(s) * WEIGHT_DTYPES[cfg["dtype"]][1] for _, s, _ in tensor_specs(cfg))
 
 
 def free_bytes(path: Path) -> int:
@@ -247,7 +255,7 @@ def ensure_inputs(cfg, seed=0) -> tuple[Path, Path]:
     weight_map, total_written = {}, 0
     for idx, shard in enumerate(shards):
         fname = f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
-        total_written += write_shard(tmpbase / fname, shard, gen)
+        total_written += write_shard(tmpbase / fname, shard, gen, cfg["dtype"])
         for name, _, _ in shard:
             weight_map[name] = fname
         log(f"  wrote {fname} ({len(shard)} tensors)")
@@ -551,12 +559,12 @@ def spot_check(base: Path, adapter: Path, out: Path, cfg, strict_keys=True) -> d
                 o = fo.get_tensor(wname)
             A = fa.get_tensor(f"base_model.model.{mod}.lora_A.weight").float()
             B = fa.get_tensor(f"base_model.model.{mod}.lora_B.weight").float()
-            ref = (w.float() + scale * (B @ A)).to(torch.bfloat16)
+            ref = (w.double() + scale * (B.double() @ A.double())).to(w.dtype)
             diff = ulp_distance(o, ref)
             max_ulp = int(diff.max())
-            changed = int((o.view(torch.int16) != w.view(torch.int16)).sum())
+            changed = int((o != w).sum())
             max_ulp_all = max(max_ulp_all, max_ulp)
-            res["notes"].append(f"{wname}: max {max_ulp} ulp vs fp32 W+{scale:g}*B@A, "
+            res["notes"].append(f"{wname}: max {max_ulp} ulp vs float64 W+{scale:g}*B@A, "
                                 f"{int((diff > 0).sum())}/{diff.numel()} differ, "
                                 f"{changed} elements changed from base")
             if max_ulp > 1 or changed == 0:
@@ -581,8 +589,8 @@ PEFT_SCRIPT = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-base, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+base, adapter, out, dtype = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
 model = PeftModel.from_pretrained(model, adapter)
 model = model.merge_and_unload()
 model.save_pretrained(out)
@@ -645,6 +653,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1.9gb")
+    ap.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="bf16",
+                    help="weight dtype of the synthetic checkpoint (fp32: the float64 merge path)")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--hidden", type=int, help="override the preset's hidden size")
     ap.add_argument("--repeat", type=int, default=1, help="run each step N times, report the median")
@@ -726,7 +736,8 @@ def main(argv=None):
             rm_tree(out)
         if run_peft:
             out = work / "peft"
-            runs["peft"].append(run_timed("peft", [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out)],
+            runs["peft"].append(run_timed("peft", [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(out),
+                                                   WEIGHT_DTYPES[cfg["dtype"]][2]],
                                           env=peft_env, sample=sample, drop=args.drop_caches, logdir=work.parent,
                                           idle_wait=args.idle_wait))
             if rep == 0 and not args.no_check and runs["peft"][-1]["rc"] == 0:
@@ -805,7 +816,7 @@ def main(argv=None):
         versions["peft"], versions["transformers"] = peft_ver.split()
 
     lines = []
-    lines.append(f"### preset `{cfg['key']}`: {total / 1e9:.2f} GB bf16 ({total / 2**30:.2f} GiB), "
+    lines.append(f"### preset `{cfg['key']}`: {total / 1e9:.2f} GB {cfg['dtype']} ({total / 2**30:.2f} GiB), "
                  f"{n_tensors} tensors in {n_shards} shards; adapter r={LORA_R} on 7 projections x "
                  f"{cfg['layers']} layers ({adapter_bytes / 2**20:.0f} MiB fp32)")
     lines.append("")
