@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import re
 import sys
 import tempfile
@@ -77,6 +78,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan.add_argument("base", help=BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
+    plan.add_argument("--json", action="store_true",
+                      help="print the plan as one JSON document for scripts: every tensor, totals, memory, disk")
+    plan.add_argument("--force", action="store_true",
+                      help="plan even if BASE's manifest shows this adapter was already merged into it")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
     merge.add_argument("base", help=BASE_HELP)
     merge.add_argument("adapter", help=ADAPTER_HELP)
@@ -144,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .merge import plan_merge
+    from .report import render, to_dict
 
-    print(plan_merge(args.base, args.adapter, **_options(args)).render(detail=args.detail))
+    plan = plan_merge(args.base, args.adapter, force=args.force, **_options(args))
+    print(json.dumps(to_dict(plan), indent=2) if args.json else render(plan, detail=args.detail))
     return 0
 
 
