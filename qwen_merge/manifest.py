@@ -99,6 +99,20 @@ def output_files(plan: MergePlan) -> dict[str, int]:
     return files
 
 
+def recorded_options(folder: Path) -> dict | None:
+    """The options a merged folder's manifest records (`MergeOptions.identity()`), or None when it has no
+    manifest or the manifest records none.
+
+    Raises:
+        FormatError: the manifest is not valid JSON.
+    """
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    options = read_json(path, MANIFEST_NAME).get("options")
+    return options if isinstance(options, dict) else None
+
+
 def manifest(ident: dict, plan: MergePlan, shards: dict[str, dict]) -> dict:
     counts = {"merged": len(plan.merges), "other_ops": len(plan.ops) - len(plan.merges), "copied": plan.copied}
     tie = str(plan.tie) if plan.tie is not None else None

@@ -18,7 +18,7 @@ from .errors import AdapterError, MismatchError, OptionError
 from .layout import Slot, index_json
 from .names import NameMap, resolve_names
 from .manifest import output_files
-from .options import MergeOptions, Rounding
+from .options import MergeOptions, Rounding, dtype_name
 from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
@@ -336,9 +336,9 @@ class _OpBuilder:
         if dtype is None:
             return {}
         if self.quant.method is not None and not self.quant.fp8:
-            raise OptionError(f"{self.base.root}: dtype={dtype} cannot convert a checkpoint quantized with "
-                              f"quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
-                              f"dequantized")
+            raise OptionError(f"{dtype_name(dtype)} cannot convert {self.base.root}, a checkpoint quantized "
+                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
+                              f"dequantized", option="dtype")
         dropped, converted = set(self.dropped()), {}
         for name, entry in self.entries.items():
             if name in ops or name in dropped or entry.dtype == dtype:
@@ -347,8 +347,9 @@ class _OpBuilder:
             if dequant is None and not is_float(entry.dtype):
                 if entry.dtype.startswith("F8") or entry.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
                     raise OptionError(f"{self.where[name][0].path}: {name} is {entry.dtype} without a block scale; "
-                                      f"dtype={dtype} can only dequantize FP8 weights that have a "
-                                      f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")")
+                                      f"{dtype_name(dtype)} can only be made from FP8 weights that have a "
+                                      f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")",
+                                      option="dtype")
                 continue  # integers (position ids, masks) are not floats to convert
             rows, cols = as_matrix(entry.shape)
             converted[name] = TensorOp(name, self.base.weight_map[name], dtype, entry.shape,
@@ -498,7 +499,7 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
     if untied:
         updates["tie_word_embeddings"] = False
     if dtype is not None:
-        name = CONFIG_DTYPES[dtype]
+        name = dtype_name(dtype)
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         updates.update({k: name for k in keys if config.get(k) != name})
     if not updates and not dequantized:
@@ -507,9 +508,6 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
     if dequantized:
         new.pop("quantization_config", None)
     return new
-
-
-CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _apply_config(config: dict, updates: dict) -> dict:
