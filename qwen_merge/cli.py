@@ -107,7 +107,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     merge.add_argument("--low-disk", action="store_true",
                        help="BASE from the Hub: delete each shard this run downloaded once it is merged (disk "
                             "needed: the output plus about two shards); shards already cached are kept")
-    verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model")
+    verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model",
+                            description="Check OUT against BASE + ADAPTER without loading the model. The options "
+                                        "of the merge are those OUT/qwen_merge.json records, unless given.")
     verify.add_argument("out", help="the merged model folder to check")
     verify.add_argument("--base", required=True, help="the base it was merged from: " + BASE_HELP)
     verify.add_argument("--adapter", required=True, help="the adapter it was merged with: " + ADAPTER_HELP)
