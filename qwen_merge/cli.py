@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -19,12 +22,20 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import OptionError, OutputError, QwenMergeError
+from .options import dtype_choices
 from .version import VERSION
 from .units import human_bytes
 
 
 BASE_HELP = "model folder, .safetensors file, or Hugging Face repo id (org/name[@revision])"
 ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision])"
+# The flag of each option keyword, for errors about an option (`OptionError.option`).
+FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
+         "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
+         "low_disk": "--low-disk"}
+# The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
+# the shell shows for a program that SIGPIPE ended.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class _UsageError(Exception):
@@ -77,6 +88,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan.add_argument("base", help=BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
+    plan.add_argument("--json", action="store_true",
+                      help="print the plan as one JSON document for scripts: every tensor, totals, memory, disk")
+    plan.add_argument("--force", action="store_true",
+                      help="plan even if BASE's manifest shows this adapter was already merged into it")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
     merge.add_argument("base", help=BASE_HELP)
     merge.add_argument("adapter", help=ADAPTER_HELP)
@@ -92,14 +107,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     merge.add_argument("--low-disk", action="store_true",
                        help="BASE from the Hub: delete each shard this run downloaded once it is merged (disk "
                             "needed: the output plus about two shards); shards already cached are kept")
-    verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model")
+    verify = sub.add_parser("verify", help="check a merged folder against BASE + ADAPTER, without loading the model",
+                            description="Check OUT against BASE + ADAPTER without loading the model. The options "
+                                        "of the merge are those OUT/qwen_merge.json records, unless given.")
     verify.add_argument("out", help="the merged model folder to check")
     verify.add_argument("--base", required=True, help="the base it was merged from: " + BASE_HELP)
     verify.add_argument("--adapter", required=True, help="the adapter it was merged with: " + ADAPTER_HELP)
     verify.add_argument("--full", action="store_true", help="recompute every row block of merged tensors "
                         "(default: the first, middle and last block of each)")
     for p in (plan, merge, verify):
-        p.add_argument("--rounding", choices=("single", "peft"), default="single",
+        p.add_argument("--rounding", choices=("single", "peft"),
                        help="single: fp32 accumulation, one rounding (default); peft: PEFT's double rounding "
                             "where PEFT does it (embedding LoRA, target_parameters experts), for byte-identical "
                             "PEFT output")
@@ -107,9 +124,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="rename adapter key prefix FROM to base prefix TO (repeatable)")
         p.add_argument("--allow-pickle", action="store_true",
                        help="read a pickled adapter_model.bin with torch.load(weights_only=True)")
-        p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                       help="convert every float tensor of the output to this dtype (an FP8 base is dequantized); "
-                            "default: the base's own dtypes, untouched tensors copied byte for byte")
+        p.add_argument("--dtype", metavar="DTYPE",
+                       help=f"convert every float tensor of the output to DTYPE (an FP8 base is dequantized): "
+                            f"{dtype_choices()}; default: the base's own dtypes, untouched tensors copied byte for "
+                            f"byte")
         p.add_argument("--max-shard-size", metavar="SIZE",
                        help="re-shard the output: at most SIZE bytes per shard (e.g. 5GB, 500MB, 2GiB; GB = 10^9), "
                             "named model-0000k-of-0000n.safetensors; default: the base's shard layout")
@@ -124,6 +142,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         args = _parse(argv)
     except _UsageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -134,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except QwenMergeError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written at the destination (rerun with --resume to continue)",
@@ -142,10 +170,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _message(error: QwenMergeError) -> str:
+    """The error's message, naming the flag where it is about an option."""
+    if isinstance(error, OptionError) and error.option in FLAGS:
+        return error.named(FLAGS[error.option])
+    return str(error)
+
+
+def _silence_stdout() -> None:
+    """Python's recipe for a closed pipe: point stdout at /dev/null, so that flushing what is left of it at
+    exit does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .merge import plan_merge
+    from .report import render, to_dict
 
-    print(plan_merge(args.base, args.adapter, **_options(args)).render(detail=args.detail))
+    plan = plan_merge(args.base, args.adapter, force=args.force, **_options(args))
+    print(json.dumps(to_dict(plan), indent=2) if args.json else render(plan, detail=args.detail))
     return 0
 
 
@@ -178,17 +223,16 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    """The merge options the command line sets, as `options=` for the library functions."""
-    from .options import MergeOptions
-
-    key_map = []
+    """The merge options given on the command line, as keyword arguments of the library functions; those
+    not given are None (the default, or for `verify` the value the output's manifest records)."""
+    key_map = {}
     for item in args.map:
         old, sep, new = item.partition("=")
         if not sep or not old:
             raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
-        key_map.append((old, new))
-    return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle,
-                                    dtype=args.dtype, max_shard_size=args.max_shard_size)}
+        key_map.setdefault(old, new)  # the first rename of a prefix applies, as in an ordered key_map
+    return {"rounding": args.rounding, "key_map": key_map or None, "allow_pickle": args.allow_pickle or None,
+            "dtype": args.dtype, "max_shard_size": args.max_shard_size}
 
 
 def _demo(args: argparse.Namespace) -> int:

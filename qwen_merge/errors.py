@@ -31,7 +31,19 @@ class DiskFullError(OutputError):
 
 
 class OptionError(QwenMergeError):
-    """An option has a value this version does not accept (a rounding mode, a block size, a --map)."""
+    """An option has a value this version does not accept (a rounding mode, a block size, a --map).
+
+    `option` is the keyword argument the error is about, when it is about one: the message starts with
+    it (`max_shard_size: ...`), and the command line shows the flag instead (`named("--max-shard-size")`)."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(f"{option}: {message}" if option else message)
+        self.option = option
+        self.detail = message
+
+    def named(self, name: str) -> str:
+        """The message, with the option called `name` instead of its keyword."""
+        return f"{name}: {self.detail}" if self.option else str(self)
 
 
 class NonFiniteError(MismatchError):

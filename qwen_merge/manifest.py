@@ -9,16 +9,26 @@ user), so two merges of the same inputs write byte-identical folders, manifest i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import MANIFEST_NAME, HubOrigin, read_json
 from .errors import AlreadyMergedError, OutputError
-from .output import partial_folder_of, sha256_file
-from .plan import MergePlan
+from .output import json_bytes, partial_folder_of, sha256_file
 from .version import VERSION
+
+if TYPE_CHECKING:  # for annotations only: the plan counts the manifest among the output's files
+    from .plan import MergePlan
+
+SHA256_PLACEHOLDER = "0" * 64  # a digest's length, for sizing the manifest before the digests exist
 
 
 def identity(plan: MergePlan) -> dict:
     """Everything that determines the output bytes, and nothing else."""
+    adapter = plan.adapter
+    return _identity(plan, sha256_file(adapter.file.path), sha256_file(adapter.root / "adapter_config.json"))
+
+
+def _identity(plan: MergePlan, weights_sha256: str, config_sha256: str) -> dict:
     base, adapter = plan.base, plan.adapter
     return {
         "tool": "qwen-merge",
@@ -26,8 +36,8 @@ def identity(plan: MergePlan) -> dict:
         "base": {"files": {s.path.name: s.size for s in base.shards}
                  | {p.name: base.file_size(p) for p in base.side_files},
                  "merged_adapters": previous_adapters(base.root)} | _hub(base.hub),
-        "adapter": {"weights_sha256": sha256_file(adapter.file.path), "weights_size": adapter.file.size,
-                    "config_sha256": sha256_file(adapter.root / "adapter_config.json")} | _hub(adapter.hub),
+        "adapter": {"weights_sha256": weights_sha256, "weights_size": adapter.file.size,
+                    "config_sha256": config_sha256} | _hub(adapter.hub),
         "options": plan.options.identity(),
     }
 
@@ -64,6 +74,43 @@ def check_not_merged_twice(ident: dict, base: Path, force: bool) -> None:
     raise AlreadyMergedError(f"{base / MANIFEST_NAME}: this base was already merged with this adapter "
                         f"(sha256 {ident['adapter']['weights_sha256'][:12]}…); merging again applies the delta "
                         f"twice. Pass force=True (--force) if that is really wanted")
+
+
+def check_plan_not_merged_twice(plan: MergePlan, force: bool) -> None:
+    """`check_not_merged_twice` for a plan: the adapter is hashed only when the base records merged
+    adapters, so planning a merge into a checkpoint without a manifest reads no adapter bytes."""
+    if not force and previous_adapters(plan.base.root):
+        check_not_merged_twice(identity(plan), plan.base.root, force)
+
+
+def output_files(plan: MergePlan) -> dict[str, int]:
+    """Every file `merge_shards` writes into the output folder and its size in bytes, in writing order:
+    the shards, the base's side files (config.json as the plan rewrites it), the index, and the
+    manifest. The manifest's size is known before its digests are, as a SHA-256 has a fixed length."""
+    files = {shard.name: shard.size for shard in plan.shards}
+    for side in plan.base.side_files:
+        rewritten = side.name == "config.json" and plan.config is not None
+        files[side.name] = len(json_bytes(plan.config)) if rewritten else plan.base.file_size(side)
+    if plan.index_name:
+        files[plan.index_name] = len(plan.index_json)
+    digests = {shard.name: {"sha256": SHA256_PLACEHOLDER, "size": shard.size} for shard in plan.shards}
+    sized = manifest(_identity(plan, SHA256_PLACEHOLDER, SHA256_PLACEHOLDER), plan, digests)
+    files[MANIFEST_NAME] = len(json_bytes(sized, sort_keys=True))  # as write_json_atomic writes it
+    return files
+
+
+def recorded_options(folder: Path) -> dict | None:
+    """The options a merged folder's manifest records (`MergeOptions.identity()`), or None when it has no
+    manifest or the manifest records none.
+
+    Raises:
+        FormatError: the manifest is not valid JSON.
+    """
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    options = read_json(path, MANIFEST_NAME).get("options")
+    return options if isinstance(options, dict) else None
 
 
 def manifest(ident: dict, plan: MergePlan, shards: dict[str, dict]) -> dict:

@@ -25,7 +25,8 @@ from .adapter import open_adapter
 from .checkpoint import MANIFEST_NAME, Checkpoint, HubOrigin, open_checkpoint
 from .errors import DiskFullError, FormatError
 from .fetchplan import FetchPlan, fetch_plan
-from .manifest import base_file_stats, check_not_merged_twice, finished_merge, identity, manifest
+from .manifest import (base_file_stats, check_not_merged_twice, check_plan_not_merged_twice, finished_merge, identity,
+                       manifest)
 from .memory import RING_SIZE
 from .options import MergeOptions
 from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file,
@@ -57,7 +58,7 @@ class MergeReport:
     already_complete: bool = False  # `resume` found this merge finished at `output` and wrote nothing
 
 
-def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | None = None,
+def plan_merge(base: PathLike, adapter: PathLike, *, force: bool = False, options: MergeOptions | None = None,
                rounding: str | None = None, key_map: dict[str, str] | None = None,
                allow_pickle: bool | None = None, block_bytes: int | None = None,
                dtype: str | None = None, max_shard_size: int | str | None = None) -> MergePlan:
@@ -72,6 +73,8 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
             HF_HUB_CACHE / HF_HOME and HF_ENDPOINT apply as in every huggingface_hub tool.
         adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a Hub repo
             id holding one.
+        force: plan even when the base's manifest shows this adapter was already merged into it (as
+            `merge_shards`' `force`).
         options: a `MergeOptions`; the keyword arguments below, when given, are set on top of it.
         rounding: "single" (fp32 accumulation, one rounding; the default) or "peft" (PEFT's double
             rounding where PEFT rounds twice: embedding LoRA, target_parameters, MiCA).
@@ -87,11 +90,13 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
             "500MB", "2GiB" as Hugging Face reads them); None (default): the base's shard layout.
 
     Returns:
-        The `MergePlan`; `plan.render()` is the human-readable report `qwen-merge plan` prints.
+        The `MergePlan`; `qwen_merge.report.render(plan)` is the human-readable report `qwen-merge plan`
+        prints, `qwen_merge.report.to_dict(plan)` the document `qwen-merge plan --json` prints.
 
     Raises:
         FormatError, AdapterError, MismatchError, OptionError: the inputs cannot be merged; nothing was
-        written. HubError: a repo id cannot be resolved (not found, gated, no such revision or file);
+        written. AlreadyMergedError: the base already contains this adapter (see `force`). HubError: a
+        repo id cannot be resolved (not found, gated, no such revision or file);
         DownloadError (a HubError): the Hub cannot be reached, or offline mode lacks a file.
 
     Example:
@@ -102,6 +107,7 @@ def plan_merge(base: PathLike, adapter: PathLike, *, options: MergeOptions | Non
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size)
     with _planned(base, adapter, options) as plan:
+        check_plan_not_merged_twice(plan, force)
         return plan
 
 

@@ -16,9 +16,11 @@ from .errors import OptionError
 from .units import parse_size
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
-# Output dtypes by the names torch, transformers' config and safetensors use for them.
-OUTPUT_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
-                 "float32": "F32", "fp32": "F32", "float": "F32"}
+# The output dtypes: the safetensors name of each, and the other names `dtype` accepts for it (the first is
+# torch's and config.json's). Case does not matter, and torch's own spelling (`torch.bfloat16`) works too.
+# The one table of them: the command line's --dtype, its help and the errors read it.
+DTYPE_NAMES = {"BF16": ("bfloat16", "bf16"), "F16": ("float16", "fp16", "half"), "F32": ("float32", "fp32", "float")}
+OUTPUT_DTYPES = {name: stored for stored, names in DTYPE_NAMES.items() for name in names}
 
 
 class Rounding(str, Enum):
@@ -54,20 +56,20 @@ class MergeOptions:
             object.__setattr__(self, "rounding", Rounding(self.rounding))
         except ValueError as e:
             choices = ", ".join(repr(r.value) for r in Rounding)
-            raise OptionError(f"rounding must be one of {choices}, got {self.rounding!r}") from e
+            raise OptionError(f"must be one of {choices}, got {self.rounding!r}", option="rounding") from e
         if isinstance(self.key_map, Mapping):
             object.__setattr__(self, "key_map", tuple(self.key_map.items()))
         if any(not (isinstance(a, str) and isinstance(b, str) and a) for a, b in self.key_map):
-            raise OptionError(f"key_map must map non-empty prefixes to prefixes, got {self.key_map!r}")
+            raise OptionError(f"must map non-empty prefixes to prefixes, got {self.key_map!r}", option="key_map")
         if type(self.block_bytes) is not int or self.block_bytes <= 0:
-            raise OptionError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
+            raise OptionError(f"must be a positive integer, got {self.block_bytes!r}", option="block_bytes")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", _output_dtype(self.dtype))
         if self.max_shard_size is not None:
             try:
                 object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
             except ValueError as e:
-                raise OptionError(f"max_shard_size: {e}") from e
+                raise OptionError(str(e), option="max_shard_size") from e
 
     @classmethod
     def of(cls, options: MergeOptions | None = None, **overrides: object) -> MergeOptions:
@@ -82,12 +84,38 @@ class MergeOptions:
                 "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes,
                 "dtype": self.dtype, "max_shard_size": self.max_shard_size}
 
+    @classmethod
+    def from_identity(cls, recorded: Mapping) -> MergeOptions:
+        """The options an `identity()` records (a manifest's `options`); the fields it lacks keep their
+        defaults, and keys this version does not know are left out.
+
+        Raises:
+            OptionError: a recorded value is not valid.
+        """
+        known = ("rounding", "key_map", "allow_nonfinite", "block_bytes", "dtype", "max_shard_size")
+        return cls(**{key: recorded[key] for key in known if key in recorded})
+
+    def given(self) -> set[str]:
+        """The fields that differ from the defaults: those a caller set in this value."""
+        default = MergeOptions()
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+
+
+def dtype_choices() -> str:
+    """The accepted output dtype names, for help texts and errors: `bfloat16 (bf16, BF16), ...`."""
+    return ", ".join(f"{names[0]} ({', '.join((*names[1:], stored))})" for stored, names in DTYPE_NAMES.items())
+
+
+def dtype_name(stored: str) -> str:
+    """"BF16" -> "bfloat16": the name torch and config.json use for an output dtype."""
+    return DTYPE_NAMES[stored][0]
+
 
 def _output_dtype(name: object) -> str:
     """"bfloat16" / "bf16" / "BF16" / torch.bfloat16 -> "BF16"."""
     text = str(name).removeprefix("torch.")
-    if text in OUTPUT_DTYPES.values():
-        return text
+    if text.upper() in DTYPE_NAMES:
+        return text.upper()
     if text.lower() in OUTPUT_DTYPES:
         return OUTPUT_DTYPES[text.lower()]
-    raise OptionError(f"dtype must be one of bfloat16, float16, float32, got {name!r}")
+    raise OptionError(f"{name!r} is not an output dtype; expected one of {dtype_choices()}", option="dtype")

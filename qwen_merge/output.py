@@ -171,9 +171,15 @@ def _file_key(path: Path) -> tuple[str, int, int, int]:
 _hashing: dict[tuple[str, int, int, int], Future] = {}  # hashes started by hash_in_background
 
 
+def json_bytes(value: dict, *, sort_keys: bool = False) -> bytes:
+    """JSON the way transformers writes it (indent 2, trailing newline): the bytes `write_json` and
+    `write_json_atomic` (with `sort_keys`) write, and what the plan counts for them."""
+    return (json.dumps(value, indent=2, sort_keys=sort_keys) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, value: dict) -> int:
     """Write JSON the way transformers does (indent 2, trailing newline); returns the byte count."""
-    return write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+    return write_bytes(path, json_bytes(value))
 
 
 def write_bytes(path: Path, data: bytes) -> int:
@@ -191,7 +197,7 @@ def write_bytes(path: Path, data: bytes) -> int:
 def write_json_atomic(path: Path, value: dict) -> None:
     """Replace `path` with `value` as JSON (sorted keys, so equal values give equal bytes), durably."""
     temp = path.with_name(path.name + ".tmp")
-    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    data = json_bytes(value, sort_keys=True)
     try:
         with open(temp, "wb") as f:
             f.write(data)

@@ -17,7 +17,8 @@ from .checkpoint import Checkpoint
 from .errors import AdapterError, MismatchError, OptionError
 from .layout import Slot, index_json
 from .names import NameMap, resolve_names
-from .options import MergeOptions, Rounding
+from .manifest import output_files
+from .options import MergeOptions, Rounding, dtype_name
 from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
@@ -161,7 +162,6 @@ class MergePlan:
     config: dict | None
     renames: tuple[tuple[str, str], ...]
     tie: ties.TieDecision | None
-    output_bytes: int = 0
     predicted_peak_bytes: int = 0
     index_json: bytes = b""  # the output's index file, as written (empty without an index)
     index_name: str | None = None
@@ -174,21 +174,17 @@ class MergePlan:
     @property
     def total_size(self) -> int:
         """Tensor payload bytes, as the HF index's `metadata.total_size` counts them."""
-        return sum(s.entries[-1].end for s in self.shards if s.entries)
+        return _total_size(self.shards)
+
+    @property
+    def output_bytes(self) -> int:
+        """The bytes `merge_shards` writes: every file of the output folder, manifest included
+        (`manifest.output_files`); its report's `bytes_written` is the same number."""
+        return sum(output_files(self).values())
 
     def index_document(self) -> dict:
         """The HF index of the output: the base's metadata with `total_size`, and the full weight map."""
-        metadata = {**self.base.index_metadata, "total_size": self.total_size}
-        if "total_parameters" in metadata and self.dropped:
-            entries = self.base.entries()
-            metadata["total_parameters"] -= sum(math.prod(entries[n].shape) for n in self.dropped)
-        return {"metadata": metadata, "weight_map": {e.name: s.name for s in self.shards for e in s.entries}}
-
-    def render(self, detail: bool = False) -> str:
-        """A human-readable report: what happens to each tensor, totals, and predicted peak memory."""
-        from .report import render  # the report reads the plan; the plan does not depend on it
-
-        return render(self, detail)
+        return _index_document(self.base, self.shards, self.dropped)
 
 
 def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues
@@ -236,13 +232,24 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     config = _output_config(base, ops, entries, tie_info, untied=untied, dtype=options.dtype,
                             dequantized=quant.method is not None and options.dtype is not None)
     shards, index_name = _layout(base, ops, added, dropped, where, options.max_shard_size)
-    plan = MergePlan(base, adapter, options, shards, tuple(op for s in shards for op in _ops_in_order(s)),
-                     copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
-                     renames=names.renames, tie=tie, index_name=index_name, dropped=tuple(dropped))
-    index = index_json(plan.index_document()) if index_name else b""
-    peak = memory.predict_peak(plan.ops, tensors=sum(len(s.entries) for s in shards))
-    return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
-                               predicted_peak_bytes=peak)
+    in_order = tuple(op for s in shards for op in _ops_in_order(s))
+    tensors = sum(len(s.entries) for s in shards)
+    return MergePlan(base, adapter, options, shards, in_order, copied=tensors - len(in_order), config=config,
+                     renames=names.renames, tie=tie, predicted_peak_bytes=memory.predict_peak(in_order, tensors),
+                     index_json=index_json(_index_document(base, shards, tuple(dropped))) if index_name else b"",
+                     index_name=index_name, dropped=tuple(dropped))
+
+
+def _total_size(shards: tuple[ShardPlan, ...]) -> int:
+    return sum(s.entries[-1].end for s in shards if s.entries)
+
+
+def _index_document(base: Checkpoint, shards: tuple[ShardPlan, ...], dropped: tuple[str, ...]) -> dict:
+    metadata = {**base.index_metadata, "total_size": _total_size(shards)}
+    if "total_parameters" in metadata and dropped:
+        entries = base.entries()
+        metadata["total_parameters"] -= sum(math.prod(entries[n].shape) for n in dropped)
+    return {"metadata": metadata, "weight_map": {e.name: s.name for s in shards for e in s.entries}}
 
 
 def _recipes(adapter: Adapter, names: NameMap, where: dict[str, tuple[TensorFile, TensorEntry]]
@@ -336,9 +343,9 @@ class _OpBuilder:
         if dtype is None:
             return {}
         if self.quant.method is not None and not self.quant.fp8:
-            raise OptionError(f"{self.base.root}: dtype={dtype} cannot convert a checkpoint quantized with "
-                              f"quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
-                              f"dequantized")
+            raise OptionError(f"{dtype_name(dtype)} cannot convert {self.base.root}, a checkpoint quantized "
+                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
+                              f"dequantized", option="dtype")
         dropped, converted = set(self.dropped()), {}
         for name, entry in self.entries.items():
             if name in ops or name in dropped or entry.dtype == dtype:
@@ -347,8 +354,9 @@ class _OpBuilder:
             if dequant is None and not is_float(entry.dtype):
                 if entry.dtype.startswith("F8") or entry.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
                     raise OptionError(f"{self.where[name][0].path}: {name} is {entry.dtype} without a block scale; "
-                                      f"dtype={dtype} can only dequantize FP8 weights that have a "
-                                      f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")")
+                                      f"{dtype_name(dtype)} can only be made from FP8 weights that have a "
+                                      f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")",
+                                      option="dtype")
                 continue  # integers (position ids, masks) are not floats to convert
             rows, cols = as_matrix(entry.shape)
             converted[name] = TensorOp(name, self.base.weight_map[name], dtype, entry.shape,
@@ -498,7 +506,7 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
     if untied:
         updates["tie_word_embeddings"] = False
     if dtype is not None:
-        name = CONFIG_DTYPES[dtype]
+        name = dtype_name(dtype)
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         updates.update({k: name for k in keys if config.get(k) != name})
     if not updates and not dequantized:
@@ -507,9 +515,6 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
     if dequantized:
         new.pop("quantization_config", None)
     return new
-
-
-CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 def _apply_config(config: dict, updates: dict) -> dict:
@@ -555,8 +560,3 @@ def _keeps_layout(op: TensorOp, entry: TensorEntry) -> bool:
 
 def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
     return [shard.ops[e.name] for e in shard.entries if e.name in shard.ops]
-
-
-def _output_bytes(plan: MergePlan, index_bytes: int) -> int:
-    side = sum(plan.base.file_size(p) for p in plan.base.side_files)
-    return sum(s.size for s in plan.shards) + side + index_bytes

@@ -1,5 +1,6 @@
-"""The plan as text for people: what happens to each tensor, totals, renames, the tie decision, the
-output size and the predicted peak memory. `qwen-merge plan` prints it; `MergePlan.render()` returns it."""
+"""The plan for people and for scripts: `render(plan)` is the text `qwen-merge plan` prints (what happens
+to each tensor, totals, renames, the tie decision, the output size and the predicted peak memory);
+`to_dict(plan)` is the JSON document `qwen-merge plan --json` prints (every tensor, the same totals)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapter import Kind
+from .adapter import Adapter, Kind
 from .checkpoint import HubOrigin
+from .fetchplan import fetch_plan
+from .manifest import output_files
 from .options import Rounding
 from .recipe import Part
 from .units import human_bytes
+from .version import VERSION
 
-if TYPE_CHECKING:  # for annotations only: the planner calls this module
-    from .plan import MergePlan, TensorOp
+if TYPE_CHECKING:  # for annotations only
+    from .plan import MergePlan, ShardPlan, TensorOp
+    from .tensorfile import TensorEntry
 
 EXPERT_INDEX = re.compile(r"\.(experts)\.\d+\.")
 
 
 def render(plan: MergePlan, detail: bool = False) -> str:
+    """The text `qwen-merge plan` prints: one line per merged or replaced tensor (with `detail`, per tensor
+    of the output, copies included), the counts, the output's size and files, and the predicted peak memory."""
     return "\n".join(_lines(plan, detail))
 
 
@@ -30,8 +37,6 @@ def _where(root: Path, origin: HubOrigin | None) -> str:
 
 
 def _download_lines(plan: MergePlan) -> Iterator[str]:
-    from .fetchplan import fetch_plan  # it reads the plan, which imports this module lazily
-
     fetch = fetch_plan(plan)
     if fetch is None:
         return
@@ -67,9 +72,9 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     if plan.options.rounding is not Rounding.SINGLE:
         yield (f"rounding: {plan.options.rounding.value} (PEFT's double rounding for embedding LoRA, "
                f"target_parameters and MiCA)")
-    files = len(plan.shards) + len(base.side_files) + (1 if plan.index_name else 0) + 1  # + the manifest
+    files = output_files(plan)
     sides = ", ".join(p.name for p in base.side_files) or "no side files"
-    yield f"output:  {human_bytes(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
+    yield f"output:  {human_bytes(sum(files.values()))} in {len(files)} files (with {sides}, qwen_merge.json)"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
     if adapter.redundant:
@@ -162,3 +167,99 @@ def _format_lines(plan: MergePlan) -> Iterator[str]:
                f"with fresh scales (amax/448; a block whose amax is unchanged keeps its scale): each value within "
                f"half an e4m3 step (≤ 1/16 of its magnitude) of the exact merged value; other FP8 tensors and "
                f"their scales copied byte for byte")
+
+
+# -- the plan as a JSON document ------------------------------------------------------------------------
+
+PLAN_FORMAT = 1  # `format` of the document: raised when a key changes meaning or goes away
+
+
+def to_dict(plan: MergePlan) -> dict:
+    """The plan as a JSON-ready document for scripts (`qwen-merge plan --json` prints it): the inputs, the
+    options, every output tensor in output order with what is done to it, the totals `render` states, the
+    output's files, the predicted peak memory, the disk a merge needs and, for a Hub base, the downloads.
+    docs/usage.md lists the keys; they stay as they are within a `format`."""
+    fetch = fetch_plan(plan)
+    files = output_files(plan)
+    output_bytes = sum(files.values())
+    tensors = [_tensor_dict(shard, entry) for shard in plan.shards for entry in shard.entries]
+    return {
+        "format": PLAN_FORMAT,
+        "qwen_merge": VERSION,
+        "base": _base_dict(plan),
+        "adapter": _adapter_dict(plan.adapter),
+        "options": {**plan.options.identity(), "allow_pickle": plan.options.allow_pickle},
+        "renames": [list(rename) for rename in plan.renames],
+        "tie": str(plan.tie) if plan.tie is not None else None,
+        "config": plan.config,
+        "tensors": tensors,
+        "totals": {"tensors": len(tensors), "merged": len(plan.merges), "copied": plan.copied,
+                   "actions": dict(sorted(Counter(t["action"] for t in tensors).items()))},
+        "output": {"bytes": output_bytes, "payload_bytes": plan.total_size, "index": plan.index_name,
+                   "files": files, "not_copied": list(plan.base.skipped)},
+        "memory": {"predicted_peak_bytes": plan.predicted_peak_bytes},
+        "disk": {"needed_bytes": output_bytes + (fetch.download_bytes if fetch else 0),
+                 "low_disk_needed_bytes": (output_bytes + fetch.low_disk_bytes) if fetch else None},
+        "downloads": None if fetch is None else {
+            "shards": list(fetch.order), "bytes": fetch.download_bytes, "cached_bytes": fetch.cached_bytes,
+            "low_disk_bytes": fetch.low_disk_bytes},
+    }
+
+
+def _hub_dict(origin: HubOrigin | None) -> dict | None:
+    return None if origin is None else {"repo": origin.repo_id, "revision": origin.revision, "commit": origin.commit}
+
+
+def _base_dict(plan: MergePlan) -> dict:
+    base = plan.base
+    return {"path": str(base.root), "hub": _hub_dict(base.hub), "shards": [s.path.name for s in base.shards],
+            "tensors": sum(len(s.entries) for s in base.shards),
+            "payload_bytes": sum(s.entries[-1].end for s in base.shards if s.entries)}
+
+
+def _adapter_dict(adapter: Adapter) -> dict:
+    config = adapter.config
+    return {"path": str(adapter.root), "hub": _hub_dict(adapter.hub), "weights": adapter.file.path.name,
+            "r": config.get("r"), "lora_alpha": config.get("lora_alpha"), "use_dora": bool(config.get("use_dora")),
+            "use_rslora": bool(config.get("use_rslora")), "modules": len(adapter.pairs),
+            "target_parameters": len(adapter.param_pairs)}
+
+
+def _action(op: TensorOp | None) -> str:
+    """copy: the base tensor's own bytes; merge: a LoRA delta added; replace: an adapter tensor takes its
+    place; tokens: trainable token rows set; convert: another dtype (or FP8 dequantized); scales: the new
+    block scales of a requantized FP8 weight; duplicate: a tensor the base lacks, a byte copy of another
+    base tensor (the lm_head of untied embeddings)."""
+    if op is None:
+        return "copy"
+    if op.scales_of is not None:
+        return "scales"
+    if op.pair is not None:
+        return "merge"
+    if op.source.in_adapter:
+        return "replace"
+    if op.tokens is not None:
+        return "tokens"
+    return "duplicate" if op.is_raw_copy else "convert"
+
+
+def _tensor_dict(shard: ShardPlan, entry: TensorEntry) -> dict:
+    """One output tensor: where it is written, as what, and from which input tensor."""
+    op = shard.ops.get(entry.name)
+    source = op.source if op else None
+    return {"name": entry.name, "shard": shard.name, "action": _action(op), "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "source": {"name": source.entry.name, "dtype": source.entry.dtype, "adapter": source.in_adapter}
+            if source else {"name": entry.name, "dtype": entry.dtype, "adapter": False},
+            "delta": _delta_dict(op) if op is not None and op.pair is not None else None,
+            "token_rows": len(op.tokens.indices) if op is not None and op.tokens is not None else None,
+            "dequant": op is not None and op.dequant is not None,
+            "requant": op is not None and op.requant is not None,
+            "scales_of": op.scales_of.name if op is not None and op.scales_of is not None else None}
+
+
+def _delta_dict(op: TensorOp) -> dict:
+    pair = op.pair
+    return {"kind": pair.kind.value, "rank": pair.rank, "alpha": pair.alpha, "scale": pair.scale,
+            "dora": pair.magnitude is not None, "part": op.part.value, "transposed": op.transpose,
+            "rounded_first": op.round_delta, "lora_A": pair.a.name, "lora_B": pair.b.name}

@@ -12,6 +12,7 @@ with the inputs or the arguments (a missing folder, an adapter that does not fit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -22,10 +23,11 @@ from pathlib import Path
 import numpy
 
 from .checkpoint import MANIFEST_NAME
-from .errors import FormatError, QwenMergeError
+from .errors import FormatError, OptionError, QwenMergeError
 from .fetchplan import fetch_plan
+from .manifest import recorded_options
 from .merge import LazyComputer, _downloads, _planned, fetch_side_files
-from .options import MergeOptions
+from .options import MergeOptions, dtype_name
 from .pieces import Block, BlockRing, RawSpan, shard_pieces
 from .plan import MergePlan, ShardPlan, TensorOp
 from .sources import Files, read_exact
@@ -38,6 +40,9 @@ CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side fi
 CONFIG_NAME = "config.json"
 # Written by merge_shards beside the shards; its content is provenance, not part of the model.
 IGNORED_NAMES = frozenset({MANIFEST_NAME})
+# The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
+# verify compares bytes, so it accepts NaN/Inf where the output has them).
+RECORDED_OPTIONS = ("rounding", "key_map", "block_bytes", "dtype", "max_shard_size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +79,15 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     tensors (vocab_size and the embedding's rows, tie_word_embeddings and lm_head); other side files
     byte-identical to the base's.
 
+    The options of the merge (rounding, key_map, block_bytes, dtype, max_shard_size) are those that
+    `output`'s manifest (`qwen_merge.json`) records, unless given; without a manifest, those given (or the
+    defaults). A manifest whose options cannot be read is a problem, and the options given are used.
+
     Args:
         output: the merged folder to check.
         base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: those
-            of the merge, as for `plan_merge`.
+            of the merge, as for `plan_merge`; an option given here (as a keyword argument, or a value of
+            `options` other than the default) must equal the one the manifest records.
         full: recompute every row block of computed tensors instead of a sample.
 
     Returns:
@@ -85,6 +95,7 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
 
     Raises:
         FormatError: `output` is not a folder.
+        OptionError: an option given differs from the one the manifest records (both are named).
         FormatError, AdapterError, MismatchError: the inputs cannot be planned (as for `plan_merge`).
 
     Example:
@@ -97,15 +108,48 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
         raise FormatError(f"{out}: merged output folder not found")
     if not out.is_dir():
         raise FormatError(f"{out}: expected the merged model folder, found a file")
+    keywords = {"rounding": rounding, "key_map": key_map, "allow_pickle": allow_pickle, "block_bytes": block_bytes,
+                "dtype": dtype, "max_shard_size": max_shard_size}
+    given = (options.given() if options else set()) | {key for key, value in keywords.items() if value is not None}
+    options, problem = _with_recorded_options(out, MergeOptions.of(options, **keywords), given)
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
-    options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              block_bytes=block_bytes, allow_nonfinite=True,
-                              dtype=dtype, max_shard_size=max_shard_size)
+    options = dataclasses.replace(options, allow_nonfinite=True)
     with _planned(base, adapter, options) as plan:
         fetch_side_files(plan)
         checker = _Checker(plan, out, full)
+        if problem:
+            checker.problem(problem)
         checker.run()
     return VerifyReport(not checker.problems, tuple(checker.problems), checker.tensors, checker.bytes, full)
+
+
+def _with_recorded_options(out: Path, options: MergeOptions, given: set[str]) -> tuple[MergeOptions, str | None]:
+    """`options`, with the merge options `out`'s manifest records in place of those not `given`; and a
+    problem line when the manifest's options cannot be read (the options given are used then).
+
+    Raises:
+        OptionError: a given option differs from the recorded one.
+    """
+    path = out / MANIFEST_NAME
+    try:
+        found = recorded_options(out)
+        recorded = MergeOptions.from_identity(found) if found is not None else None
+    except (FormatError, OptionError) as e:
+        return options, f"{path}: the options of the merge cannot be read from it ({e}); checked with those given"
+    if recorded is None:
+        return options, None
+    mine, theirs = options.identity(), recorded.identity()
+    for key in RECORDED_OPTIONS:
+        if key in given and mine[key] != theirs[key]:
+            raise OptionError(f"{_shown(key, mine[key])} given, but {path} records {_shown(key, theirs[key])}, the "
+                              f"value this folder was merged with; leave the option out to verify with the recorded "
+                              f"one", option=key)
+    return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS if k not in given}), None
+
+
+def _shown(key: str, value: object) -> str:
+    """An option's recorded value as a user writes it (`'bfloat16'`, not the stored `'BF16'`)."""
+    return repr(dtype_name(value)) if key == "dtype" and value else repr(value)
 
 
 def sampled_blocks(count: int, full: bool) -> set[int]:

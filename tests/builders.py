@@ -75,15 +75,28 @@ EXTRA_BASE_FILES = {
 
 
 def cli_env() -> dict[str, str]:
-    """os.environ with this checkout first on PYTHONPATH (and the hub offline)."""
+    """os.environ with this checkout first on PYTHONPATH (and the hub offline): the environment of every
+    Python subprocess the tests start, so that it imports this checkout's qwen_merge whether or not (and
+    wherever) the package is installed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 
+def python_argv(*args: object) -> list[str]:
+    """`python <args>` with the interpreter running the tests."""
+    return [sys.executable, *map(str, args)]
+
+
 def cli_argv(*args: object) -> list[str]:
-    return [sys.executable, "-m", "qwen_merge", *map(str, args)]
+    return python_argv("-m", "qwen_merge", *args)
+
+
+def run_python(code: str, *args: object, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -c code args...` in a subprocess, in `cli_env()` unless `env` is given (a test of the
+    environment itself); keyword arguments go to `subprocess.run`."""
+    return subprocess.run(python_argv("-c", code, *args), env=cli_env() if env is None else env, **kwargs)
 
 
 def run_cli(*args: object, cwd: Path = REPO, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ import pytest
 from builders import checkpoint_tensors, logits, to_tensor, ulp_distance
 from fixtures_arch import ARCHS, ArchZoo, all_cases, load, saved_config
 from qwen_merge import merge_shards, plan_merge
+from qwen_merge.report import render
 from qwen_merge import architectures
 from qwen_merge.names import NameMap
 
@@ -128,6 +129,6 @@ def test_text_only_view_is_not_offered_by_transformers(model_type):
 
 def test_plan_shows_the_renames(arch_zoo, merged_cases):
     case, _ = merged_cases("qwen2_audio", "all_linear_false")
-    text = plan_merge(case.base, case.adapter).render()
+    text = render(plan_merge(case.base, case.adapter))
     for old, new in architectures.RENAME_SETS["qwen2_audio"][0]:
         assert f"{old}* -> base names {new}*" in text

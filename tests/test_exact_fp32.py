@@ -13,16 +13,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from builders import checkpoint_tensors, cli_argv, cli_env
+from builders import checkpoint_tensors, cli_argv, cli_env, run_python
 from qwen_merge import compute, merge_shards
 from qwen_merge.compute import Workspace, make_factors, merge_rows, widen
 
@@ -145,9 +143,7 @@ def _fp32_gemm_bits(settings: dict[str, str]) -> str:
             "a = torch.from_numpy(r.standard_normal((64, 48)).astype(np.float32)); "
             "b = torch.from_numpy(r.standard_normal((48, 300)).astype(np.float32)); "
             "print(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())")
-    env = {**os.environ, **settings}
-    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return run_python(code, env={**cli_env(), **settings}, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def test_fused_add_gives_the_bits_of_the_separate_add(zoo, tmp_path, monkeypatch):

@@ -24,7 +24,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,8 +35,8 @@ from safetensors.torch import load_file
 from qwen_merge import (AdapterError, AlreadyMergedError, FormatError, MismatchError, NonFiniteError, OutputError,
                         QwenMergeError, merge_shards)
 
-from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, cli_env, copy_tree, edit_json, edit_tensors,
-                      file_sha256, read_header, run_cli, tree_hash, write_checkpoint, write_lora_adapter)
+from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, copy_tree, edit_json, edit_tensors,
+                      file_sha256, read_header, run_cli, run_python, tree_hash, write_checkpoint, write_lora_adapter)
 
 S1, S2, S3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -598,8 +597,7 @@ def cli_many(jobs: dict[str, list[object]], scratch: Path) -> dict[str, subproce
     """Run `qwen-merge <argv>` for every job (forked from one interpreter, two at a time)."""
     spec = {key: {"argv": [str(a) for a in argv], "stdout": str(scratch / f"{key}.out"),
                   "stderr": str(scratch / f"{key}.err")} for key, argv in jobs.items()}
-    server = subprocess.run([sys.executable, "-c", FORK_SERVER], input=json.dumps(spec), capture_output=True,
-                            text=True, env=cli_env(), cwd=REPO, timeout=600)
+    server = run_python(FORK_SERVER, input=json.dumps(spec), capture_output=True, text=True, cwd=REPO, timeout=600)
     assert server.returncode == 0, server.stderr
     codes = json.loads(server.stdout.strip().splitlines()[-1])
     return {key: subprocess.CompletedProcess(job["argv"], codes[key], Path(job["stdout"]).read_text(),

@@ -15,6 +15,8 @@ from hubserver import FakeHub, use_hub
 
 from qwen_merge import (DiskFullError, DownloadError, HubError, OutputError, iter_merged, merge_shards, plan_merge,
                         verify_merge)
+from qwen_merge.report import render, to_dict
+from qwen_merge.units import human_bytes
 from qwen_merge import hub as hub_module
 from qwen_merge.fetchplan import fetch_plan
 from qwen_merge import output as output_module
@@ -80,9 +82,26 @@ def test_plan_downloads_only_json_and_headers(hub):
     assert shard_bodies(hub) == 0
     reads = [r for r in hub.requests if BASE in r.path and any(r.path.endswith(n) for n in SHARDS)]
     assert len(reads) == 3 and all(r.method == "GET" and r.range.startswith("bytes=0-") for r in reads)
-    text = plan.render()
+    text = render(plan)
     assert f"{BASE} (Hub, commit {hub.commit_of(BASE)[:12]}" in text
     assert "download: 3 shard(s)" in text and "with --low-disk" in text
+
+
+def test_plan_json_lists_the_downloads_and_the_disk(hub, tmp_path):
+    plan = plan_merge(BASE, LORA)
+    fetch = fetch_plan(plan)
+    document = to_dict(plan)
+    assert document["base"]["hub"] == {"repo": BASE, "revision": None, "commit": hub.commit_of(BASE)}
+    assert document["downloads"] == {"shards": list(SHARDS), "bytes": fetch.download_bytes, "cached_bytes": 0,
+                                     "low_disk_bytes": fetch.low_disk_bytes}
+    assert document["disk"] == {"needed_bytes": plan.output_bytes + fetch.download_bytes,
+                                "low_disk_needed_bytes": plan.output_bytes + fetch.low_disk_bytes}
+    assert f"download: 3 shard(s), {human_bytes(fetch.download_bytes)}" in render(plan)
+    planned = run_cli("plan", BASE, LORA, "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout) == document
+    report = merge_shards(BASE, LORA, tmp_path / "out", progress=False)
+    assert report.bytes_written == plan.output_bytes == document["output"]["bytes"]
 
 
 def test_cached_files_are_never_downloaded_again(hub, tmp_path, local_merge):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx2
 import huggingface_hub
 import numpy as np
 import pytest
+from builders import run_python
 from hubserver import FakeHub, hub_env, use_hub
 from huggingface_hub import (
     HfApi,
@@ -341,8 +340,7 @@ def test_subprocess_uses_the_hub_through_env_vars_only(hub, repo_dir, tmp_path):
     assert env["HF_HUB_OFFLINE"] == "0"
     code = "from huggingface_hub import hf_hub_download; print(hf_hub_download('org/tiny', 'config.json'))"
     hub.reset_requests()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = run_python(code, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     path = Path(out.stdout.strip())
     assert path == _snapshot(cache, hub.commit_of(REPO)) / "config.json"

@@ -2,6 +2,7 @@
 
 * Each module may import only the package modules listed in ALLOWED (imports under `if TYPE_CHECKING:`
   are for annotations and do not count; a deferred import inside a function does).
+* The imports form no circle, deferred ones included: neither the modules' actual imports nor ALLOWED.
 * torch is imported at module level only by the modules that compute (TORCH_AT_IMPORT); everything
   else plans, copies and writes bytes without it, and `import qwen_merge` does not load it.
 * Tensor bytes are read only through `sources` (positioned reads into owned buffers), by the modules in
@@ -11,11 +12,11 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import qwen_merge
+from builders import run_python
 
 ALLOWED = {
     "errors": set(),
@@ -34,9 +35,9 @@ ALLOWED = {
     "quant": {"errors", "recipe", "tensorfile"},
     "layout": {"checkpoint", "tensorfile"},
     "memory": {"tensorfile"},
-    "report": {"adapter", "checkpoint", "fetchplan", "options", "recipe", "units"},
+    "report": {"adapter", "checkpoint", "fetchplan", "manifest", "options", "recipe", "units", "version"},
     "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "targets", "memory",
-             "options", "recipe", "report", "quant", "layout"},
+             "options", "recipe", "quant", "layout", "manifest"},
     "sources": {"errors", "memory", "tensorfile"},
     "hub": {"checkpoint", "errors", "tensorfile"},
     "fetchplan": {"plan"},
@@ -46,7 +47,7 @@ ALLOWED = {
     "stream": {"adapter", "blockquant", "compute", "errors", "pieces", "plan", "quant", "recipe", "sources",
                "tensorfile"},
     "output": {"errors", "memory", "units"},
-    "manifest": {"checkpoint", "errors", "output", "plan", "version"},
+    "manifest": {"checkpoint", "errors", "output", "version"},
     "writer": {"checkpoint", "errors", "manifest", "memory", "output", "pieces", "sources"},
     "progress": {"units"},
     "pickled": {"errors", "adapter"},
@@ -54,9 +55,9 @@ ALLOWED = {
               "output", "pickled",
               "pieces", "plan", "progress", "sources", "stream", "tensorfile", "units", "writer"},
     "demo": {"merge"},
-    "verify": {"checkpoint", "errors", "fetchplan", "merge", "options", "pieces", "plan", "sources", "tensorfile", "ties",
-               "units"},
-    "cli": {"errors", "merge", "demo", "options", "verify", "units", "version"},
+    "verify": {"checkpoint", "errors", "fetchplan", "manifest", "merge", "options", "pieces", "plan", "sources",
+               "tensorfile", "ties", "units"},
+    "cli": {"errors", "merge", "demo", "options", "report", "verify", "units", "version"},
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
@@ -94,9 +95,51 @@ def _is_type_checking(test: ast.expr) -> bool:
     return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
 
 
+def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
+    """A circle in `graph` (module -> the modules it imports) as [a, b, ..., a], or None when there is none."""
+    done: set[str] = set()
+    path: list[str] = []  # the depth-first walk's current chain of imports
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for child in sorted(graph.get(node, ())):
+            if found := visit(child):
+                return found
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((found for node in sorted(graph) if (found := visit(node))), None)
+
+
+def _package_modules() -> dict[str, Path]:
+    return {p.stem: p for p in Path(qwen_merge.__file__).parent.glob("*.py")}
+
+
+def test_the_cycle_finder_finds_a_circle_and_names_it():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"a"}}) is None  # a diamond is no circle
+    assert find_cycle({"plan": {"report"}, "report": {"fetchplan"}, "fetchplan": {"plan"}, "cli": {"plan"}}) == [
+        "plan", "report", "fetchplan", "plan"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+
+
+def test_the_imports_form_no_circle():
+    """Deferred imports inside functions count: they hide a circle from Python's import machinery, not
+    from the design."""
+    actual = {name: _imports(path)[0] for name, path in _package_modules().items()}
+    cycle = find_cycle(actual)
+    assert cycle is None, f"the package's imports form a circle: {' -> '.join(cycle)}"
+    cycle = find_cycle(ALLOWED)
+    assert cycle is None, f"ALLOWED permits a circle: {' -> '.join(cycle)}"
+
+
 def test_every_module_is_listed_and_imports_only_downward():
-    folder = Path(qwen_merge.__file__).parent
-    modules = {p.stem: p for p in folder.glob("*.py")}
+    modules = _package_modules()
     assert set(modules) == set(ALLOWED)
     for name, path in modules.items():
         package, top, _ = _imports(path)
@@ -110,10 +153,21 @@ def test_every_module_is_listed_and_imports_only_downward():
 def test_planning_and_importing_do_not_load_torch(zoo):
     """`import qwen_merge`, `plan_merge` and the CLI's --help run without torch, and local inputs without
     huggingface_hub."""
-    code = ("import sys, qwen_merge; "
+    code = ("import sys, qwen_merge; from qwen_merge.report import render, to_dict; "
             f"plan = qwen_merge.plan_merge({str(zoo.base('qwen_bf16'))!r}, {str(zoo.adapter('basic'))!r}); "
-            "plan.render(); assert plan.merges; "
+            "render(plan); to_dict(plan); assert plan.merges; "
             "from qwen_merge.cli import main; "
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "assert 'huggingface_hub' not in sys.modules, 'huggingface_hub was imported for local inputs'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
+
+
+def test_test_subprocesses_start_through_the_builders_helpers():
+    """A test that starts Python itself (`sys.executable`) bypasses `builders.cli_env()`: its child imports
+    whichever qwen_merge is installed, or none, instead of this checkout's. Only builders.py may name it."""
+    tests = Path(__file__).parent
+    offenders = [path.name for path in sorted(tests.glob("*.py")) if path.name != "builders.py"
+                 and any(isinstance(node, ast.Attribute) and node.attr == "executable"
+                         and isinstance(node.value, ast.Name) and node.value.id == "sys"
+                         for node in ast.walk(ast.parse(path.read_text())))]
+    assert offenders == [], f"start Python through builders.run_python / cli_argv instead: {offenders}"

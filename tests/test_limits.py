@@ -21,7 +21,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from builders import REPO, cli_argv, cli_env, locate, one_error_line, run_cli, ulp_distance, write_linear_pair
+from builders import (REPO, cli_argv, cli_env, locate, one_error_line, run_cli, run_python, ulp_distance,
+                      write_linear_pair)
 from qwen_merge import DiskFullError, merge_shards, plan_merge
 
 GIB = 1 << 30
@@ -84,8 +84,7 @@ def _limit_data() -> None:
 
 def test_the_data_limit_bites():
     """Guard: under RLIMIT_DATA = 1 GiB a process cannot even hold one 1.125 GiB shard in memory."""
-    child = subprocess.run([sys.executable, "-c", "bytearray(9 << 27)"], preexec_fn=_limit_data,
-                           capture_output=True, text=True, timeout=60)
+    child = run_python("bytearray(9 << 27)", preexec_fn=_limit_data, capture_output=True, text=True, timeout=60)
     assert child.returncode != 0 and "MemoryError" in child.stderr, child.stderr
 
 

@@ -9,12 +9,10 @@ clear_refs) to report the honest anonymous peak, which must stay far below one t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import torch
-from builders import (Streamed, SynthSpec, write_checkpoint, write_linear_pair, write_lora_adapter,
+from builders import (Streamed, SynthSpec, run_python, write_checkpoint, write_linear_pair, write_lora_adapter,
                       write_synthetic_fused_adapter, write_synthetic_moe)
 from safetensors import safe_open
 
@@ -66,8 +64,7 @@ def _build(tmp_path):
 
 def _merge_in_limited_child(base, adapter, out) -> dict:
     """Merge in a child process under RLIMIT_DATA; its memory figures (MiB)."""
-    child = subprocess.run([sys.executable, "-c", CHILD, str(base), str(adapter), str(out), str(LIMIT_MIB)],
-                           capture_output=True, text=True)
+    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 

@@ -36,6 +36,7 @@ from torch import nn
 from builders import (PREFIX, checkpoint_tensors, disk_tensors, rewrite_adapter, tree_hash, write_checkpoint)
 from peft_custom_cases import LORA_CASES, build_model
 from qwen_merge import AdapterError, QwenMergeError, merge_shards, plan_merge, verify_merge
+from qwen_merge.report import render
 from reference import U32, U_WIDE, Exact, band, check_fp32, check_rounded, near_boundary
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -266,7 +267,7 @@ def test_conv_streams_whole_filters_in_row_blocks(matrix, name):
     built = matrix.case(name)
     plan = plan_merge(built.base, built.adapter)
     conv = next(op for op in plan.merges if op.pair.kind == "conv")
-    assert ("conv dora r=8" if "DoRA" in name else "conv r=8") in plan.render(detail=True)
+    assert ("conv dora r=8" if "DoRA" in name else "conv r=8") in render(plan, detail=True)
     assert conv.matrix == (conv.shape[0], torch.Size(conv.shape[1:]).numel())
     one_filter = 4 * conv.matrix[1]
     assert _op(plan_merge(built.base, built.adapter, block_bytes=one_filter), conv.name).block_rows == 1
@@ -364,7 +365,7 @@ def test_mica_rounding_peft_is_peft_bit_for_bit(matrix):
     peft_out, single_out = matrix.out(), matrix.out()
     plan = plan_merge(built.base, built.adapter, rounding="peft")
     assert [op.round_delta for op in plan.merges] == [True]
-    assert "delta rounded to BF16 first" in plan.render(detail=True)
+    assert "delta rounded to BF16 first" in render(plan, detail=True)
     merge_shards(built.base, built.adapter, peft_out, progress=False, rounding="peft")
     tensors = load_file(built.adapter / "adapter_model.safetensors")
     config = json.loads((built.adapter / "adapter_config.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 
 from builders import EMBED, checkpoint_tensors, rewrite_adapter, run_cli, tensor_bytes, tree_hash
 from qwen_merge import MismatchError, iter_merged, merge_shards, plan_merge
+from qwen_merge.report import render
 
 FORWARD = ("model.language_model.", "model.")
 REVERSE = ("model.", "model.language_model.")
@@ -33,7 +34,7 @@ def _payloads(folder, rename=None):
 def test_vlm_adapter_on_text_base(arts, vlm, plain):
     plan = plan_merge(arts.base("untied"), arts.adapter(vlm))
     assert tuple(plan.renames) == (FORWARD,), plan.renames
-    text = plan.render()
+    text = render(plan)
     assert "model.language_model." in text, "render() does not show the rename"
     ours = checkpoint_tensors(arts.merged(vlm).out)
     expected = checkpoint_tensors(arts.merged(plain).out)
@@ -46,7 +47,7 @@ def test_vlm_adapter_on_text_base(arts, vlm, plain):
 def test_text_adapter_on_vlm_base(arts, plain):
     plan = plan_merge(arts.base("untied_vlm"), arts.adapter(plain))
     assert tuple(plan.renames) == (REVERSE,), plan.renames
-    assert "model.language_model." in plan.render()
+    assert "model.language_model." in render(plan)
     ours = _payloads(arts.merged(plain, base="untied_vlm").out, rename=("model.language_model.", "model."))
     expected = checkpoint_tensors(arts.merged(plain).out)
     assert sorted(ours) == sorted(expected)
@@ -64,7 +65,7 @@ def test_explicit_key_map(arts):
     key_map = {"backbone.": "model."}
     plan = plan_merge(arts.base("untied"), arts.adapter("custom_emb"), key_map=key_map)
     assert tuple(plan.renames) == (("backbone.", "model."),), plan.renames
-    assert "backbone." in plan.render()
+    assert "backbone." in render(plan)
     ours = checkpoint_tensors(arts.merged("custom_emb", key_map=key_map).out)
     expected = checkpoint_tensors(arts.merged("emb").out)
     assert ours == expected

@@ -28,6 +28,7 @@ from builders import (EMBED, HEAD, adapter_tensors, check_index, check_like_unme
                       disk_tensors, edit_json, embedding_operands, expected_ops, fl32, input_ids, load_base_model,
                       logits, operand_ulps, peft_unmerged, record, scale_of, single_rounding, tensor_bytes, ulp_count)
 from qwen_merge import merge_shards, plan_merge
+from qwen_merge.report import render
 from qwen_merge.ties import Tie, TieDecision
 
 # adapter -> (stays tied, expected embedding, expected lm_head)
@@ -242,7 +243,7 @@ def test_plan_says_what_it_decided_for_the_tie(arts, name, base_name):
         assert "kept tied" in text, plan.tie
     else:
         assert "untied" in text and "kept tied" not in text, plan.tie
-    assert str(plan.tie) in plan.render(), "render() does not show the tie decision"
+    assert str(plan.tie) in render(plan), "render() does not show the tie decision"
 
 
 def test_untying_updates_nested_text_config(arts, tmp_path):

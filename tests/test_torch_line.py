@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import torch
 
 import qwen_merge.merge as merge_module
-from builders import ADAPTER_CFG, ADAPTER_ST, PREFIX, checkpoint_tensors, locate, to_tensor, write_safetensors
+from builders import (ADAPTER_CFG, ADAPTER_ST, PREFIX, checkpoint_tensors, locate, run_python, to_tensor,
+                      write_safetensors)
 from qwen_merge import merge_shards, plan_merge
 
 NORM = "model.norm.weight"
@@ -34,7 +33,7 @@ def test_a_merge_that_computes_nothing_never_imports_torch(zoo, tmp_path):
     code = ("import sys; from qwen_merge import merge_shards; "
             f"merge_shards({str(base)!r}, {str(adapter)!r}, {str(out)!r}, progress=False); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code, check=True)
     ours, theirs = checkpoint_tensors(out), checkpoint_tensors(base)
     assert to_tensor(*ours[NORM][1:]).equal(replacement)
     assert all(ours[n] == theirs[n] for n in theirs if n != NORM)

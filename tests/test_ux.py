@@ -11,13 +11,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import qwen_merge.merge
-from builders import cli_env, run_cli, tree_hash
+from builders import cli_argv, cli_env, run_cli, tree_hash
 from qwen_merge import merge_shards
 from qwen_merge.cli import main
 from qwen_merge.output import check_free_space, partial_folder_of, write_error
@@ -237,8 +236,8 @@ def test_progress_in_a_log_file_is_plain_lines(zoo, tmp_path):
     base, adapter = zoo.pair("basic")
     log = tmp_path / "log.txt"
     with open(log, "wb") as stderr:
-        proc = subprocess.run([sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter),
-                               str(tmp_path / "out")], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+        proc = subprocess.run(cli_argv("merge", base, adapter, tmp_path / "out"), cwd=tmp_path, env=cli_env(),
+                              stdout=subprocess.PIPE,
                               stderr=stderr, timeout=300)
     assert proc.returncode == 0
     text = log.read_bytes()
