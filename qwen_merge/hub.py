@@ -53,6 +53,13 @@ def repo_ref(value: object) -> RepoRef | None:
     return RepoRef(name, revision or None)
 
 
+def _no_path(value: str) -> str:
+    """The first half of the error for a repo id the Hub does not know: a `str` taken for a repo id is
+    never an existing path, and it may be a mistyped one, so the error says that no path of that name
+    exists either (relative to this directory)."""
+    return f"{value}: no file or folder of that name in {Path.cwd()}, and"
+
+
 def resolve(ref: RepoRef) -> HubOrigin:
     """The commit `ref` points at, and the repo's files at that commit with their sizes. Offline, or when
     the Hub cannot be reached, the cache alone answers (its `refs/<branch>` file names the commit)."""
@@ -142,8 +149,9 @@ def _resolve_offline(ref: RepoRef, why: str) -> HubOrigin:
     commit = revision if _COMMIT.fullmatch(revision) else _read_ref(repo, revision)
     folder = repo / "snapshots" / (commit or "?")
     if commit is None or not folder.is_dir():
-        raise HubError(f"{ref}: not in the Hugging Face cache ({repo.parent}) and {why}; run once with the "
-                       f"Hub reachable (HF_HUB_OFFLINE unset), or pass a local folder")
+        raise HubError(f"{_no_path(str(ref))} as a Hub repo id it is not in the Hugging Face cache "
+                       f"({repo.parent}) and {why}; check the path, or run once with the Hub reachable "
+                       f"(HF_HUB_OFFLINE unset)")
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     return HubOrigin(ref.repo_id, ref.revision, commit, folder, sizes, frozenset(sizes), offline=True)
 
@@ -242,9 +250,9 @@ def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> I
         raise HubError(f"{where}: gated repository: accept its conditions on the Hub with your account, then log "
                        f"in (`hf auth login`, or set HF_TOKEN) so this machine uses that account's token") from e
     except errors.RepositoryNotFoundError as e:
-        raise HubError(f"{repo_id}: no such repository on the Hub, or it is private: check the id, or log in "
-                       f"(`hf auth login`, or set HF_TOKEN) with an account that can read it; a local "
-                       f"folder of that name would have been used if it existed") from e
+        raise HubError(f"{_no_path(str(RepoRef(repo_id, revision)))} no such repository on the Hub, or it is "
+                       f"private: check the path or the id, or log in (`hf auth login`, or set HF_TOKEN) with an "
+                       f"account that can read it") from e
     except errors.RevisionNotFoundError as e:
         raise HubError(f"{where}: revision {revision!r} not found in {repo_id} (a branch, tag or commit)") from e
     except errors.RemoteEntryNotFoundError as e:
