@@ -24,6 +24,7 @@ from .units import human_bytes
 
 
 BASE_HELP = "model folder, .safetensors file, or Hugging Face repo id (org/name[@revision])"
+OPTIONAL_BASE_HELP = BASE_HELP + "; omitted: the base_model_name_or_path of ADAPTER's adapter_config.json"
 ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision])"
 
 
@@ -63,7 +64,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         hint = _did_you_mean([word for word in unknown if word.startswith("-")], flags)
         noun = "arguments" if len(unknown) > 1 else "argument"
         raise _UsageError(f"unrecognized {noun}: {' '.join(unknown)}{hint}", command)
+    _check_omitted_base(args, commands)
     return args
+
+
+def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.ArgumentParser]) -> None:
+    """`plan ADAPTER` and `merge ADAPTER OUT` leave BASE out (it is then the model the adapter names);
+    argparse fills ADAPTER and OUT from the right. A first argument that is no adapter (nor a Hub repo id,
+    which may hold one) means an argument is missing instead, as it did before BASE could be omitted."""
+    from .basemodel import may_be_adapter
+
+    if getattr(args, "base", "") is not None:
+        return
+    if not may_be_adapter(args.adapter):
+        missing = "out" if args.command == "merge" else "adapter"
+        raise _UsageError(f"the following arguments are required: {missing}", commands[args.command])
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -74,11 +89,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"qwen-merge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
-    plan.add_argument("base", help=BASE_HELP)
+    plan.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
-    merge.add_argument("base", help=BASE_HELP)
+    merge.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     merge.add_argument("adapter", help=ADAPTER_HELP)
     merge.add_argument("out", help="output folder (created; must not be inside an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
@@ -110,6 +125,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                        help="convert every float tensor of the output to this dtype (an FP8 base is dequantized); "
                             "default: the base's own dtypes, untouched tensors copied byte for byte")
+        p.add_argument("--tokenizer", default="auto", metavar="{auto,base,adapter,DIR}",
+                       help="the tokenizer files the output gets: auto (default): the adapter's when they differ "
+                            "from the base's in vocabulary, added or special tokens or chat template; base; "
+                            "adapter; or the tokenizer in folder DIR")
         p.add_argument("--max-shard-size", metavar="SIZE",
                        help="re-shard the output: at most SIZE bytes per shard (e.g. 5GB, 500MB, 2GiB; GB = 10^9), "
                             "named model-0000k-of-0000n.safetensors; default: the base's shard layout")
@@ -188,7 +207,8 @@ def _options(args: argparse.Namespace) -> dict:
             raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
         key_map.append((old, new))
     return {"options": MergeOptions(rounding=args.rounding, key_map=tuple(key_map), allow_pickle=args.allow_pickle,
-                                    dtype=args.dtype, max_shard_size=args.max_shard_size)}
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                    tokenizer=args.tokenizer)}
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,13 +131,14 @@ def _single_weights(origin: HubOrigin, top: list[str]) -> str:
                    f"safetensors files found: {found}")
 
 
-def fetch_adapter(origin: HubOrigin, allow_pickle: bool) -> Path:
-    """Download an adapter repo's config and weights (they are small) and return its snapshot folder."""
+def fetch_adapter(origin: HubOrigin, allow_pickle: bool, extra: Iterable[str] = ()) -> Path:
+    """Download an adapter repo's config and weights (they are small), and the `extra` files it has at its
+    top level (the tokenizer saved beside the adapter), and return its snapshot folder."""
     if ADAPTER_CONFIG not in origin.sizes:
         raise HubError(f"{origin}: not a PEFT adapter: the repo has no {ADAPTER_CONFIG} at commit "
                        f"{origin.commit[:12]} (a model repo given as ADAPTER? BASE comes first)")
     fetch(origin, ADAPTER_CONFIG)
-    for name in (ADAPTER_WEIGHTS, "adapter_model.bin" if allow_pickle else None):
+    for name in (ADAPTER_WEIGHTS, "adapter_model.bin" if allow_pickle else None, *extra):
         if name in origin.sizes:
             fetch(origin, name)
     return origin.folder

@@ -14,6 +14,7 @@ from .checkpoint import MANIFEST_NAME, HubOrigin, read_json
 from .errors import AlreadyMergedError, OutputError
 from .output import partial_folder_of, sha256_file
 from .plan import MergePlan
+from .tokenizer import identity as tokenizer_identity
 from .version import VERSION
 
 
@@ -29,7 +30,7 @@ def identity(plan: MergePlan) -> dict:
         "adapter": {"weights_sha256": sha256_file(adapter.file.path), "weights_size": adapter.file.size,
                     "config_sha256": sha256_file(adapter.root / "adapter_config.json")} | _hub(adapter.hub),
         "options": plan.options.identity(),
-    }
+    } | tokenizer_identity(plan.tokenizer)  # the adapter's or a folder's tokenizer files, when the output takes them
 
 
 def _hub(origin: HubOrigin | None) -> dict:
@@ -110,6 +111,8 @@ def differences(old: dict, new: dict) -> list[str]:
         if was != now:
             changes.append(f"{role} {_hub_text(was)} -> {_hub_text(now)}")
     changes += _base_changes(old, new) + _adapter_changes(old.get("adapter") or {}, new.get("adapter") or {})
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changes.append("the tokenizer files the output takes changed")
     if not changes and old != new:  # a field this version does not describe (a record from another version)
         changes.append("the recorded identity differs")
     return changes

@@ -8,6 +8,7 @@ output bytes, recorded in the manifest and the resume state.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +17,7 @@ from .errors import OptionError
 from .units import parse_size
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
+TOKENIZER_CHOICES = ("auto", "base", "adapter")  # or a folder
 # Output dtypes by the names torch, transformers' config and safetensors use for them.
 OUTPUT_DTYPES = {"bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
                  "float32": "F32", "fp32": "F32", "float": "F32"}
@@ -38,7 +40,9 @@ class MergeOptions:
     "float32"; stored as the safetensors name, "BF16"...), None for the base's own. max_shard_size: bytes
     per output shard (or "5GB", "500MB"), None for the base's shard layout. low_disk: delete each base
     shard this run downloaded from the Hub as soon as the output shards that read it are complete (how the
-    merge runs, not what it writes: not part of the identity)."""
+    merge runs, not what it writes: not part of the identity). tokenizer: which tokenizer files the output
+    gets: "auto" (the adapter's when they differ in substance from the base's), "base", "adapter", or a
+    folder holding a tokenizer (`qwen_merge.tokenizer`)."""
 
     rounding: Rounding = Rounding.SINGLE
     key_map: tuple[tuple[str, str], ...] = ()
@@ -48,6 +52,7 @@ class MergeOptions:
     dtype: str | None = None
     max_shard_size: int | None = None
     low_disk: bool = False
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -63,6 +68,11 @@ class MergeOptions:
             raise OptionError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", _output_dtype(self.dtype))
+        if isinstance(self.tokenizer, os.PathLike):
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_CHOICES)} or a folder, "
+                              f"got {self.tokenizer!r}")
         if self.max_shard_size is not None:
             try:
                 object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
@@ -80,7 +90,8 @@ class MergeOptions:
         """The options that determine the output bytes, as recorded in the manifest."""
         return {"rounding": self.rounding.value, "key_map": dict(self.key_map),
                 "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes,
-                "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+                "dtype": self.dtype, "max_shard_size": self.max_shard_size,
+                "tokenizer": self.tokenizer if self.tokenizer in TOKENIZER_CHOICES else "folder"}
 
 
 def _output_dtype(name: object) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import experts, layout, memory, targets, ties
 from .adapter import Adapter, Kind, TokenRows, settle_parameters
@@ -21,6 +23,9 @@ from .options import MergeOptions, Rounding
 from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
+
+if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
+    from .tokenizer import TokenizerChoice
 
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
@@ -143,7 +148,9 @@ class MergePlan:
     `config` the output config.json when it must differ from the base's (vocab size, tying), else None;
     `renames` the prefix renames applied to adapter names; `tie` what was decided for tied embeddings;
     `index_name` the output's index file (None when the output is a single file without one);
-    `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint)."""
+    `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint);
+    `tokenizer` the tokenizer files the output gets (`qwen_merge.tokenizer`); `notes` facts about the inputs
+    worth a line of their own (the adapter names another base model, BASE was taken from the adapter)."""
 
     base: Checkpoint
     adapter: Adapter
@@ -159,6 +166,21 @@ class MergePlan:
     index_json: bytes = b""  # the output's index file, as written (empty without an index)
     index_name: str | None = None
     dropped: tuple[str, ...] = ()
+    tokenizer: TokenizerChoice | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def side_files(self) -> tuple[Path, ...]:
+        """The files copied beside the shards: the base's side files, but with the tokenizer files of the
+        chosen tokenizer when it is not the base's (whole: none of the base's tokenizer files stay)."""
+        if self.tokenizer is None or self.tokenizer.source == "base":
+            return self.base.side_files
+        kept = [p for p in self.base.side_files if p.name not in self.tokenizer.left_out]
+        return tuple(sorted([*kept, *self.tokenizer.files], key=lambda p: p.name))
+
+    def side_file_size(self, path: Path) -> int:
+        """The size of a side file of the output (a Hub base's from its listing: it may not be cached yet)."""
+        return self.base.file_size(path) if path in self.base.side_files else path.stat().st_size
 
     @property
     def merges(self) -> tuple[TensorOp, ...]:
@@ -184,13 +206,14 @@ class MergePlan:
         return render(self, detail)
 
 
-def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues
-              ) -> MergePlan:
+def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues,
+              tokenizer: TokenizerChoice | None = None) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
     `same_values(x, y, transposed)` says whether two adapter tensors hold the same values (y transposed),
-    which the tied-embedding decision needs.
+    which the tied-embedding decision needs. `tokenizer`: the tokenizer files the output gets (None: the
+    base's side files as they are).
 
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
@@ -231,7 +254,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     shards, index_name = _layout(base, ops, added, dropped, where, options.max_shard_size)
     plan = MergePlan(base, adapter, options, shards, tuple(op for s in shards for op in _ops_in_order(s)),
                      copied=sum(len(s.entries) - len(s.ops) for s in shards), config=config,
-                     renames=names.renames, tie=tie, index_name=index_name, dropped=tuple(dropped))
+                     renames=names.renames, tie=tie, index_name=index_name, dropped=tuple(dropped),
+                     tokenizer=tokenizer)
     index = index_json(plan.index_document()) if index_name else b""
     peak = memory.predict_peak(plan.ops, tensors=sum(len(s.entries) for s in shards))
     return dataclasses.replace(plan, output_bytes=_output_bytes(plan, len(index)), index_json=index,
@@ -551,5 +575,5 @@ def _ops_in_order(shard: ShardPlan) -> list[TensorOp]:
 
 
 def _output_bytes(plan: MergePlan, index_bytes: int) -> int:
-    side = sum(plan.base.file_size(p) for p in plan.base.side_files)
+    side = sum(plan.side_file_size(p) for p in plan.side_files)
     return sum(s.size for s in plan.shards) + side + index_bytes

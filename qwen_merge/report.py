@@ -47,6 +47,8 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     size = sum(s.entries[-1].end for s in base.shards if s.entries)
     yield f"base:    {_where(base.root, base.hub)}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
     yield f"adapter: {_where(adapter.root, adapter.hub)}  ({_adapter_summary(adapter)})"
+    for note in plan.notes:
+        yield f"note:    {note}"
     yield from _download_lines(plan)
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
@@ -67,8 +69,10 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     if plan.options.rounding is not Rounding.SINGLE:
         yield (f"rounding: {plan.options.rounding.value} (PEFT's double rounding for embedding LoRA, "
                f"target_parameters and MiCA)")
-    files = len(plan.shards) + len(base.side_files) + (1 if plan.index_name else 0) + 1  # + the manifest
-    sides = ", ".join(p.name for p in base.side_files) or "no side files"
+    if plan.tokenizer is not None:
+        yield f"tokenizer: {plan.tokenizer}"
+    files = len(plan.shards) + len(plan.side_files) + (1 if plan.index_name else 0) + 1  # + the manifest
+    sides = ", ".join(p.name for p in plan.side_files) or "no side files"
     yield f"output:  {human_bytes(plan.output_bytes)} in {files} files (with {sides}, qwen_merge.json)"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"

@@ -62,7 +62,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  block_bytes: int | None = None, dtype: str | None = None,
-                 max_shard_size: int | str | None = None) -> VerifyReport:
+                 max_shard_size: int | str | None = None, tokenizer: str | os.PathLike | None = None
+                 ) -> VerifyReport:
     """Check that `output` is the merge of `adapter` into `base`, reading headers, JSON and bytes only.
 
     Checks (each failure is one line of `problems`): the files present (no shard, index or side file
@@ -72,12 +73,13 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     own code, on sampled row blocks (first, middle, last) or on all of them with `full`; config.json as
     planned (byte-identical to the base's when the merge does not change it) and consistent with the
     tensors (vocab_size and the embedding's rows, tie_word_embeddings and lm_head); other side files
-    byte-identical to the base's.
+    byte-identical to the base's, or to the adapter's (or a folder's) tokenizer files when the merge takes
+    its tokenizer from there.
 
     Args:
         output: the merged folder to check.
-        base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: those
-            of the merge, as for `plan_merge`.
+        base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size,
+            tokenizer: those of the merge, as for `plan_merge`.
         full: recompute every row block of computed tensors instead of a sample.
 
     Returns:
@@ -100,7 +102,7 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               block_bytes=block_bytes, allow_nonfinite=True,
-                              dtype=dtype, max_shard_size=max_shard_size)
+                              dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer)
     with _planned(base, adapter, options) as plan:
         fetch_side_files(plan)
         checker = _Checker(plan, out, full)
@@ -146,8 +148,7 @@ class _Checker:
     # -- files and index -------------------------------------------------------------------------------
 
     def _check_files(self) -> set[str]:
-        base = self.plan.base
-        expected = [s.name for s in self.plan.shards] + [p.name for p in base.side_files]
+        expected = [s.name for s in self.plan.shards] + [p.name for p in self.plan.side_files]
         if self.plan.index_name:
             expected.append(self.plan.index_name)
         found = {p.name: p for p in self.out.iterdir() if p.name not in IGNORED_NAMES}
@@ -420,13 +421,14 @@ class _Checker:
     # -- side files ------------------------------------------------------------------------------------
 
     def _check_side_files(self, present: set[str]) -> None:
-        for source in self.plan.base.side_files:
+        for source in self.plan.side_files:
             if source.name not in present or (source.name == CONFIG_NAME and self.plan.config is not None):
                 continue
             path = self.out / source.name
+            owner = "the base's" if source in self.plan.base.side_files else f"the {self.plan.tokenizer.source}'s"
             mine, theirs = path.stat().st_size, source.stat().st_size
             if mine != theirs:
-                self.problem(f"{path}: differs from the base's {source} ({mine} bytes instead of {theirs}); side "
+                self.problem(f"{path}: differs from {owner} {source} ({mine} bytes instead of {theirs}); side "
                              f"files are copied unchanged")
                 continue
             fd_out, fd_src = os.open(path, os.O_RDONLY), os.open(source, os.O_RDONLY)
@@ -436,7 +438,7 @@ class _Checker:
                 os.close(fd_out)
                 os.close(fd_src)
             if diff:
-                self.problem(f"{path}: differs from the base's {source} (mismatch in {_bytes(diff[0])}, the first "
+                self.problem(f"{path}: differs from {owner} {source} (mismatch in {_bytes(diff[0])}, the first "
                              f"at byte {diff[1]}); side files are copied unchanged")
 
     # -- bytes -----------------------------------------------------------------------------------------
