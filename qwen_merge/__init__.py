@@ -16,7 +16,7 @@ from .version import VERSION as __version__
 
 _EXPORTS = {
     "merge_shards": "merge", "plan_merge": "merge", "iter_merged": "merge", "MergeReport": "merge",
-    "verify_merge": "verify", "VerifyReport": "verify",
+    "verify_merge": "verify", "VerifyReport": "verify", "base_of": "basemodel",
     "MergeOptions": "options", "Rounding": "options",
     "MergePlan": "plan", "TensorOp": "plan",
     **dict.fromkeys(("QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError",
@@ -27,6 +27,7 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from .basemodel import base_of
     from .errors import (AdapterError, AlreadyMergedError, DiskFullError, DownloadError, FormatError, HubError,
                          MismatchError, NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
     from .merge import MergeReport, iter_merged, merge_shards, plan_merge

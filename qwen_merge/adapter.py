@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .checkpoint import HubOrigin, read_json
+from .checkpoint import HubOrigin, no_such_path, read_json
 from .errors import AdapterError, MismatchError
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile, read_header
 
@@ -166,17 +166,30 @@ def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | Non
         MismatchError: the factors of a module disagree with each other or with the config's rank.
         FormatError: unreadable JSON or safetensors header.
     """
+    path = config_path(adapter)
+    root = path.parent
+    config = read_json(path, CONFIG_NAME)
+    _check_config(path, config)
+    file = read_header(weights if weights is not None else weights_path(root))
+    return _sort_tensors(root, config, file)
+
+
+def config_path(adapter: str | os.PathLike) -> Path:
+    """The adapter_config.json of an adapter folder (or of the folder holding the adapter file given).
+
+    Raises:
+        AdapterError: no such folder, or no adapter_config.json in it (with a hint for the usual mix-ups).
+    """
     root = Path(adapter)
     if root.is_file() and root.name in (CONFIG_NAME, WEIGHTS_NAME):
         root = root.parent
+    if not root.exists():
+        raise AdapterError(f"{root}: adapter folder not found: {no_such_path(root)}")
     if not root.is_dir():
         raise AdapterError(f"{root}: adapter folder not found (expected a folder with {CONFIG_NAME})")
     if not (root / CONFIG_NAME).is_file():
         raise _missing_config(root)
-    config = read_json(root / CONFIG_NAME, CONFIG_NAME)
-    _check_config(root / CONFIG_NAME, config)
-    file = read_header(weights if weights is not None else weights_path(root))
-    return _sort_tensors(root, config, file)
+    return root / CONFIG_NAME
 
 
 def _missing_config(root: Path) -> AdapterError:

@@ -75,7 +75,7 @@ def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
     """
     path = Path(base)
     if not path.exists():
-        raise FormatError(f"{path}: base model not found")
+        raise FormatError(f"{path}: base model not found: {no_such_path(path)}")
     if path.is_file() and path.name.endswith(".safetensors"):
         _refuse_adapter(path.parent, [path])
         _refuse_one_shard(path)
@@ -90,6 +90,11 @@ def open_checkpoint(base: str | os.PathLike) -> Checkpoint:
     shards = tuple(read_header(_inside(root, root / name)) for name in sorted(set(weight_map.values())))
     stored = check_index_matches(index_path, weight_map, shards)
     return _assemble(root, shards, index_path.name, metadata, side_files=True, weight_map=stored)
+
+
+def no_such_path(path: Path) -> str:
+    """"no such file or folder", and for a relative path the directory it was looked for in."""
+    return "no such file or folder" + ("" if path.is_absolute() else f" in {Path.cwd()}")
 
 
 def _inside(root: Path, path: Path) -> Path:

@@ -28,11 +28,12 @@ from .units import human_bytes
 
 
 BASE_HELP = "model folder, .safetensors file, or Hugging Face repo id (org/name[@revision])"
+OPTIONAL_BASE_HELP = BASE_HELP + "; omitted: the base_model_name_or_path of ADAPTER's adapter_config.json"
 ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision])"
 # The flag of each option keyword, for errors about an option (`OptionError.option`).
 FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
          "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
-         "low_disk": "--low-disk"}
+         "low_disk": "--low-disk", "tokenizer": "--tokenizer"}
 # The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
 # the shell shows for a program that SIGPIPE ended.
 BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
@@ -74,7 +75,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         hint = _did_you_mean([word for word in unknown if word.startswith("-")], flags)
         noun = "arguments" if len(unknown) > 1 else "argument"
         raise _UsageError(f"unrecognized {noun}: {' '.join(unknown)}{hint}", command)
+    _check_omitted_base(args, commands)
     return args
+
+
+def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.ArgumentParser]) -> None:
+    """`plan ADAPTER` and `merge ADAPTER OUT` leave BASE out (it is then the model the adapter names);
+    argparse fills ADAPTER and OUT from the right. A first argument that is no adapter (nor a Hub repo id,
+    which may hold one) means an argument is missing instead, as it did before BASE could be omitted."""
+    from .basemodel import may_be_adapter
+
+    if getattr(args, "base", "") is not None:
+        return
+    if not may_be_adapter(args.adapter):
+        missing = "out" if args.command == "merge" else "adapter"
+        raise _UsageError(f"the following arguments are required: {missing}", commands[args.command])
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -85,7 +100,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"qwen-merge {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
-    plan.add_argument("base", help=BASE_HELP)
+    plan.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
     plan.add_argument("--json", action="store_true",
@@ -93,7 +108,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan.add_argument("--force", action="store_true",
                       help="plan even if BASE's manifest shows this adapter was already merged into it")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
-    merge.add_argument("base", help=BASE_HELP)
+    merge.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     merge.add_argument("adapter", help=ADAPTER_HELP)
     merge.add_argument("out", help="output folder (created; must not be inside an input)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
@@ -128,6 +143,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help=f"convert every float tensor of the output to DTYPE (an FP8 base is dequantized): "
                             f"{dtype_choices()}; default: the base's own dtypes, untouched tensors copied byte for "
                             f"byte")
+        p.add_argument("--tokenizer", metavar="{auto,base,adapter,DIR}",
+                       help="the tokenizer files the output gets: auto (default): the adapter's when they differ "
+                            "from the base's in vocabulary, added or special tokens or chat template; base; "
+                            "adapter; or the tokenizer in folder DIR")
         p.add_argument("--max-shard-size", metavar="SIZE",
                        help="re-shard the output: at most SIZE bytes per shard (e.g. 5GB, 500MB, 2GiB; GB = 10^9), "
                             "named model-0000k-of-0000n.safetensors; default: the base's shard layout")
@@ -232,7 +251,7 @@ def _options(args: argparse.Namespace) -> dict:
             raise OptionError(f"--map {item!r}: expected FROM=TO, e.g. --map model.language_model.=model.")
         key_map.setdefault(old, new)  # the first rename of a prefix applies, as in an ordered key_map
     return {"rounding": args.rounding, "key_map": key_map or None, "allow_pickle": args.allow_pickle or None,
-            "dtype": args.dtype, "max_shard_size": args.max_shard_size}
+            "dtype": args.dtype, "max_shard_size": args.max_shard_size, "tokenizer": args.tokenizer}
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def _config() -> dict:
 
 
 def build_adapter(folder: Path, generator: torch.Generator) -> None:
-    """A PEFT-format LoRA adapter (fp32 factors, as PEFT saves them) on all seven projections."""
+    """A PEFT-format LoRA adapter (fp32 factors, as PEFT saves them) on all seven projections, naming the
+    folder `base` beside it as its base model."""
     tensors = {}
     for layer in range(LAYERS):
         for name, (out, inp) in PROJECTIONS.items():
@@ -73,7 +74,7 @@ def build_adapter(folder: Path, generator: torch.Generator) -> None:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "use_rslora": False,
         "target_modules": [n.split(".")[-1] for n in PROJECTIONS], "bias": "none", "fan_in_fan_out": False,
         "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "init_lora_weights": False, "base_model_name_or_path": "qwen-merge-demo-base"})
+        "init_lora_weights": False, "base_model_name_or_path": "base"})
 
 
 def check(base: Path, adapter: Path, out: Path) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +51,13 @@ def repo_ref(value: object) -> RepoRef | None:
     if not _NAME.fullmatch(name) or ".." in name or (at and not revision.strip()):
         return None
     return RepoRef(name, revision or None)
+
+
+def _no_path(value: str) -> str:
+    """The first half of the error for a repo id the Hub does not know: a `str` taken for a repo id is
+    never an existing path, and it may be a mistyped one, so the error says that no path of that name
+    exists either (relative to this directory)."""
+    return f"{value}: no file or folder of that name in {Path.cwd()}, and"
 
 
 def resolve(ref: RepoRef) -> HubOrigin:
@@ -124,13 +131,14 @@ def _single_weights(origin: HubOrigin, top: list[str]) -> str:
                    f"safetensors files found: {found}")
 
 
-def fetch_adapter(origin: HubOrigin, allow_pickle: bool) -> Path:
-    """Download an adapter repo's config and weights (they are small) and return its snapshot folder."""
+def fetch_adapter(origin: HubOrigin, allow_pickle: bool, extra: Iterable[str] = ()) -> Path:
+    """Download an adapter repo's config and weights (they are small), and the `extra` files it has at its
+    top level (the tokenizer saved beside the adapter), and return its snapshot folder."""
     if ADAPTER_CONFIG not in origin.sizes:
         raise HubError(f"{origin}: not a PEFT adapter: the repo has no {ADAPTER_CONFIG} at commit "
                        f"{origin.commit[:12]} (a model repo given as ADAPTER? BASE comes first)")
     fetch(origin, ADAPTER_CONFIG)
-    for name in (ADAPTER_WEIGHTS, "adapter_model.bin" if allow_pickle else None):
+    for name in (ADAPTER_WEIGHTS, "adapter_model.bin" if allow_pickle else None, *extra):
         if name in origin.sizes:
             fetch(origin, name)
     return origin.folder
@@ -142,8 +150,9 @@ def _resolve_offline(ref: RepoRef, why: str) -> HubOrigin:
     commit = revision if _COMMIT.fullmatch(revision) else _read_ref(repo, revision)
     folder = repo / "snapshots" / (commit or "?")
     if commit is None or not folder.is_dir():
-        raise HubError(f"{ref}: not in the Hugging Face cache ({repo.parent}) and {why}; run once with the "
-                       f"Hub reachable (HF_HUB_OFFLINE unset), or pass a local folder")
+        raise HubError(f"{_no_path(str(ref))} as a Hub repo id it is not in the Hugging Face cache "
+                       f"({repo.parent}) and {why}; check the path, or run once with the Hub reachable "
+                       f"(HF_HUB_OFFLINE unset)")
     sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     return HubOrigin(ref.repo_id, ref.revision, commit, folder, sizes, frozenset(sizes), offline=True)
 
@@ -242,9 +251,9 @@ def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> I
         raise HubError(f"{where}: gated repository: accept its conditions on the Hub with your account, then log "
                        f"in (`hf auth login`, or set HF_TOKEN) so this machine uses that account's token") from e
     except errors.RepositoryNotFoundError as e:
-        raise HubError(f"{repo_id}: no such repository on the Hub, or it is private: check the id, or log in "
-                       f"(`hf auth login`, or set HF_TOKEN) with an account that can read it; a local "
-                       f"folder of that name would have been used if it existed") from e
+        raise HubError(f"{_no_path(str(RepoRef(repo_id, revision)))} no such repository on the Hub, or it is "
+                       f"private: check the path or the id, or log in (`hf auth login`, or set HF_TOKEN) with an "
+                       f"account that can read it") from e
     except errors.RevisionNotFoundError as e:
         raise HubError(f"{where}: revision {revision!r} not found in {repo_id} (a branch, tag or commit)") from e
     except errors.RemoteEntryNotFoundError as e:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .checkpoint import MANIFEST_NAME, HubOrigin, read_json
 from .errors import AlreadyMergedError, OutputError
 from .output import json_bytes, partial_folder_of, sha256_file
+from .tokenizer import identity as tokenizer_identity
 from .version import VERSION
 
 if TYPE_CHECKING:  # for annotations only: the plan counts the manifest among the output's files
@@ -39,7 +40,7 @@ def _identity(plan: MergePlan, weights_sha256: str, config_sha256: str) -> dict:
         "adapter": {"weights_sha256": weights_sha256, "weights_size": adapter.file.size,
                     "config_sha256": config_sha256} | _hub(adapter.hub),
         "options": plan.options.identity(),
-    }
+    } | tokenizer_identity(plan.tokenizer)  # the adapter's or a folder's tokenizer files, when the output takes them
 
 
 def _hub(origin: HubOrigin | None) -> dict:
@@ -85,12 +86,12 @@ def check_plan_not_merged_twice(plan: MergePlan, force: bool) -> None:
 
 def output_files(plan: MergePlan) -> dict[str, int]:
     """Every file `merge_shards` writes into the output folder and its size in bytes, in writing order:
-    the shards, the base's side files (config.json as the plan rewrites it), the index, and the
+    the shards, the side files (config.json as the plan rewrites it; the chosen tokenizer's), the index, and the
     manifest. The manifest's size is known before its digests are, as a SHA-256 has a fixed length."""
     files = {shard.name: shard.size for shard in plan.shards}
-    for side in plan.base.side_files:
+    for side in plan.side_files:
         rewritten = side.name == "config.json" and plan.config is not None
-        files[side.name] = len(json_bytes(plan.config)) if rewritten else plan.base.file_size(side)
+        files[side.name] = len(json_bytes(plan.config)) if rewritten else plan.side_file_size(side)
     if plan.index_name:
         files[plan.index_name] = len(plan.index_json)
     digests = {shard.name: {"sha256": SHA256_PLACEHOLDER, "size": shard.size} for shard in plan.shards}
@@ -157,6 +158,8 @@ def differences(old: dict, new: dict) -> list[str]:
         if was != now:
             changes.append(f"{role} {_hub_text(was)} -> {_hub_text(now)}")
     changes += _base_changes(old, new) + _adapter_changes(old.get("adapter") or {}, new.get("adapter") or {})
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changes.append("the tokenizer files the output takes changed")
     if not changes and old != new:  # a field this version does not describe (a record from another version)
         changes.append("the recorded identity differs")
     return changes

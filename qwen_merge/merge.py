@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Collection, Iterator
@@ -20,15 +21,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import hub
-from .adapter import open_adapter
+from . import basemodel, hub
+from .adapter import Adapter, open_adapter
 from .checkpoint import MANIFEST_NAME, Checkpoint, HubOrigin, open_checkpoint
-from .errors import DiskFullError, FormatError
+from .errors import DiskFullError, FormatError, QwenMergeError
 from .fetchplan import FetchPlan, fetch_plan
 from .manifest import (base_file_stats, check_not_merged_twice, check_plan_not_merged_twice, finished_merge, identity,
                        manifest)
 from .memory import RING_SIZE
-from .options import MergeOptions
+from .options import TOKENIZER_CHOICES, MergeOptions
 from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file,
                      hash_in_background, publish, staging_folder, write_bytes, write_json, write_json_atomic)
 from .pieces import Block, BlockRing, Piece, shard_pieces, shard_runs
@@ -36,6 +37,8 @@ from .plan import MergePlan, TensorOp, make_plan
 from .progress import progress_bar
 from .sources import Files, read_exact, same_values
 from .tensorfile import TensorEntry
+from .tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
+                        wants_adapter_files)
 from .units import human_bytes
 from .writer import ResumeState, ShardWriter
 
@@ -58,10 +61,12 @@ class MergeReport:
     already_complete: bool = False  # `resume` found this merge finished at `output` and wrote nothing
 
 
-def plan_merge(base: PathLike, adapter: PathLike, *, force: bool = False, options: MergeOptions | None = None,
+def plan_merge(base: PathLike | None, adapter: PathLike, *, force: bool = False,
+               options: MergeOptions | None = None,
                rounding: str | None = None, key_map: dict[str, str] | None = None,
                allow_pickle: bool | None = None, block_bytes: int | None = None,
-               dtype: str | None = None, max_shard_size: int | str | None = None) -> MergePlan:
+               dtype: str | None = None, max_shard_size: int | str | None = None,
+               tokenizer: str | os.PathLike | None = None) -> MergePlan:
     """Check that `adapter` fits `base` and describe the merge, reading only headers and JSON.
 
     Args:
@@ -71,6 +76,7 @@ def plan_merge(base: PathLike, adapter: PathLike, *, force: bool = False, option
             files and each shard's header only; merging downloads the shards it lacks into the cache,
             the next one while the current one merges. HF_TOKEN / the stored login, HF_HUB_OFFLINE,
             HF_HUB_CACHE / HF_HOME and HF_ENDPOINT apply as in every huggingface_hub tool.
+            None: the model the adapter's config names (`base_of(adapter)`: its base_model_name_or_path).
         adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a Hub repo
             id holding one.
         force: plan even when the base's manifest shows this adapter was already merged into it (as
@@ -88,6 +94,9 @@ def plan_merge(base: PathLike, adapter: PathLike, *, force: bool = False, option
             an FP8 base stays FP8, its merged weights requantized per block.
         max_shard_size: re-shard the output, at most this many bytes per shard (an int, or "5GB",
             "500MB", "2GiB" as Hugging Face reads them); None (default): the base's shard layout.
+        tokenizer: which tokenizer files the output gets: "auto" (default: the ones saved beside the
+            adapter when they differ from the base's in vocabulary, added or special tokens or chat
+            template), "base", "adapter", or a folder holding a tokenizer. `plan.tokenizer` says which.
 
     Returns:
         The `MergePlan`; `qwen_merge.report.render(plan)` is the human-readable report `qwen-merge plan`
@@ -105,38 +114,43 @@ def plan_merge(base: PathLike, adapter: PathLike, *, force: bool = False, option
         196 merged, 115 copied
     """
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
-                              block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size)
+                              block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size,
+                              tokenizer=tokenizer)
     with _planned(base, adapter, options) as plan:
         check_plan_not_merged_twice(plan, force)
         return plan
 
 
-def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
+def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
                  progress: bool = True, resume: bool = False, force: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  allow_nonfinite: bool | None = None, block_bytes: int | None = None,
                  dtype: str | None = None, max_shard_size: int | str | None = None,
-                 low_disk: bool | None = None) -> MergeReport:
+                 low_disk: bool | None = None, tokenizer: str | os.PathLike | None = None) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
     The output has the base's shard names and tensor-to-shard assignment (or `max_shard_size` shards),
     an index (when the base has one, or when re-sharded into several files) and the base's side files
-    (config, tokenizer, ...). It is built in a temporary folder beside
-    `output` and moved into place only when complete; on any error nothing appears at `output`.
+    (config, tokenizer, ...; the adapter's tokenizer instead of the base's, see `tokenizer`). It is built
+    in a temporary folder beside `output` and moved into place only when complete; on any error nothing
+    appears at `output`.
 
     Args:
-        base: a model folder, one `.safetensors` file, or a Hub repo id (as for `plan_merge`).
+        base: a model folder, one `.safetensors` file, or a Hub repo id; None: the model the adapter's
+            config names (as for `plan_merge`).
         adapter: a PEFT LoRA folder, or a Hub repo id.
         output: the folder to create. It must not be, contain or lie inside an input.
         overwrite: replace `output` if it is a non-empty folder.
         progress: show progress by bytes on stderr: a bar on a terminal, a plain line every 10% or 10 s
-            otherwise (`progress.progress_bar`).
+            otherwise (`progress.progress_bar`); before it, the plan's notes and the tokenizer taken from
+            the adapter, one line each.
         resume: continue an interrupted merge into `output` from its completed shards (refused if the
             inputs or options changed); without one, start afresh. If `output` already holds this merge,
             finished (its manifest matches), nothing is written and `already_complete` is set in the report.
         force: merge even when the base's manifest shows this adapter was already merged into it.
-        options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: as for `plan_merge`.
+        options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size, tokenizer: as for
+            `plan_merge`.
         allow_nonfinite: write NaN/Inf that the adapter or the merge produces instead of stopping.
         low_disk: for a base from the Hub, delete each shard this run downloaded from the cache as soon as
             the output shards that read it are complete (shards cached before the run are kept); free
@@ -159,11 +173,14 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     dest = Path(output)
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
-                              dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk)
-    local = [Path(p) for p in (base, adapter) if hub.repo_ref(p) is None]
+                              dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
+                              tokenizer=tokenizer)
+    local = [Path(p) for p in (base, adapter) if p is not None and hub.repo_ref(p) is None]
+    if options.tokenizer not in TOKENIZER_CHOICES:  # a tokenizer folder is an input too
+        local.append(Path(options.tokenizer))
     check_destination(dest, local, overwrite=overwrite, resume=resume)  # before torch starts loading
     with _planned(base, adapter, options, merging=True) as plan:
-        if plan.base.hub is not None or plan.adapter.hub is not None:
+        if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
             check_destination(dest, _inputs(base, adapter, plan), overwrite=overwrite, resume=resume)
         fetch_side_files(plan)
         if any(not op.is_raw_copy for op in plan.ops):
@@ -172,6 +189,8 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
         if resume and not overwrite and finished_merge(dest, ident):  # nothing to resume: write nothing
             return _report(dest, plan, already_complete=True)
         check_not_merged_twice(ident, plan.base.root, force)
+        if progress:
+            _tell(plan)
         run = {**ident, "base_files": base_file_stats(plan)}  # resume also notices a rewritten base file
         with staging_folder(dest, resume=resume) as (folder, fresh):
             state = ResumeState(folder, run, {}) if fresh else ResumeState.load(folder, run)
@@ -190,7 +209,7 @@ def merge_shards(base: PathLike, adapter: PathLike, output: PathLike, *, overwri
     return _report(dest, plan)
 
 
-def iter_merged(base: PathLike, adapter: PathLike, *, options: MergeOptions | None = None,
+def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptions | None = None,
                 rounding: str | None = None, key_map: dict[str, str] | None = None,
                 allow_pickle: bool | None = None, block_bytes: int | None = None,
                 dtype: str | None = None, max_shard_size: int | str | None = None
@@ -287,9 +306,10 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, merging: 
     """The plan, with a pickled adapter converted to a temporary safetensors file for its lifetime. A
     `str` that is not an existing path but reads `org/name[@revision]` is a Hugging Face Hub repo.
     `merging`: the plan will be carried out, so work it will need starts while it is made: loading torch
-    (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest."""
+    (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest.
+    `base` None: the model the adapter's config names."""
     with without_gc(), tempfile.TemporaryDirectory(prefix="qwen-merge-adapter-") as scratch:
-        checkpoint = _open_base(base)
+        checkpoint = _open_base(base) if base is not None else None
         adapter_folder, adapter_hub = _adapter_folder(adapter, options)
         weights = None
         if options.allow_pickle:
@@ -297,11 +317,14 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, merging: 
 
             weights = unpickle_adapter(adapter_folder, Path(scratch))
         parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
+        checkpoint, notes = _base_and_notes(checkpoint, parsed)
+        choice = _tokenizer(checkpoint, parsed, options)
         if merging:
             hash_in_background(parsed.file.path)
             if parsed.pairs or parsed.param_pairs:
                 _import_compute_in_background()
-        yield make_plan(checkpoint, parsed, options, partial(same_values, parsed.file))
+        plan = make_plan(checkpoint, parsed, options, partial(same_values, parsed.file), tokenizer=choice)
+        yield dataclasses.replace(plan, notes=notes)
 
 
 def _open_base(base: PathLike) -> Checkpoint:
@@ -314,20 +337,56 @@ def _adapter_folder(adapter: PathLike, options: MergeOptions) -> tuple[Path, Hub
     if (ref := hub.repo_ref(adapter)) is None:
         return Path(adapter), None
     origin = hub.resolve(ref)
-    return hub.fetch_adapter(origin, options.allow_pickle), origin
+    extra = TOKENIZER_FILES if wants_adapter_files(options.tokenizer) else ()
+    return hub.fetch_adapter(origin, options.allow_pickle, extra), origin
+
+
+def _base_and_notes(checkpoint: Checkpoint | None, adapter: Adapter) -> tuple[Checkpoint, tuple[str, ...]]:
+    """BASE as given, with a note when the adapter's config names another model; or, BASE omitted, the
+    model the config names, with a note saying so."""
+    if checkpoint is not None:
+        note = basemodel.base_note(adapter.config, checkpoint)
+        return checkpoint, (note,) if note else ()
+    path = adapter.root / basemodel.CONFIG_NAME
+    name = basemodel.base_from_config(adapter.config, path)
+    try:
+        checkpoint = _open_base(name)
+    except QwenMergeError as e:
+        raise basemodel.named_by_adapter(e, path) from e
+    return checkpoint, (f"BASE is {name}, the adapter's {basemodel.FIELD} ({basemodel.CONFIG_NAME})",)
+
+
+def _tokenizer(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> TokenizerChoice:
+    """Which tokenizer files the output gets; a Hub base's are downloaded when they must be compared."""
+    found = files_in(adapter.root) if wants_adapter_files(options.tokenizer) else ()
+    if base.hub is not None and compares(options.tokenizer, found):
+        for path in tokenizer_files(base.side_files):
+            hub.fetch(base.hub, path.name)
+    return choose(options.tokenizer, base.side_files, found)
+
+
+def _tell(plan: MergePlan) -> None:
+    """The plan's notes, and the tokenizer when it is not the base's, on stderr before the progress."""
+    lines = [f"note: {note}" for note in plan.notes]
+    if plan.tokenizer is not None and plan.tokenizer.source != "base":
+        lines.append(f"tokenizer: {plan.tokenizer}")
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def fetch_side_files(plan: MergePlan) -> None:
-    """A Hub base's config, tokenizer and other small files, into the cache: the identity, the copy into
-    the output and `verify` read them from disk."""
+    """A Hub base's config, tokenizer and other small files that the output takes, into the cache: the
+    identity, the copy into the output and `verify` read them from disk."""
     if plan.base.hub is not None:
-        for side in plan.base.side_files:
-            hub.fetch(plan.base.hub, side.name)
+        for side in plan.side_files:
+            if side in plan.base.side_files:
+                hub.fetch(plan.base.hub, side.name)
 
 
 def _inputs(base: PathLike, adapter: PathLike, plan: MergePlan) -> list[Path]:
     """The input locations the destination must stay out of (a Hub input's snapshot folder)."""
-    return [plan.base.root if plan.base.hub else Path(base), plan.adapter.root if plan.adapter.hub else Path(adapter)]
+    return [plan.base.root if plan.base.hub or base is None else Path(base),
+            plan.adapter.root if plan.adapter.hub else Path(adapter)]
 
 
 def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
@@ -404,7 +463,7 @@ def _write_folder(plan: MergePlan, fetch: FetchPlan | None, folder: Path, state:
             if shard.name not in state.done:
                 writer.write(shard.name, shard.header, shard_runs(shard, files, compute, compute.batch))
         writer.close()
-    for side in plan.base.side_files:
+    for side in plan.side_files:
         if side.name == "config.json" and plan.config is not None:
             write_json(folder / side.name, plan.config)
         else:

@@ -8,6 +8,7 @@ output bytes, recorded in the manifest and the resume state.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -16,6 +17,7 @@ from .errors import OptionError
 from .units import parse_size
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
+TOKENIZER_CHOICES = ("auto", "base", "adapter")  # or a folder
 # The output dtypes: the safetensors name of each, and the other names `dtype` accepts for it (the first is
 # torch's and config.json's). Case does not matter, and torch's own spelling (`torch.bfloat16`) works too.
 # The one table of them: the command line's --dtype, its help and the errors read it.
@@ -40,7 +42,9 @@ class MergeOptions:
     "float32"; stored as the safetensors name, "BF16"...), None for the base's own. max_shard_size: bytes
     per output shard (or "5GB", "500MB"), None for the base's shard layout. low_disk: delete each base
     shard this run downloaded from the Hub as soon as the output shards that read it are complete (how the
-    merge runs, not what it writes: not part of the identity)."""
+    merge runs, not what it writes: not part of the identity). tokenizer: which tokenizer files the output
+    gets: "auto" (the adapter's when they differ in substance from the base's), "base", "adapter", or a
+    folder holding a tokenizer (`qwen_merge.tokenizer`)."""
 
     rounding: Rounding = Rounding.SINGLE
     key_map: tuple[tuple[str, str], ...] = ()
@@ -50,6 +54,7 @@ class MergeOptions:
     dtype: str | None = None
     max_shard_size: int | None = None
     low_disk: bool = False
+    tokenizer: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -65,6 +70,11 @@ class MergeOptions:
             raise OptionError(f"must be a positive integer, got {self.block_bytes!r}", option="block_bytes")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", _output_dtype(self.dtype))
+        if isinstance(self.tokenizer, os.PathLike):
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_CHOICES)} or a folder, "
+                              f"got {self.tokenizer!r}")
         if self.max_shard_size is not None:
             try:
                 object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
@@ -82,7 +92,8 @@ class MergeOptions:
         """The options that determine the output bytes, as recorded in the manifest."""
         return {"rounding": self.rounding.value, "key_map": dict(self.key_map),
                 "allow_nonfinite": self.allow_nonfinite, "block_bytes": self.block_bytes,
-                "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+                "dtype": self.dtype, "max_shard_size": self.max_shard_size,
+                "tokenizer": self.tokenizer if self.tokenizer in TOKENIZER_CHOICES else "folder"}
 
     @classmethod
     def from_identity(cls, recorded: Mapping) -> MergeOptions:
@@ -92,8 +103,9 @@ class MergeOptions:
         Raises:
             OptionError: a recorded value is not valid.
         """
-        known = ("rounding", "key_map", "allow_nonfinite", "block_bytes", "dtype", "max_shard_size")
-        return cls(**{key: recorded[key] for key in known if key in recorded})
+        known = ("rounding", "key_map", "allow_nonfinite", "block_bytes", "dtype", "max_shard_size", "tokenizer")
+        # a tokenizer folder is recorded as "folder", not by its path: it cannot be recovered from the record
+        return cls(**{key: recorded[key] for key in known if key in recorded and recorded[key] != "folder"})
 
     def given(self) -> set[str]:
         """The fields that differ from the defaults: those a caller set in this value."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import experts, layout, memory, targets, ties
 from .adapter import Adapter, Kind, TokenRows, settle_parameters
@@ -22,6 +24,9 @@ from .options import MergeOptions, Rounding, dtype_name
 from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
+
+if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
+    from .tokenizer import TokenizerChoice
 
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
@@ -151,7 +156,9 @@ class MergePlan:
     `config` the output config.json when it must differ from the base's (vocab size, tying), else None;
     `renames` the prefix renames applied to adapter names; `tie` what was decided for tied embeddings;
     `index_name` the output's index file (None when the output is a single file without one);
-    `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint)."""
+    `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint);
+    `tokenizer` the tokenizer files the output gets (`qwen_merge.tokenizer`); `notes` facts about the inputs
+    worth a line of their own (the adapter names another base model, BASE was taken from the adapter)."""
 
     base: Checkpoint
     adapter: Adapter
@@ -166,6 +173,21 @@ class MergePlan:
     index_json: bytes = b""  # the output's index file, as written (empty without an index)
     index_name: str | None = None
     dropped: tuple[str, ...] = ()
+    tokenizer: TokenizerChoice | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def side_files(self) -> tuple[Path, ...]:
+        """The files copied beside the shards: the base's side files, but with the tokenizer files of the
+        chosen tokenizer when it is not the base's (whole: none of the base's tokenizer files stay)."""
+        if self.tokenizer is None or self.tokenizer.source == "base":
+            return self.base.side_files
+        kept = [p for p in self.base.side_files if p.name not in self.tokenizer.left_out]
+        return tuple(sorted([*kept, *self.tokenizer.files], key=lambda p: p.name))
+
+    def side_file_size(self, path: Path) -> int:
+        """The size of a side file of the output (a Hub base's from its listing: it may not be cached yet)."""
+        return self.base.file_size(path) if path in self.base.side_files else path.stat().st_size
 
     @property
     def merges(self) -> tuple[TensorOp, ...]:
@@ -187,13 +209,14 @@ class MergePlan:
         return _index_document(self.base, self.shards, self.dropped)
 
 
-def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues
-              ) -> MergePlan:
+def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues,
+              tokenizer: TokenizerChoice | None = None) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
     `same_values(x, y, transposed)` says whether two adapter tensors hold the same values (y transposed),
-    which the tied-embedding decision needs.
+    which the tied-embedding decision needs. `tokenizer`: the tokenizer files the output gets (None: the
+    base's side files as they are).
 
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
@@ -237,7 +260,7 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     return MergePlan(base, adapter, options, shards, in_order, copied=tensors - len(in_order), config=config,
                      renames=names.renames, tie=tie, predicted_peak_bytes=memory.predict_peak(in_order, tensors),
                      index_json=index_json(_index_document(base, shards, tuple(dropped))) if index_name else b"",
-                     index_name=index_name, dropped=tuple(dropped))
+                     index_name=index_name, dropped=tuple(dropped), tokenizer=tokenizer)
 
 
 def _total_size(shards: tuple[ShardPlan, ...]) -> int:

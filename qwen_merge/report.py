@@ -52,6 +52,8 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     size = sum(s.entries[-1].end for s in base.shards if s.entries)
     yield f"base:    {_where(base.root, base.hub)}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
     yield f"adapter: {_where(adapter.root, adapter.hub)}  ({_adapter_summary(adapter)})"
+    for note in plan.notes:
+        yield f"note:    {note}"
     yield from _download_lines(plan)
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
@@ -72,8 +74,10 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     if plan.options.rounding is not Rounding.SINGLE:
         yield (f"rounding: {plan.options.rounding.value} (PEFT's double rounding for embedding LoRA, "
                f"target_parameters and MiCA)")
+    if plan.tokenizer is not None:
+        yield f"tokenizer: {plan.tokenizer}"
     files = output_files(plan)
-    sides = ", ".join(p.name for p in base.side_files) or "no side files"
+    sides = ", ".join(p.name for p in plan.side_files) or "no side files"
     yield f"output:  {human_bytes(sum(files.values()))} in {len(files)} files (with {sides}, qwen_merge.json)"
     if base.skipped:
         yield f"not copied: {', '.join(base.skipped)} (other weight formats or folders)"
@@ -189,6 +193,10 @@ def to_dict(plan: MergePlan) -> dict:
         "base": _base_dict(plan),
         "adapter": _adapter_dict(plan.adapter),
         "options": {**plan.options.identity(), "allow_pickle": plan.options.allow_pickle},
+        "notes": list(plan.notes),
+        "tokenizer": None if plan.tokenizer is None else {
+            "source": plan.tokenizer.source, "files": [str(p) for p in plan.tokenizer.files],
+            "left_out": list(plan.tokenizer.left_out), "reason": plan.tokenizer.reason},
         "renames": [list(rename) for rename in plan.renames],
         "tie": str(plan.tie) if plan.tie is not None else None,
         "config": plan.config,

@@ -42,7 +42,7 @@ CONFIG_NAME = "config.json"
 IGNORED_NAMES = frozenset({MANIFEST_NAME})
 # The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
 # verify compares bytes, so it accepts NaN/Inf where the output has them).
-RECORDED_OPTIONS = ("rounding", "key_map", "block_bytes", "dtype", "max_shard_size")
+RECORDED_OPTIONS = ("rounding", "key_map", "block_bytes", "dtype", "max_shard_size", "tokenizer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  block_bytes: int | None = None, dtype: str | None = None,
-                 max_shard_size: int | str | None = None) -> VerifyReport:
+                 max_shard_size: int | str | None = None, tokenizer: str | os.PathLike | None = None
+                 ) -> VerifyReport:
     """Check that `output` is the merge of `adapter` into `base`, reading headers, JSON and bytes only.
 
     Checks (each failure is one line of `problems`): the files present (no shard, index or side file
@@ -77,7 +78,8 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     own code, on sampled row blocks (first, middle, last) or on all of them with `full`; config.json as
     planned (byte-identical to the base's when the merge does not change it) and consistent with the
     tensors (vocab_size and the embedding's rows, tie_word_embeddings and lm_head); other side files
-    byte-identical to the base's.
+    byte-identical to the base's, or to the adapter's (or a folder's) tokenizer files when the merge takes
+    its tokenizer from there.
 
     The options of the merge (rounding, key_map, block_bytes, dtype, max_shard_size) are those that
     `output`'s manifest (`qwen_merge.json`) records, unless given; without a manifest, those given (or the
@@ -85,9 +87,9 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
 
     Args:
         output: the merged folder to check.
-        base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size: those
-            of the merge, as for `plan_merge`; an option given here (as a keyword argument, or a value of
-            `options` other than the default) must equal the one the manifest records.
+        base, adapter, options, rounding, key_map, allow_pickle, block_bytes, dtype, max_shard_size,
+            tokenizer: those of the merge, as for `plan_merge`; an option given here (as a keyword argument, or
+            a value of `options` other than the default) must equal the one the manifest records.
         full: recompute every row block of computed tensors instead of a sample.
 
     Returns:
@@ -109,7 +111,7 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     if not out.is_dir():
         raise FormatError(f"{out}: expected the merged model folder, found a file")
     keywords = {"rounding": rounding, "key_map": key_map, "allow_pickle": allow_pickle, "block_bytes": block_bytes,
-                "dtype": dtype, "max_shard_size": max_shard_size}
+                "dtype": dtype, "max_shard_size": max_shard_size, "tokenizer": tokenizer}
     given = (options.given() if options else set()) | {key for key, value in keywords.items() if value is not None}
     options, problem = _with_recorded_options(out, MergeOptions.of(options, **keywords), given)
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
@@ -139,12 +141,17 @@ def _with_recorded_options(out: Path, options: MergeOptions, given: set[str]) ->
     if recorded is None:
         return options, None
     mine, theirs = options.identity(), recorded.identity()
+    if found.get("tokenizer") == "folder" and "tokenizer" not in given:
+        raise OptionError(f"{path} records that this folder was merged with the tokenizer of a folder; pass that "
+                          f"folder to check its files", option="tokenizer")
+    theirs["tokenizer"] = found.get("tokenizer", theirs["tokenizer"])
     for key in RECORDED_OPTIONS:
         if key in given and mine[key] != theirs[key]:
             raise OptionError(f"{_shown(key, mine[key])} given, but {path} records {_shown(key, theirs[key])}, the "
                               f"value this folder was merged with; leave the option out to verify with the recorded "
                               f"one", option=key)
-    return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS if k not in given}), None
+    return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS
+                                           if k not in given and found.get(k) != "folder"}), None
 
 
 def _shown(key: str, value: object) -> str:
@@ -190,8 +197,7 @@ class _Checker:
     # -- files and index -------------------------------------------------------------------------------
 
     def _check_files(self) -> set[str]:
-        base = self.plan.base
-        expected = [s.name for s in self.plan.shards] + [p.name for p in base.side_files]
+        expected = [s.name for s in self.plan.shards] + [p.name for p in self.plan.side_files]
         if self.plan.index_name:
             expected.append(self.plan.index_name)
         found = {p.name: p for p in self.out.iterdir() if p.name not in IGNORED_NAMES}
@@ -464,13 +470,14 @@ class _Checker:
     # -- side files ------------------------------------------------------------------------------------
 
     def _check_side_files(self, present: set[str]) -> None:
-        for source in self.plan.base.side_files:
+        for source in self.plan.side_files:
             if source.name not in present or (source.name == CONFIG_NAME and self.plan.config is not None):
                 continue
             path = self.out / source.name
+            owner = "the base's" if source in self.plan.base.side_files else f"the {self.plan.tokenizer.source}'s"
             mine, theirs = path.stat().st_size, source.stat().st_size
             if mine != theirs:
-                self.problem(f"{path}: differs from the base's {source} ({mine} bytes instead of {theirs}); side "
+                self.problem(f"{path}: differs from {owner} {source} ({mine} bytes instead of {theirs}); side "
                              f"files are copied unchanged")
                 continue
             fd_out, fd_src = os.open(path, os.O_RDONLY), os.open(source, os.O_RDONLY)
@@ -480,7 +487,7 @@ class _Checker:
                 os.close(fd_out)
                 os.close(fd_src)
             if diff:
-                self.problem(f"{path}: differs from the base's {source} (mismatch in {_bytes(diff[0])}, the first "
+                self.problem(f"{path}: differs from {owner} {source} (mismatch in {_bytes(diff[0])}, the first "
                              f"at byte {diff[1]}); side files are copied unchanged")
 
     # -- bytes -----------------------------------------------------------------------------------------

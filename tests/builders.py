@@ -22,6 +22,8 @@
     :func:`write_expert_linear_adapter`, and synthetic Qwen3-30B-A3B-shaped checkpoints at any size
     (:class:`SynthSpec`, :func:`write_synthetic_moe`, used by benchmarks/bench_moe.py too).
   qwen_merge.demo's safetensors-only pair is :func:`demo_pair`.
+* Real tokenizers (`tokenizers` BPE saved by transformers) and an adapter that adds tokens as users do:
+  :func:`build_tokenizer`, :func:`build_added_tokens_adapter`.
 * References from the real libraries (PEFT ``merge_and_unload``, the un-merged ``PeftModel``, logits) and
   expectations read from the adapter file alone (:func:`expected_ops`, :func:`expected_rank_alpha_scale`,
   :func:`fused_reference_deltas`, ...).
@@ -1549,6 +1551,55 @@ def expected_ops(adapter_dir: Path) -> dict[str, str]:
     for name in starts:  # the delta (if any) decides the op of a tensor whose base copy was saved
         ops.setdefault(name, "replace")
     return ops
+
+
+# --------------------------------------------------------------------------------------------------
+# Real tokenizers beside bases and adapters (test_tokenizer.py)
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+NEW_TOKENS = ("<tool>", "</tool>", "<think>", "</think>")
+
+
+def build_tokenizer(folder: Path, *, vocab: int = VOCAB) -> Path:
+    """A real byte-level BPE tokenizer of exactly `vocab` tokens (4 special ones first), trained with
+    `tokenizers` on seeded pseudo-words, saved into `folder` with transformers' save_pretrained (with
+    :data:`CHAT_TEMPLATE`): tokenizer.json, tokenizer_config.json, chat_template.jinja."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    syllables = [a + b for a in "bdfghjklmnpqrstvz" for b in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    text = [" ".join(rng.choice(words) for _ in range(20)) for _ in range(300)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                                      show_progress=False, initial_alphabet=[]))
+    assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_added_tokens_adapter(base: Path, out: Path, *, seed: int, new_tokens: tuple[str, ...] = NEW_TOKENS
+                               ) -> Path:
+    """The resized-vocabulary adapter as a user makes it: the base's tokenizer loaded with AutoTokenizer,
+    `add_tokens(new_tokens)`, `resize_token_embeddings(len(tokenizer))`, a PEFT LoRA with the embedding
+    and lm_head in modules_to_save (trained), and the adapter and the tokenizer saved into `out`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert tokenizer.add_tokens(list(new_tokens)) == len(new_tokens)
+    build_peft_adapter(base, out, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       modules_to_save=["embed_tokens", "lm_head"]),
+                       seed=seed, resize=len(tokenizer), trained=True)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from builders import copy_tree, run_cli, tree_hash
+from builders import REPO, copy_tree, run_cli, tree_hash
 from hubserver import FakeHub, use_hub
 
 from qwen_merge import (DiskFullError, DownloadError, HubError, OutputError, iter_merged, merge_shards, plan_merge,
@@ -193,7 +193,8 @@ def test_revisions_tags_and_commits(hub, tmp_path, demo_inputs, local_merge):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda hub: "org/nope", "org/nope: no such repository on the Hub, or it is private"),
+    (lambda hub: "org/nope", "org/nope: no file or folder of that name in .*, and no such repository on the Hub, "
+                             "or it is private"),
     (lambda hub: f"{BASE}@no-such-branch", "revision 'no-such-branch' not found"),
 ])
 def test_repo_and_revision_errors(hub, make, match):
@@ -261,7 +262,8 @@ def test_cli_plan_and_merge_with_repo_ids(hub, tmp_path, local_merge):
     same_output(tmp_path / "out", local_merge)
     missing = run_cli("plan", "org/nope", LORA)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
-    assert missing.stderr.startswith("error: org/nope: no such repository")
+    assert missing.stderr.startswith(f"error: org/nope: no file or folder of that name in {REPO}, and no such "
+                                     f"repository")
 
 
 def test_low_disk_with_a_resharded_output(hub, tmp_path, demo_inputs):
