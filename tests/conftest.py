@@ -21,6 +21,24 @@ if str(REPO_ROOT) not in sys.path:
 import builders  # noqa: E402
 
 
+# The fast tier (`pytest -m "not slow"`, under 30 s on 2 cores) leaves out what is slow by nature: every
+# test that uses a fixture building models with transformers or PEFT (these fixtures, directly or through
+# another), and the modules and tests marked `slow` themselves (real processes killed and resumed, gigabyte
+# inputs, transformers loads in the test body).
+MODEL_FIXTURES = frozenset({"zoo", "arts", "matrix", "arch_zoo", "moe", "fp8", "fp8_dirs", "tok"})
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: builds models with transformers/PEFT or runs for seconds; "
+                                       "-m 'not slow' leaves it out")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _two_threads():
     import torch

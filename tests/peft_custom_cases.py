@@ -2,7 +2,10 @@
 # Copyright 2023-present the HuggingFace Inc. team, licensed under the Apache License, Version 2.0
 # (http://www.apache.org/licenses/LICENSE-2.0). Changes: only the model classes and the single-adapter
 # `LoraConfig` rows of TEST_CASES are kept; MockTransformerWrapper.from_pretrained became `build_model`;
-# the rows are (name, model id, config kwargs) with the config class dropped (it is always LoraConfig).
+# the rows are (name, model id, config kwargs) with the config class dropped (it is always LoraConfig); the
+# nested config objects (KasaConfig(), VeloraConfig(...), ...) are written `Lazy("KasaConfig", ...)` and
+# transformers' Conv1D is imported where it is used, so that listing the cases imports neither PEFT nor
+# transformers (the test collection of the fast tier).
 """PEFT's own LoRA test matrix, as data: the tiny custom models and the LoraConfig cases that
 test_peft_matrix.py runs through qwen_merge.
 
@@ -14,10 +17,25 @@ TinyLora / RandLora / UniLora / AdaLora / ... rows use other config classes and 
 from __future__ import annotations
 
 import torch
-from peft import KasaConfig, MontecloraConfig, VeloraConfig
-from peft.tuners.lora.config import BdLoraConfig
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+
+
+class Lazy:
+    """A PEFT config object of a case, made when the case is built (`resolved`)."""
+
+    def __init__(self, name: str, **kwargs) -> None:
+        self.name, self.kwargs = name, kwargs
+
+    def build(self):
+        import peft
+        from peft.tuners.lora.config import BdLoraConfig
+
+        return (BdLoraConfig if self.name == "BdLoraConfig" else getattr(peft, self.name))(**self.kwargs)
+
+
+def resolved(kwargs: dict) -> dict:
+    """A case's LoraConfig keyword arguments with its `Lazy` config objects made."""
+    return {key: value.build() if isinstance(value, Lazy) else value for key, value in kwargs.items()}
 
 
 class MLP(nn.Module):
@@ -43,6 +61,8 @@ class MLP(nn.Module):
 class ModelEmbConv1D(nn.Module):
     def __init__(self, emb_size=100):
         super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
         self.emb = nn.Embedding(emb_size, 5)
         self.conv1d = Conv1D(1, 5)
         self.relu = nn.ReLU()
@@ -267,7 +287,7 @@ LORA_CASES = [
         "Vanilla MLP 1 LoRA with KaSA",
         "MLP",
         # lin1 is (20, 2), so with r=4 only lin0 can be targeted (KaSA requires r < min(in_features, out_features)).
-        {"target_modules": ["lin0"], "kasa_config": KasaConfig(), "r": 4},
+        {"target_modules": ["lin0"], "kasa_config": Lazy("KasaConfig"), "r": 4},
     ),
     (
         "Vanilla MLP 1 LoRA with MiCA",
@@ -282,20 +302,20 @@ LORA_CASES = [
     (
         "Vanilla MLP 10 LoRA with VeLoRA random",
         "MLP",
-        {"target_modules": ["lin0"], "velora_config": VeloraConfig(num_groups=2, init_type="random")},
+        {"target_modules": ["lin0"], "velora_config": Lazy("VeloraConfig", num_groups=2, init_type="random")},
     ),
     (
         "Vanilla MLP 11 LoRA with VeLoRA batch_average",
         "MLP",
         {
             "target_modules": ["lin0", "lin1"],
-            "velora_config": VeloraConfig(num_groups=2, init_type="batch_average"),
+            "velora_config": Lazy("VeloraConfig", num_groups=2, init_type="batch_average"),
         },
     ),
     (
         "Vanilla MLP 12 LoRA with VeLoRA batch_average_once",
         "MLP",
-        {"target_modules": ["lin0"], "velora_config": VeloraConfig(num_groups=2, init_type="batch_average_once")},
+        {"target_modules": ["lin0"], "velora_config": Lazy("VeloraConfig", num_groups=2, init_type="batch_average_once")},
     ),
     ("Embedding + transformers Conv1D 1 LoRA", "EmbConv1D", {"target_modules": ["conv1d"]}),
     ("Embedding + transformers Conv1D 2 LoRA", "EmbConv1D", {"target_modules": ["emb"]}),
@@ -364,7 +384,7 @@ LORA_CASES = [
         "MLP",
         {
             "target_modules": ["lin0"],
-            "monteclora_config": MontecloraConfig(num_samples=2),
+            "monteclora_config": Lazy("MontecloraConfig", num_samples=2),
         },
     ),
     ###########
@@ -376,7 +396,7 @@ LORA_CASES = [
         {
             "target_modules": ["lin0", "lin1"],
             # No `nblocks` here on purpose: exercise the default so the config default is covered.
-            "use_bdlora": BdLoraConfig(target_modules_bd_a=["lin0"], match_strict=False),
+            "use_bdlora": Lazy("BdLoraConfig", target_modules_bd_a=["lin0"], match_strict=False),
         },
     ),
     (
@@ -384,7 +404,7 @@ LORA_CASES = [
         "MLP",
         {
             "target_modules": ["lin0", "lin1"],
-            "use_bdlora": BdLoraConfig(target_modules_bd_b=["lin1"], nblocks=2, match_strict=False),
+            "use_bdlora": Lazy("BdLoraConfig", target_modules_bd_b=["lin1"], nblocks=2, match_strict=False),
         },
     ),
     (
@@ -392,7 +412,7 @@ LORA_CASES = [
         "MLP",
         {
             "target_modules": ["lin0", "lin1"],
-            "use_bdlora": BdLoraConfig(target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2),
+            "use_bdlora": Lazy("BdLoraConfig", target_modules_bd_a=["lin0"], target_modules_bd_b=["lin1"], nblocks=2),
         },
     ),
 ]

@@ -116,6 +116,7 @@ def test_rename_and_fusion_tables_match_transformers(arch_zoo, model_type):
                            if architectures.PER_EXPERT_TENSOR.match(n))
 
 
+@pytest.mark.slow  # builds transformers models
 @pytest.mark.parametrize("model_type", [t for t, a in ARCHS.items() if a.vision and not a.causal_lm])
 def test_text_only_view_is_not_offered_by_transformers(model_type):
     """Text-only fine-tuners load Qwen3.5, Qwen3.5-MoE and Qwen4-Exp through AutoModelForCausalLM (tested

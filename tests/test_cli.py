@@ -101,6 +101,7 @@ def test_debug_shows_traceback(zoo, tmp_path):
     assert "OutputError" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # the whole demo in a child process
 def test_demo(tmp_path):
     proc = run_cli("demo", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -148,6 +148,7 @@ def test_an_unreadable_manifest_is_a_problem_and_the_options_given_are_used(demo
 # -- one figure for the output's size --------------------------------------------------------------------
 
 
+@pytest.mark.slow  # merges through the command line
 @pytest.mark.parametrize("options", [{}, {"dtype": "float32", "max_shard_size": "100KB"}])
 def test_the_planned_output_size_is_the_bytes_merge_writes(demo_inputs, tmp_path, options):
     """`--dtype` rewrites config.json, `--max-shard-size` adds files: every file is counted as written."""

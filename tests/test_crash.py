@@ -34,6 +34,8 @@ from builders import (ADAPTER_ST, copy_tree, edit_tensors, file_sha256, one_erro
                       start_cli, tree_hash, write_linear_pair)
 from qwen_merge import QwenMergeError, merge_shards
 
+pytestmark = pytest.mark.slow  # real processes, killed and resumed
+
 SHARDS, PER_SHARD, ROWS, COLS, RANK = 8, 4, 2048, 3072, 16
 STATE = "qwen_merge.partial.json"
 MANIFEST = "qwen_merge.json"

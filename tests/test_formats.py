@@ -550,6 +550,7 @@ def test_resharded_merge_resumes(zoo, tmp_path, monkeypatch):
     assert tree_hash(tmp_path / "out") == tree_hash(reference)
 
 
+@pytest.mark.slow  # builds a model and adapters with transformers and PEFT
 def test_untied_head_takes_the_embeddings_dtype(tmp_path):
     """A tied bf16 base, adapters whose untying copy is stored in fp32 (the base loaded in fp32 when the
     adapter was made): the new lm_head is bf16, as PEFT's merged checkpoint has it, with its values."""

@@ -38,6 +38,8 @@ from qwen_merge import (AdapterError, AlreadyMergedError, FormatError, MismatchE
 from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, copy_tree, edit_json, edit_tensors,
                       file_sha256, read_header, run_cli, run_python, tree_hash, write_checkpoint, write_lora_adapter)
 
+pytestmark = pytest.mark.slow  # a real process per hostile input
+
 S1, S2, S3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 Q0 = "model.layers.0.self_attn.q_proj"
 MOUNTS: list[Path] = []  # tmpfs mounts made by cases, unmounted when the module ends

@@ -21,6 +21,8 @@ from qwen_merge import hub as hub_module
 from qwen_merge.fetchplan import fetch_plan
 from qwen_merge import output as output_module
 
+pytestmark = pytest.mark.slow  # every test merges through a local Hub server and its downloads
+
 BASE, LORA = "org/tiny-base", "org/tiny-lora"
 SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
 

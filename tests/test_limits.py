@@ -32,6 +32,8 @@ from builders import (REPO, cli_argv, cli_env, locate, one_error_line, run_cli, 
                       write_linear_pair)
 from qwen_merge import DiskFullError, merge_shards, plan_merge
 
+pytestmark = pytest.mark.slow  # gigabyte inputs and resource limits in child processes
+
 GIB = 1 << 30
 RANK, ALPHA = 16, 32  # scale 2
 COLS = 16384

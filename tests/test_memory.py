@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
 import torch
 from builders import (Streamed, SynthSpec, run_python, write_checkpoint, write_linear_pair, write_lora_adapter,
                       write_synthetic_fused_adapter, write_synthetic_moe)
 from safetensors import safe_open
+
+pytestmark = pytest.mark.slow  # merges in child processes under memory limits
 
 ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16
 LIMIT_MIB = 600

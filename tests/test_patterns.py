@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from peft.utils.other import get_pattern_key
 
 from qwen_merge.adapter import module_scale, pattern_key
 
@@ -32,8 +31,11 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow  # imports PEFT (and transformers)
 @pytest.mark.parametrize("keys,name", ROWS)
 def test_pattern_key_matches_peft(keys, name):
+    from peft.utils.other import get_pattern_key  # imports transformers: not while collecting
+
     assert pattern_key(dict.fromkeys(keys, 1), name) == get_pattern_key(keys, name)
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from builders import (PREFIX, checkpoint_tensors, disk_tensors, rewrite_adapter, tree_hash, write_checkpoint)
-from peft_custom_cases import LORA_CASES, build_model
+from peft_custom_cases import LORA_CASES, build_model, resolved
 from qwen_merge import AdapterError, QwenMergeError, merge_shards, plan_merge, verify_merge
 from qwen_merge.report import render
 from reference import U32, U_WIDE, Exact, band, check_fp32, check_rounded, near_boundary
@@ -110,7 +110,7 @@ def build_case(root: Path, make_model, config_kwargs: dict, seed: int) -> Built:
     folder = root / f"case{seed:03d}"
     model = make_model()
     save_base(model.state_dict(), folder / "base", sharded=seed % 2 == 1)
-    peft_model = get_peft_model(model, LoraConfig(**config_kwargs))
+    peft_model = get_peft_model(model, LoraConfig(**resolved(config_kwargs)))
     randomise(peft_model, seed)
     peft_model.save_pretrained(folder / "adapter")
     try:

@@ -85,6 +85,7 @@ def test_debug_before_the_subcommand_shows_a_traceback(zoo, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- 2. demo
 
+@pytest.mark.slow  # the whole demo in a child process
 def test_demo_prints_no_deleted_paths(tmp_path):
     proc = run_cli("demo", "--quiet", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -93,6 +94,7 @@ def test_demo_prints_no_deleted_paths(tmp_path):
     assert re.search(r"bf16 model \(\d+(\.\d+)? kB\)", proc.stdout), proc.stdout
 
 
+@pytest.mark.slow  # the whole demo in a child process
 def test_demo_keep_prints_the_kept_paths(tmp_path):
     keep = tmp_path / "kept"
     proc = run_cli("demo", "--quiet", "--keep", keep, cwd=tmp_path, timeout=600)

@@ -350,6 +350,7 @@ def test_output_not_a_folder(cases, tmp_path):
 # -- the command line -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # verifies through the command line
 def test_cli_exit_codes(cases, damaged, tmp_path):
     case = cases["tied"]
     proc = run_cli("verify", case.out, "--base", case.base, "--adapter", case.adapter, "--full", cwd=tmp_path)
