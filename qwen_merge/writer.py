@@ -247,16 +247,18 @@ class ShardWriter:
     def _run(self, items: queue.SimpleQueue, worker: _Assembler | _Disk | _Hasher) -> None:
         """Feed `worker` until the stop mark. After a failure, or when aborted, items are only drained —
         buffers released, pending shards failed — so nobody waits on a buffer or a shard forever."""
-        failed = False
+        failed: BaseException | None = None
         while (item := items.get()) is not _STOP:
             try:
                 if failed or self._dropping:
-                    _cancel(item, OutputError("the merge stopped before this shard was complete"))
+                    # the shards still queued fail with this worker's own error (a full disk, say), which is
+                    # what whoever waits on them must report, not that they were cut off
+                    _cancel(item, failed or OutputError("the merge stopped before this shard was complete"))
                     worker.drop(item)
                 else:
                     worker.take(item)
             except BaseException as e:  # noqa: BLE001 - handed to the producer's thread
-                failed = True
+                failed = e
                 self._errors.append(e)
                 _cancel(item, e)
                 worker.drop(item)
