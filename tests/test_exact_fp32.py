@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from builders import checkpoint_tensors, cli_argv, cli_env, run_python
+from builders import (SynthSpec, checkpoint_tensors, cli_argv, cli_env, run_python, write_synthetic_fused_adapter,
+                      write_synthetic_moe)
 from qwen_merge import compute, merge_shards
 from qwen_merge.compute import Workspace, make_factors, merge_rows, widen
 
@@ -146,17 +147,25 @@ def _fp32_gemm_bits(settings: dict[str, str]) -> str:
     return run_python(code, env={**cli_env(), **settings}, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_fused_add_gives_the_bits_of_the_separate_add(zoo, tmp_path, monkeypatch):
-    """bf16 merges add W inside the GEMM (addmm_, baddbmm_) where a check at the call's shape showed the
-    same bits as a separate add; with the fused paths switched off the output is byte-identical."""
-    base, adapter = zoo.pair("basic")
+@pytest.mark.parametrize("check", ["_fused_add_exact", "_batched_add_exact"])
+def test_fused_add_gives_the_bits_of_the_separate_add(demo_inputs, tmp_path, monkeypatch, check):
+    """bf16 merges add W inside the GEMM (addmm_ for a tensor, baddbmm_ for a batch of small experts) where
+    a check at the call's shape showed the same bits as a separate add; with the fused path switched off
+    the output is byte-identical (the demo model; a Qwen3-MoE layout with a fused-expert LoRA, alpha/r = 2
+    so the scale folds into the factor and the fused form applies)."""
+    if check == "_fused_add_exact":
+        base, adapter = demo_inputs
+    else:
+        spec = SynthSpec(layers=2, experts=16, hidden=32, moe_intermediate=16, head_dim=8, vocab=64, shards=2)
+        base = write_synthetic_moe(tmp_path / "moe", spec)
+        adapter = write_synthetic_fused_adapter(tmp_path / "adapter", spec, r=4, alpha=8)
     fused, separate = tmp_path / "fused", tmp_path / "separate"
-    checks, real = [], compute._fused_add_exact
-    monkeypatch.setattr(compute, "_fused_add_exact", lambda *shape: checks.append(real(*shape)) or checks[-1])
+    checks, real = [], getattr(compute, check)
+    monkeypatch.setattr(compute, check, lambda *shape: checks.append(real(*shape)) or checks[-1])
     merge_shards(base, adapter, fused, progress=False)
+    assert checks, "the merge never considered the fused form"
     if not any(checks):
-        pytest.skip("this host's GEMM adds W in another order at every shape: the merge never fuses here")
-    monkeypatch.setattr(compute, "_fused_add_exact", lambda *shape: False)
-    monkeypatch.setattr(compute, "_batched_add_exact", lambda *shape: False)
+        pytest.skip("this machine's GEMM adds W in another order at every shape: the merge never fuses here")
+    monkeypatch.setattr(compute, check, lambda *shape: False)
     merge_shards(base, adapter, separate, progress=False)
     assert checkpoint_tensors(fused) == checkpoint_tensors(separate)
