@@ -46,7 +46,8 @@ CHILD = textwrap.dedent("""
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        report = merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+        report = merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
+                              dtype=sys.argv[5] if len(sys.argv) > 5 else None)
     finally:
         done.append(1)
         sampler.join()
@@ -65,9 +66,9 @@ def _build(tmp_path):
     return base, adapter
 
 
-def _merge_in_limited_child(base, adapter, out) -> dict:
-    """Merge in a child process under RLIMIT_DATA; its memory figures (MiB)."""
-    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, capture_output=True, text=True)
+def _merge_in_limited_child(base, adapter, out, *dtype: str) -> dict:
+    """Merge in a child process under RLIMIT_DATA (with `dtype=`, if given); its memory figures (MiB)."""
+    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, *dtype, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -84,6 +85,18 @@ def test_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(tmp_path):
     # We never map files, so VmHWM is honest here, and the plan's prediction must cover it.
     assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
     assert (out / "model-00002-of-00002.safetensors").stat().st_size == (base / "model-00002-of-00002.safetensors").stat().st_size
+
+
+def test_an_fp32_output_in_float64_stays_within_its_prediction(tmp_path):
+    """The same bf16 tensors written as fp32 (`dtype="float32"`): merged in float64 from the split factors,
+    with float64 scratch, 8 MiB fp32 blocks in the ring; under the limit and within the prediction."""
+    base, adapter = _build(tmp_path)
+    numbers = _merge_in_limited_child(base, adapter, tmp_path / "out", "float32")
+    growth = numbers["peak_mib"] - numbers["baseline_mib"]
+    print(f"fp32 output: +{growth:.0f} MiB; VmHWM {numbers['hwm_mib']:.0f} MiB, "
+          f"predicted {numbers['predicted_mib']:.0f} MiB")
+    assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
+    assert growth < 150, numbers  # a ring of 8 blocks of 8 MiB and 4 staging chunks of 8 MiB, and scratch
 
 
 def _build_fp8(tmp_path):
