@@ -102,8 +102,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
     plan.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
-    plan.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
-    plan.add_argument("--json", action="store_true",
+    shown = plan.add_mutually_exclusive_group()
+    shown.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
+    shown.add_argument("--json", action="store_true",
                       help="print the plan as one JSON document for scripts: every tensor, totals, memory, disk")
     plan.add_argument("--force", action="store_true",
                       help="plan even if BASE's manifest shows this adapter was already merged into it")

@@ -73,8 +73,8 @@ class MergeOptions:
         if isinstance(self.tokenizer, os.PathLike):
             object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise OptionError(f"tokenizer must be one of {', '.join(TOKENIZER_CHOICES)} or a folder, "
-                              f"got {self.tokenizer!r}")
+            raise OptionError(f"must be one of {', '.join(TOKENIZER_CHOICES)} or a folder, got {self.tokenizer!r}",
+                              option="tokenizer")
         if self.max_shard_size is not None:
             try:
                 object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))

@@ -63,7 +63,7 @@ class VerifyReport:
                 f"compared; merged tensors recomputed on {how}")
 
 
-def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: bool = False,
+def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike, *, full: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  block_bytes: int | None = None, dtype: str | None = None,
@@ -81,7 +81,7 @@ def verify_merge(output: PathLike, base: PathLike, adapter: PathLike, *, full: b
     byte-identical to the base's, or to the adapter's (or a folder's) tokenizer files when the merge takes
     its tokenizer from there.
 
-    The options of the merge (rounding, key_map, block_bytes, dtype, max_shard_size) are those that
+    The options of the merge (rounding, key_map, block_bytes, dtype, max_shard_size, tokenizer) are those that
     `output`'s manifest (`qwen_merge.json`) records, unless given; without a manifest, those given (or the
     defaults). A manifest whose options cannot be read is a problem, and the options given are used.
 

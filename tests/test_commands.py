@@ -230,7 +230,8 @@ def test_dtype_accepts_the_same_names_on_the_command_line_and_in_python(demo_inp
 def test_option_errors_name_the_flag_on_the_command_line_and_the_keyword_in_python(demo_inputs, capsys):
     base, adapter = demo_inputs
     for keyword, flag, value, says in (("max_shard_size", "--max-shard-size", "3XB", "'3XB' is not a size"),
-                                       ("dtype", "--dtype", "int8", "'int8' is not an output dtype")):
+                                       ("dtype", "--dtype", "int8", "'int8' is not an output dtype"),
+                                       ("tokenizer", "--tokenizer", "", "must be one of auto, base, adapter")):
         with pytest.raises(OptionError) as info:
             plan_merge(base, adapter, **{keyword: value})
         assert str(info.value).startswith(f"{keyword}: {says}"), info.value
@@ -239,6 +240,11 @@ def test_option_errors_name_the_flag_on_the_command_line_and_the_keyword_in_pyth
         assert line.startswith(f"error: {flag}: {says}") and f" {keyword}:" not in line, line
     line = one_error_line(run_cli("merge", base, adapter, "unused", "--dtype", "fp8"))
     assert line.startswith("error: --dtype: 'fp8' is not an output dtype; expected one of bfloat16 (bf16, BF16)")
+
+
+def test_plan_detail_and_json_exclude_each_other(demo_inputs, capsys):
+    assert main(["plan", *map(str, demo_inputs), "--detail", "--json"]) == 1
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_plan_into_a_closed_pipe_ends_quietly(demo_inputs):
