@@ -42,6 +42,7 @@ import re
 import shutil
 import struct
 import subprocess
+from types import SimpleNamespace
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,23 @@ def start_cli(*args: object, cwd: Path = REPO) -> subprocess.Popen:
     """`python -m qwen_merge <args>` started in the background, stdout and stderr piped (bytes)."""
     return subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
                             cwd=cwd)
+
+
+def in_process_cli(capsys, *args: object) -> SimpleNamespace:
+    """`qwen-merge <args>` run in this process (`cli.main`): exit status, stdout, stderr."""
+    from qwen_merge.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
+def in_process_error_line(proc: SimpleNamespace) -> str:
+    """Exit 1 and exactly one stderr line, `error: ...`, of an `in_process_cli` run. Returns it."""
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from builders import ADAPTER_CFG, DROP, copy_tree, edit_json, one_error_line, run_cli, tree_hash
+from builders import in_process_cli as cli, in_process_error_line as error_line
 from hubserver import FakeHub, use_hub
 
 from qwen_merge import AdapterError, FormatError, HubError, base_of, merge_shards, plan_merge
-from qwen_merge.cli import main
 from qwen_merge.report import render
 
 MISTYPED = "bases/dense_untiedd"
@@ -31,20 +30,6 @@ def hub(demo_inputs, tmp_path, monkeypatch):
         use_hub(monkeypatch, server, tmp_path / "hf-cache", home=tmp_path / "hf-home", fast_retries=True)
         server.cache = tmp_path / "hf-cache"
         yield server
-
-
-def cli(capsys, *args: object) -> SimpleNamespace:
-    """`qwen-merge <args>` in-process: exit status, stdout, stderr."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-
-def error_line(proc: SimpleNamespace) -> str:
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def with_field(adapter: Path, folder: Path, **fields: object) -> Path:

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from builders import NEW_TOKENS, VOCAB, build_added_tokens_adapter, build_tokenizer, copy_tree, run_cli
+from builders import in_process_cli as cli, in_process_error_line as error_line
 from hubserver import FakeHub, use_hub
 
 from qwen_merge import OptionError, OutputError, merge_shards, plan_merge, verify_merge
-from qwen_merge.cli import main
 from qwen_merge.report import render
 from qwen_merge.tokenizer import TOKENIZER_FILES, differences, facts, files_in
 
@@ -55,20 +55,6 @@ def _reformat(path: Path) -> None:
     data = json.loads(path.read_text())
     data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
     path.write_text(json.dumps(data, indent=4, ensure_ascii=False))
-
-
-def cli(capsys, *args: object) -> SimpleNamespace:
-    """`qwen-merge <args>` in-process: exit status, stdout, stderr."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-
-
-def error_line(proc: SimpleNamespace) -> str:
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def tokenizer_bytes(folder: Path) -> dict[str, bytes]:
