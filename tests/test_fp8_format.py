@@ -261,6 +261,7 @@ def test_transformers_reads_ragged_blocks_from_the_scale_grid(fp8_dirs):
     assert differ >= 10, differ
 
 
+@pytest.mark.slow  # imports transformers
 def test_transformers_refuses_a_grid_that_does_not_divide():
     """320 columns, 3 scale cells (128 + 128 + 64): transformers' dequantizer raises instead."""
     from transformers.integrations.finegrained_fp8 import Fp8Dequantize
