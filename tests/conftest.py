@@ -64,6 +64,17 @@ def demo_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return builders.demo_pair(tmp_path_factory.mktemp("demo-pristine"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def demo_merged(demo_inputs, tmp_path_factory) -> Path:
+    """The demo pair merged once, with its manifest (a reference output; a base that already holds the
+    adapter). Read-only."""
+    from qwen_merge import merge_shards
+
+    out = tmp_path_factory.mktemp("demo-merged") / "merged"
+    merge_shards(*demo_inputs, out, progress=False)
+    return out
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the observed element-wise differences collected by the tests (builders.record / note)."""
     for section in sorted(builders.ULP_STATS):

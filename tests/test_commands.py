@@ -31,13 +31,10 @@ from qwen_merge.units import human_bytes
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 
-@pytest.fixture(scope="module")
-def merged_demo(demo_inputs, tmp_path_factory) -> Path:
+@pytest.fixture
+def merged_demo(demo_merged) -> Path:
     """The demo base merged with the demo adapter, with its manifest: a base that already holds the adapter."""
-    base, adapter = demo_inputs
-    out = tmp_path_factory.mktemp("commands") / "merged"
-    merge_shards(base, adapter, out, progress=False)
-    return out
+    return demo_merged
 
 
 def error_line(capsys) -> str:

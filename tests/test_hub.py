@@ -27,13 +27,10 @@ BASE, LORA = "org/tiny-base", "org/tiny-lora"
 SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
 
 
-@pytest.fixture(scope="module")
-def local_merge(demo_inputs, tmp_path_factory) -> Path:
+@pytest.fixture
+def local_merge(demo_merged) -> Path:
     """The reference: the same base and adapter merged from local folders."""
-    base, adapter = demo_inputs
-    out = tmp_path_factory.mktemp("hub-ref") / "merged"
-    merge_shards(base, adapter, out, progress=False)
-    return out
+    return demo_merged
 
 
 @pytest.fixture
