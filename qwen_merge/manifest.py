@@ -8,6 +8,7 @@ user), so two merges of the same inputs write byte-identical folders, manifest i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,11 +26,11 @@ SHA256_PLACEHOLDER = "0" * 64  # a digest's length, for sizing the manifest befo
 
 def identity(plan: MergePlan) -> dict:
     """Everything that determines the output bytes, and nothing else."""
-    adapter = plan.adapter
-    return _identity(plan, sha256_file(adapter.file.path), sha256_file(adapter.root / "adapter_config.json"))
+    return _identity(plan, sha256_file)
 
 
-def _identity(plan: MergePlan, weights_sha256: str, config_sha256: str) -> dict:
+def _identity(plan: MergePlan, digest: Callable[[Path], str]) -> dict:
+    """The identity, with the input files it names by content hashed by `digest`."""
     base, adapter = plan.base, plan.adapter
     return {
         "tool": "qwen-merge",
@@ -37,10 +38,10 @@ def _identity(plan: MergePlan, weights_sha256: str, config_sha256: str) -> dict:
         "base": {"files": {s.path.name: s.size for s in base.shards}
                  | {p.name: base.file_size(p) for p in base.side_files},
                  "merged_adapters": previous_adapters(base.root)} | _hub(base.hub),
-        "adapter": {"weights_sha256": weights_sha256, "weights_size": adapter.file.size,
-                    "config_sha256": config_sha256} | _hub(adapter.hub),
+        "adapter": {"weights_sha256": digest(adapter.file.path), "weights_size": adapter.file.size,
+                    "config_sha256": digest(adapter.root / "adapter_config.json")} | _hub(adapter.hub),
         "options": plan.options.identity(),
-    } | tokenizer_identity(plan.tokenizer)  # the adapter's or a folder's tokenizer files, when the output takes them
+    } | tokenizer_identity(plan.tokenizer, digest)  # the adapter's or a folder's tokenizer files it takes
 
 
 def _hub(origin: HubOrigin | None) -> dict:
@@ -95,7 +96,7 @@ def output_files(plan: MergePlan) -> dict[str, int]:
     if plan.index_name:
         files[plan.index_name] = len(plan.index_json)
     digests = {shard.name: {"sha256": SHA256_PLACEHOLDER, "size": shard.size} for shard in plan.shards}
-    sized = manifest(_identity(plan, SHA256_PLACEHOLDER, SHA256_PLACEHOLDER), plan, digests)
+    sized = manifest(_identity(plan, lambda path: SHA256_PLACEHOLDER), plan, digests)  # no file read to size it
     files[MANIFEST_NAME] = len(json_bytes(sized, sort_keys=True))  # as write_json_atomic writes it
     return files
 

@@ -22,13 +22,13 @@ base's files of that kind are left out when another set is taken.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FormatError, OptionError
+from .output import sha256_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
@@ -151,11 +151,7 @@ def _has_vocabulary(files: Sequence[Path]) -> bool:
 def _same_bytes(a: Sequence[Path], b: Sequence[Path]) -> bool:
     if [p.name for p in a] != [p.name for p in b]:
         return False
-    return all(p.stat().st_size == q.stat().st_size and _sha256(p) == _sha256(q) for p, q in zip(a, b))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return all(p.stat().st_size == q.stat().st_size and sha256_file(p) == sha256_file(q) for p, q in zip(a, b))
 
 
 def differences(base: TokenizerFacts, adapter: TokenizerFacts) -> list[str]:
@@ -222,7 +218,7 @@ def _vocabulary(by_name: dict[str, Path], tokenizer: dict) -> object:
         lines = by_name["vocab.txt"].read_text(encoding="utf-8").splitlines()
         return ("WordPiece", {token: i for i, token in enumerate(lines)}, ())
     if "tokenizer.model" in by_name:
-        return ("sentencepiece", _sha256(by_name["tokenizer.model"]))
+        return ("sentencepiece", sha256_file(by_name["tokenizer.model"]))
     return None
 
 
@@ -292,9 +288,9 @@ def _templates(by_name: dict[str, Path], config: dict) -> dict[str, str]:
     return {}
 
 
-def identity(choice: TokenizerChoice | None) -> dict:
-    """For the manifest: the tokenizer files the output takes from the adapter or a folder, by SHA-256
-    (the base's are identified with the base's other files)."""
+def identity(choice: TokenizerChoice | None, digest: Callable[[Path], str] = sha256_file) -> dict:
+    """For the manifest: the tokenizer files the output takes from the adapter or a folder, by `digest`
+    (SHA-256; the base's are identified with the base's other files)."""
     if choice is None or choice.source == "base":
         return {}
-    return {"tokenizer": {"source": choice.source, "files": {p.name: _sha256(p) for p in choice.files}}}
+    return {"tokenizer": {"source": choice.source, "files": {p.name: digest(p) for p in choice.files}}}

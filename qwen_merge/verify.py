@@ -150,8 +150,7 @@ def _with_recorded_options(out: Path, options: MergeOptions, given: set[str]) ->
             raise OptionError(f"{_shown(key, mine[key])} given, but {path} records {_shown(key, theirs[key])}, the "
                               f"value this folder was merged with; leave the option out to verify with the recorded "
                               f"one", option=key)
-    return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS
-                                           if k not in given and found.get(k) != "folder"}), None
+    return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS if k not in given}), None
 
 
 def _shown(key: str, value: object) -> str:

@@ -40,7 +40,7 @@ ALLOWED = {
              "options", "recipe", "quant", "layout", "manifest"},
     "sources": {"errors", "memory", "tensorfile"},
     "hub": {"checkpoint", "errors", "tensorfile"},
-    "tokenizer": {"errors"},
+    "tokenizer": {"errors", "output"},
     "basemodel": {"adapter", "checkpoint", "errors", "hub"},
     "fetchplan": {"plan"},
     "pieces": {"memory", "plan", "sources", "tensorfile"},

@@ -75,8 +75,9 @@ def test_added_tokens_give_the_output_the_adapters_tokenizer(tok, tmp_path):
     assert str(plan.tokenizer) == "adapter's (adds 4 tokens: <tool>, </tool>, <think>, </think>)"
     assert "tokenizer: adapter's (adds 4 tokens: <tool>, </tool>, <think>, </think>)" in render(plan)
     out = tmp_path / "out"
-    merge_shards(tok.base, tok.added, out, progress=False)
+    report = merge_shards(tok.base, tok.added, out, progress=False)
     assert tokenizer_bytes(out) == tokenizer_bytes(tok.added) != tokenizer_bytes(tok.base)
+    assert report.bytes_written == plan.output_bytes  # the manifest names the tokenizer files: sized exactly
     tokenizer = AutoTokenizer.from_pretrained(out)
     for i, token in enumerate(NEW_TOKENS):
         assert tokenizer.encode(token, add_special_tokens=False) == [VOCAB + i]
