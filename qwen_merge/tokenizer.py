@@ -102,15 +102,15 @@ def choose(option: str, base_side_files: Sequence[Path], adapter_files: Sequence
     if option == "base":
         return TokenizerChoice("base", base, (), "chosen with the tokenizer option")
     if option == "adapter":
-        _check_whole(adapter, "tokenizer='adapter' (--tokenizer adapter)", "the adapter folder")
+        _check_whole(adapter, "'adapter'", "the adapter folder")
         return _taken("adapter", adapter, base, "chosen with the tokenizer option")
     if option != "auto":
         folder = Path(option)
         if not folder.is_dir():
-            raise OptionError(f"tokenizer={option!r} (--tokenizer): expected auto, base, adapter or a folder "
-                              f"holding a tokenizer; no such folder")
+            raise OptionError(f"{option!r}: expected auto, base, adapter or a folder holding a tokenizer; no such "
+                              f"folder", option="tokenizer")
         files = files_in(folder)
-        _check_whole(files, f"tokenizer={option!r} (--tokenizer)", str(folder))
+        _check_whole(files, repr(option), str(folder))
         return _taken("folder", files, base, "chosen with the tokenizer option")
     return _auto(base, adapter)
 
@@ -137,11 +137,11 @@ def _taken(source: str, files: tuple[Path, ...], base: tuple[Path, ...], reason:
     return TokenizerChoice(source, files, tuple(p.name for p in base), reason)
 
 
-def _check_whole(files: Sequence[Path], option: str, where: str) -> None:
+def _check_whole(files: Sequence[Path], value: str, where: str) -> None:
     if not _has_vocabulary(files):
         found = ", ".join(p.name for p in files) or "no tokenizer files"
-        raise OptionError(f"{option}: {where} holds no whole tokenizer ({found}; expected one of "
-                          f"{', '.join(VOCABULARY_FILES)} with it)")
+        raise OptionError(f"{value}: {where} holds no whole tokenizer ({found}; expected one of "
+                          f"{', '.join(VOCABULARY_FILES)} with it)", option="tokenizer")
 
 
 def _has_vocabulary(files: Sequence[Path]) -> bool:
