@@ -142,9 +142,9 @@ def band(terms: torch.Tensor, rank: int, unit: float, dora: tuple[torch.Tensor, 
 
 
 def _axis_ratio(band_v: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
-    flat_band, flat_v = band_v.flatten(1) if axis == 0 else band_v.flatten(1).t(), \
-        v.flatten(1) if axis == 0 else v.flatten(1).t()
-    return (flat_band.norm(dim=1) / flat_v.norm(dim=1)).nan_to_num(nan=0.0).max()
+    """The largest ‖band‖ / ‖V‖ over the rows (axis 0) or the columns (axis 1) of the matrix view."""
+    dim = 1 if axis == 0 else 0
+    return (band_v.flatten(1).norm(dim=dim) / v.flatten(1).norm(dim=dim)).nan_to_num(nan=0.0).max()
 
 
 def ulp(x: torch.Tensor) -> torch.Tensor:
