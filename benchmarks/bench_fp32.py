@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qwen_merge.compute import Workspace, make_factors, merge_rows, widen  # noqa: E402
+from qwen_merge.compute.arithmetic import Workspace, make_factors, merge_rows, widen  # noqa: E402
 
 # (name, rows, cols): Qwen3-4B's attention and MLP projections
 SHAPES = [("q_proj 4096x2560", 4096, 2560), ("o_proj 2560x4096", 2560, 4096),

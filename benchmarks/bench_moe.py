@@ -53,18 +53,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench_merge import code_fingerprint, log, ours_command, rm_tree, run_timed, warm_read  # noqa: E402
-from builders import (  # noqa: E402
-    SynthSpec,
-    adapter_tensors,
-    checkpoint_tensors,
-    expert_delta_loop,
-    operand_ulps,
-    single_rounding,
-    to_tensor,
-    write_synthetic_fused_adapter,
-    write_synthetic_linear_adapter,
-    write_synthetic_moe,
-)
+from builders import (SynthSpec, adapter_tensors, checkpoint_tensors, expert_delta_loop, operand_ulps,  # noqa: E402
+                      single_rounding, to_tensor, write_synthetic_fused_adapter, write_synthetic_linear_adapter,
+                      write_synthetic_moe)
 
 CACHE = REPO / "benchmarks" / ".cache" / "moe"
 BUILD_VERSION = 1
@@ -82,7 +73,7 @@ INPROC = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import qwen_merge
-import qwen_merge.stream  # start-up includes torch: the timed call is the merge after it
+import qwen_merge.compute.stream  # start-up includes torch: the timed call is the merge after it
 plan_merge, merge_shards = qwen_merge.plan_merge, qwen_merge.merge_shards  # and the modules they live in
 t1 = time.perf_counter()
 what, base, adapter = sys.argv[1:4]

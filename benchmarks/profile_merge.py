@@ -30,9 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import qwen_merge.stream  # noqa: E402,F401 - torch and the compute code, imported before timing
+import qwen_merge.compute.stream  # noqa: E402,F401 - torch and the compute code, imported before timing
 from qwen_merge import merge_shards  # noqa: E402
-from qwen_merge import pieces, writer  # noqa: E402
+from qwen_merge.compute import pieces  # noqa: E402
+from qwen_merge.sinks import writer  # noqa: E402
 
 
 class Waits:

@@ -16,9 +16,9 @@ from .version import VERSION as __version__
 
 _EXPORTS = {
     "merge_shards": "merge", "plan_merge": "merge", "iter_merged": "merge", "MergeReport": "merge",
-    "verify_merge": "verify", "VerifyReport": "verify", "base_of": "basemodel",
+    "verify_merge": "verify", "VerifyReport": "verify", "base_of": "inputs.basemodel",
     "MergeOptions": "options", "Rounding": "options",
-    "MergePlan": "plan", "TensorOp": "plan",
+    "MergePlan": "planning.plan", "TensorOp": "planning.plan",
     **dict.fromkeys(("QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError",
                      "DiskFullError", "OptionError", "NonFiniteError", "ZeroNormError", "AlreadyMergedError",
                      "HubError", "DownloadError"),
@@ -27,12 +27,12 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .basemodel import base_of
     from .errors import (AdapterError, AlreadyMergedError, DiskFullError, DownloadError, FormatError, HubError,
                          MismatchError, NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
+    from .inputs.basemodel import base_of
     from .merge import MergeReport, iter_merged, merge_shards, plan_merge
     from .options import MergeOptions, Rounding
-    from .plan import MergePlan, TensorOp
+    from .planning.plan import MergePlan, TensorOp
     from .verify import VerifyReport, verify_merge
 
 

@@ -23,9 +23,8 @@ from typing import NoReturn
 
 from .errors import OptionError, OutputError, QwenMergeError
 from .options import dtype_choices
-from .version import VERSION
 from .units import human_bytes
-
+from .version import VERSION
 
 BASE_HELP = "model folder, .safetensors file, or Hugging Face repo id (org/name[@revision])"
 OPTIONAL_BASE_HELP = BASE_HELP + "; omitted: the base_model_name_or_path of ADAPTER's adapter_config.json"
@@ -83,7 +82,7 @@ def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.A
     """`plan ADAPTER` and `merge ADAPTER OUT` leave BASE out (it is then the model the adapter names);
     argparse fills ADAPTER and OUT from the right. A first argument that is no adapter (nor a Hub repo id,
     which may hold one) means an argument is missing instead, as it did before BASE could be omitted."""
-    from .basemodel import may_be_adapter
+    from .inputs.basemodel import may_be_adapter
 
     if getattr(args, "base", "") is not None:
         return

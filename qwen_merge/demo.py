@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG
 from .merge import MergeReport, merge_shards
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 4, 512, 4, 2, 16
@@ -48,7 +49,7 @@ def build_base(folder: Path, generator: torch.Generator) -> None:
         weight_map.update(dict.fromkeys(group, shard))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     _json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _json(folder / "config.json", _config())
+    _json(folder / MODEL_CONFIG, _config())
     _json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
 
 
@@ -69,8 +70,8 @@ def build_adapter(folder: Path, generator: torch.Generator) -> None:
             key = f"base_model.model.model.layers.{layer}.{name}"
             tensors[key + ".lora_A.weight"] = torch.randn(RANK, inp, generator=generator) * 0.1
             tensors[key + ".lora_B.weight"] = torch.randn(out, RANK, generator=generator) * 0.1
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    _json(folder / "adapter_config.json", {
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    _json(folder / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "use_rslora": False,
         "target_modules": [n.split(".")[-1] for n in PROJECTIONS], "bias": "none", "fan_in_fan_out": False,
         "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
@@ -80,7 +81,7 @@ def build_adapter(folder: Path, generator: torch.Generator) -> None:
 def check(base: Path, adapter: Path, out: Path) -> tuple[int, int, int]:
     """Recompute every tensor from the inputs; return (merged equal, copied identical, elements 1 ulp off)."""
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+    with safe_open(adapter / ADAPTER_WEIGHTS, "pt") as f:
         factors = {k: f.get_tensor(k) for k in f.keys()}
     merged = copied = off = 0
     for name, shard in index["weight_map"].items():

@@ -21,26 +21,29 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import basemodel, hub
-from .adapter import Adapter, open_adapter
-from .checkpoint import MANIFEST_NAME, Checkpoint, HubOrigin, open_checkpoint
+from .compute.pieces import Block, BlockRing, Piece, shard_pieces, shard_runs
 from .errors import DiskFullError, FormatError, QwenMergeError
-from .fetchplan import FetchPlan, fetch_plan
-from .manifest import (base_file_stats, check_not_merged_twice, check_plan_not_merged_twice, finished_merge, identity,
-                       manifest)
-from .memory import RING_SIZE
+from .files import ADAPTER_CONFIG, MANIFEST_NAME, MODEL_CONFIG
+from .inputs import basemodel, hub
+from .inputs.adapter import Adapter, open_adapter
+from .inputs.checkpoint import Checkpoint, HubOrigin, open_checkpoint
+from .inputs.digest import hash_in_background
+from .inputs.sources import Files, read_exact, same_values
+from .inputs.tensorfile import TensorEntry
 from .options import TOKENIZER_CHOICES, MergeOptions
-from .output import (check_destination, check_free_space, check_free_space_for, copy_side_file,
-                     hash_in_background, publish, staging_folder, write_bytes, write_json, write_json_atomic)
-from .pieces import Block, BlockRing, Piece, shard_pieces, shard_runs
-from .plan import MergePlan, TensorOp, make_plan
+from .planning.fetchplan import FetchPlan, fetch_plan
+from .planning.manifest import base_file_stats, check_not_merged_twice, check_plan_not_merged_twice, identity, manifest
+from .planning.memory import RING_SIZE
+from .planning.plan import MergePlan, TensorOp, make_plan
+from .planning.tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
+                                 wants_adapter_files)
 from .progress import progress_bar
-from .sources import Files, read_exact, same_values
-from .tensorfile import TensorEntry
-from .tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
-                        wants_adapter_files)
+from .sinks.folder import finished_merge
+from .sinks.output import (check_destination, check_free_space, check_free_space_for, copy_side_file, publish,
+                           staging_folder, write_bytes, write_json, write_json_atomic)
+from .sinks.resume import ResumeState
+from .sinks.writer import ShardWriter
 from .units import human_bytes
-from .writer import ResumeState, ShardWriter
 
 if TYPE_CHECKING:  # torch is imported lazily, where tensors are made
     import torch
@@ -239,7 +242,7 @@ def _import_compute_in_background() -> None:
     to finish (Python's import lock), and an import error surfaces there as it would without this."""
     def load() -> None:
         try:
-            import qwen_merge.stream  # noqa: F401
+            import qwen_merge.compute.stream  # noqa: F401
         except Exception:  # noqa: BLE001 - raised again, where the module is needed
             pass
 
@@ -276,8 +279,8 @@ class LazyComputer:
 
     def _get(self):
         if self._computer is None:
-            from .compute import compute_threads
-            from .stream import Computer
+            from .compute.arithmetic import compute_threads
+            from .compute.stream import Computer
 
             if self.threads is not None:
                 self.stack.enter_context(compute_threads(self.threads))
@@ -313,7 +316,7 @@ def _planned(base: PathLike, adapter: PathLike, options: MergeOptions, merging: 
         adapter_folder, adapter_hub = _adapter_folder(adapter, options)
         weights = None
         if options.allow_pickle:
-            from .pickled import unpickle_adapter  # torch.load: only when pickles are allowed
+            from .inputs.pickled import unpickle_adapter  # torch.load: only when pickles are allowed
 
             weights = unpickle_adapter(adapter_folder, Path(scratch))
         parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
@@ -347,13 +350,13 @@ def _base_and_notes(checkpoint: Checkpoint | None, adapter: Adapter) -> tuple[Ch
     if checkpoint is not None:
         note = basemodel.base_note(adapter.config, checkpoint)
         return checkpoint, (note,) if note else ()
-    path = adapter.root / basemodel.CONFIG_NAME
+    path = adapter.root / ADAPTER_CONFIG
     name = basemodel.base_from_config(adapter.config, path)
     try:
         checkpoint = _open_base(name)
     except QwenMergeError as e:
         raise basemodel.named_by_adapter(e, path) from e
-    return checkpoint, (f"BASE is {name}, the adapter's {basemodel.FIELD} ({basemodel.CONFIG_NAME})",)
+    return checkpoint, (f"BASE is {name}, the adapter's {basemodel.FIELD} ({ADAPTER_CONFIG})",)
 
 
 def _tokenizer(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> TokenizerChoice:
@@ -400,7 +403,7 @@ def _iter_plan(plan: MergePlan, stack: ExitStack) -> Iterator[tuple[str, torch.T
 
 
 def _assemble(entry: TensorEntry, pieces: Iterator[Piece], path: Path) -> torch.Tensor:
-    from .compute import TORCH_DTYPES, as_tensor
+    from .compute.arithmetic import TORCH_DTYPES, as_tensor
 
     if entry.dtype not in TORCH_DTYPES:
         raise FormatError(f"{path}: tensor {entry.name!r} has dtype {entry.dtype}, which torch cannot hold")
@@ -464,7 +467,7 @@ def _write_folder(plan: MergePlan, fetch: FetchPlan | None, folder: Path, state:
                 writer.write(shard.name, shard.header, shard_runs(shard, files, compute, compute.batch))
         writer.close()
     for side in plan.side_files:
-        if side.name == "config.json" and plan.config is not None:
+        if side.name == MODEL_CONFIG and plan.config is not None:
             write_json(folder / side.name, plan.config)
         else:
             copy_side_file(side, folder)

@@ -10,18 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .adapter import Adapter, Kind
-from .checkpoint import HubOrigin
-from .fetchplan import fetch_plan
-from .manifest import output_files
+from .inputs.adapter import Adapter, Kind
+from .inputs.checkpoint import HubOrigin
 from .options import Rounding
-from .recipe import Part
+from .planning.fetchplan import fetch_plan
+from .planning.manifest import output_files
+from .planning.recipe import Part
 from .units import human_bytes
 from .version import VERSION
 
 if TYPE_CHECKING:  # for annotations only
-    from .plan import MergePlan, ShardPlan, TensorOp
-    from .tensorfile import TensorEntry
+    from .inputs.tensorfile import TensorEntry
+    from .planning.plan import MergePlan, ShardPlan, TensorOp
 
 EXPERT_INDEX = re.compile(r"\.(experts)\.\d+\.")
 

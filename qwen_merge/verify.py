@@ -22,22 +22,21 @@ from pathlib import Path
 
 import numpy
 
-from .checkpoint import MANIFEST_NAME
+from .compute.pieces import Block, BlockRing, RawSpan, shard_pieces
 from .errors import FormatError, OptionError, QwenMergeError
-from .fetchplan import fetch_plan
-from .manifest import recorded_options
+from .files import MANIFEST_NAME, MODEL_CONFIG
+from .inputs.sources import Files, read_exact
+from .inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
 from .merge import LazyComputer, _downloads, _planned, fetch_side_files
 from .options import MergeOptions, dtype_name
-from .pieces import Block, BlockRing, RawSpan, shard_pieces
-from .plan import MergePlan, ShardPlan, TensorOp
-from .sources import Files, read_exact
-from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
-from .ties import TieInfo
+from .planning.fetchplan import fetch_plan
+from .planning.manifest import recorded_options
+from .planning.plan import MergePlan, ShardPlan, TensorOp
+from .planning.ties import TieInfo
 from .units import human_bytes
 
 PathLike = str | os.PathLike
 CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
-CONFIG_NAME = "config.json"
 # Written by merge_shards beside the shards; its content is provenance, not part of the model.
 IGNORED_NAMES = frozenset({MANIFEST_NAME})
 # The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
@@ -398,8 +397,8 @@ class _Checker:
     # -- config and tying ------------------------------------------------------------------------------
 
     def _check_config(self, present: set[str]) -> None:
-        path = self.out / CONFIG_NAME
-        if CONFIG_NAME not in present or self.plan.base.config is None:
+        path = self.out / MODEL_CONFIG
+        if MODEL_CONFIG not in present or self.plan.base.config is None:
             return
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -440,7 +439,7 @@ class _Checker:
         where the base itself holds it (a base that breaks the rule passes its inconsistency on)."""
         if self.config is None:
             return
-        path = self.out / CONFIG_NAME
+        path = self.out / MODEL_CONFIG
         base = self.plan.base
         if self._tie_problem(base.config, base.locations(), files) is not None:
             return
@@ -470,7 +469,7 @@ class _Checker:
 
     def _check_side_files(self, present: set[str]) -> None:
         for source in self.plan.side_files:
-            if source.name not in present or (source.name == CONFIG_NAME and self.plan.config is not None):
+            if source.name not in present or (source.name == MODEL_CONFIG and self.plan.config is not None):
                 continue
             path = self.out / source.name
             owner = "the base's" if source in self.plan.base.side_files else f"the {self.plan.tokenizer.source}'s"

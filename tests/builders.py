@@ -42,11 +42,11 @@ import re
 import shutil
 import struct
 import subprocess
-from types import SimpleNamespace
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch

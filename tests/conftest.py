@@ -20,7 +20,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import builders  # noqa: E402
 
-
 # The fast tier (`pytest -m "not slow"`, under 30 s on 2 cores) leaves out what is slow by nature: every
 # test that uses a fixture building models with transformers or PEFT (these fixtures, directly or through
 # another), and the modules and tests marked `slow` themselves (real processes killed and resumed, gigabyte

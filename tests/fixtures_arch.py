@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from builders import MergeCache, build_tiny_base, logits
 
 H, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS = 32, 4, 2, 8, 64, 256, 3

@@ -19,29 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import (ADAPTERS, BASES, DTYPES, EXTRA_BASE_FILES, MERGE_VARIANTS, PATTERN_SPOT_CHECKS, adapter_modules,
+                      checkpoint_tensors, expected_rank_alpha_scale, load_base_model, peft_merged_state_dict,
+                      read_header, record, shard_files, tensor_bytes, to_tensor, ulp_distance)
+from reference import U32, U_WIDE, Exact, check_fp32, check_rounded
 
-from builders import (
-    ADAPTERS,
-    BASES,
-    DTYPES,
-    EXTRA_BASE_FILES,
-    MERGE_VARIANTS,
-    PATTERN_SPOT_CHECKS,
-    adapter_modules,
-    checkpoint_tensors,
-    expected_rank_alpha_scale,
-    peft_merged_state_dict,
-    read_header,
-    record,
-    shard_files,
-    tensor_bytes,
-    load_base_model,
-    to_tensor,
-    ulp_distance,
-)
 from qwen_merge import MergeReport, iter_merged, plan_merge
 from qwen_merge.report import render
-from reference import U32, U_WIDE, Exact, check_fp32, check_rounded
 
 # Largest share of merged bf16/fp16 elements whose fp32 error band holds a rounding boundary: the band is
 # (r + 4) fp32 units of the terms' magnitude, a small fraction of an output unit (measured: 2.3 % of fp16

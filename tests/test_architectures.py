@@ -11,14 +11,15 @@ no missing or unexpected keys; and give logits (with an image for vision-languag
 from __future__ import annotations
 
 import json
-import pytest
 
+import pytest
 from builders import checkpoint_tensors, logits, to_tensor, ulp_distance
 from fixtures_arch import ARCHS, ArchZoo, all_cases, load, saved_config
+
 from qwen_merge import merge_shards, plan_merge
+from qwen_merge.inputs import architectures
+from qwen_merge.planning.names import NameMap
 from qwen_merge.report import render
-from qwen_merge import architectures
-from qwen_merge.names import NameMap
 
 # Adapters PEFT 0.21.2 itself cannot build, with the start of its error. If PEFT starts building one, the
 # test fails so the case gets merged and checked instead.
@@ -96,7 +97,7 @@ def test_peft_rounding_reproduces_peft(merged_cases, tmp_path, model_type, kind)
 
 @pytest.mark.parametrize("model_type", list(ARCHS))
 def test_rename_and_fusion_tables_match_transformers(arch_zoo, model_type):
-    """The rename sets and the fused-expert list in qwen_merge.architectures are what transformers does:
+    """The rename sets and the fused-expert list in qwen_merge.inputs.architectures are what transformers does:
     under the set the merge picks, every in-memory parameter (experts aside) is a tensor on disk."""
     arch, base = ARCHS[model_type], arch_zoo.base(model_type)
     disk = set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])

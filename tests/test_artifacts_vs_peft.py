@@ -21,12 +21,12 @@ import json
 
 import pytest
 import torch
-
 from builders import (AADAPTERS, EMBED, HEAD, PREFIX, VOCAB, adapter_tensors, check_index, check_like_unmerged,
                       checkpoint_tensors, copy_tree, disk_tensors, double_rounding, edit_json, embedding_operands,
                       expected_ops, fl32, input_ids, load_base_model, logits, operand_ulps, peft_merged_state_dict,
                       peft_unmerged, record, rewrite_adapter, run_cli, scale_of, single_rounding, tensor_bytes,
                       ulp_count)
+
 from qwen_merge import QwenMergeError, iter_merged, merge_shards, plan_merge
 from qwen_merge.report import render
 

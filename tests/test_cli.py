@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from builders import one_error_line, run_cli, tree_hash
+
 from qwen_merge import merge_shards, plan_merge
 
 

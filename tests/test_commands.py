@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from builders import locate, one_error_line, run_cli, start_cli
+
 from qwen_merge import AlreadyMergedError, OptionError, merge_shards, plan_merge, verify_merge
 from qwen_merge.cli import BROKEN_PIPE_STATUS, main
-from qwen_merge.manifest import output_files
 from qwen_merge.options import DTYPE_NAMES, OUTPUT_DTYPES
+from qwen_merge.planning.manifest import output_files
 from qwen_merge.report import render, to_dict
 from qwen_merge.units import human_bytes
 
@@ -71,7 +71,7 @@ def test_plan_on_the_command_line_refuses_it_too_and_force_plans(merged_demo, de
 
 def test_planning_into_a_base_without_a_manifest_reads_no_adapter_bytes(demo_inputs, monkeypatch):
     """The double-merge check hashes the adapter only when the base records merged adapters."""
-    import qwen_merge.manifest as manifest_module
+    import qwen_merge.planning.manifest as manifest_module
 
     def no_hash(path):
         raise AssertionError(f"{path} was hashed while planning")

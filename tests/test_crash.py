@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from builders import (ADAPTER_ST, copy_tree, edit_tensors, file_sha256, one_error_line, rewrite_adapter, run_cli,
                       start_cli, tree_hash, write_linear_pair)
+
 from qwen_merge import QwenMergeError, merge_shards
 
 pytestmark = pytest.mark.slow  # real processes, killed and resumed

@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from builders import checkpoint_tensors, copy_tree, tree_hash
+
 from qwen_merge import OutputError, QwenMergeError, merge_shards, plan_merge
 
 

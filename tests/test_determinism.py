@@ -6,6 +6,7 @@ previous tensor's block while it was still being written."""
 from __future__ import annotations
 
 from builders import locate, tensor_bytes, tree_hash, write_linear_pair
+
 from qwen_merge import iter_merged, merge_shards
 
 ROWS, COLS, RANK, BLOCK = 3 * 256 + 3, 1024, 8, 1 << 20  # 256-row blocks (512 KiB of bf16), then 3 rows

@@ -19,11 +19,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-
 from builders import (SynthSpec, checkpoint_tensors, cli_env, run_python, write_synthetic_fused_adapter,
                       write_synthetic_moe)
-from qwen_merge import compute, merge_shards
-from qwen_merge.compute import Workspace, make_factors, merge_rows, widen
+
+from qwen_merge import merge_shards
+from qwen_merge.compute import arithmetic as compute
+from qwen_merge.compute.arithmetic import Workspace, make_factors, merge_rows, widen
 
 
 def _factors(rng: np.random.Generator, rows: int, rank: int, cols: int, spread: float = 0.0):

@@ -12,49 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import (
-    ADAPTER_ST,
-    INDEX,
-    build_peft_adapter,
-    check_index,
-    check_like_unmerged,
-    checkpoint_entries,
-    checkpoint_tensors,
-    input_ids,
-    load_base_model,
-    logits,
-    note,
-    one_error_line,
-    peft_merged_state_dict,
-    peft_unmerged,
-    read_header,
-    record,
-    run_cli,
-    shard_files,
-    tensor_bytes,
-    tree_hash,
-    ulp_distance,
-)
+from builders import (ADAPTER_ST, INDEX, build_peft_adapter, check_index, check_like_unmerged, checkpoint_entries,
+                      checkpoint_tensors, input_ids, load_base_model, logits, note, one_error_line,
+                      peft_merged_state_dict, peft_unmerged, read_header, record, run_cli, shard_files, tensor_bytes,
+                      tree_hash, ulp_distance)
+from fp8ref import (build_fp8_qwen3, build_fp8_qwen3_moe, dequantize_f64, dequantized_checkpoint, expand_scale,
+                    read_shards, requant_bound)
 from reference import U32, Exact, check_rounded
-from fp8ref import (
-    build_fp8_qwen3,
-    build_fp8_qwen3_moe,
-    dequantize_f64,
-    dequantized_checkpoint,
-    expand_scale,
-    read_shards,
-    requant_bound,
-)
 
-from qwen_merge import (
-    MismatchError,
-    NonFiniteError,
-    OptionError,
-    iter_merged,
-    merge_shards,
-    plan_merge,
-    verify_merge,
-)
+from qwen_merge import MismatchError, NonFiniteError, OptionError, iter_merged, merge_shards, plan_merge, verify_merge
 from qwen_merge.report import render
 
 LORA = {"target_modules": "all-linear", "r": 4, "lora_alpha": 8}
@@ -527,7 +493,7 @@ def test_resharded_tied_and_resized_vocabulary(arts):
 
 def test_resharded_merge_resumes(zoo, tmp_path, monkeypatch):
     """Interrupted after its first shards, a re-sharded, converted merge resumes to the same bytes."""
-    from qwen_merge import writer
+    from qwen_merge.sinks import writer
 
     base, adapter = zoo.pair("basic")
     options = {"max_shard_size": "50KB", "dtype": "float32"}

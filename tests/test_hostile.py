@@ -30,13 +30,12 @@ from typing import Callable
 
 import pytest
 import torch
+from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, copy_tree, edit_json, edit_tensors,
+                      file_sha256, read_header, run_cli, run_python, tree_hash, write_checkpoint, write_lora_adapter)
 from safetensors.torch import load_file
 
 from qwen_merge import (AdapterError, AlreadyMergedError, FormatError, MismatchError, NonFiniteError, OutputError,
                         QwenMergeError, merge_shards)
-
-from builders import (ADAPTER_CFG, ADAPTER_ST, DROP, INDEX, PREFIX, REPO, copy_tree, edit_json, edit_tensors,
-                      file_sha256, read_header, run_cli, run_python, tree_hash, write_checkpoint, write_lora_adapter)
 
 pytestmark = pytest.mark.slow  # a real process per hostile input
 

@@ -15,11 +15,11 @@ from hubserver import FakeHub, use_hub
 
 from qwen_merge import (DiskFullError, DownloadError, HubError, OutputError, iter_merged, merge_shards, plan_merge,
                         verify_merge)
+from qwen_merge.inputs import hub as hub_module
+from qwen_merge.planning.fetchplan import fetch_plan
 from qwen_merge.report import render, to_dict
+from qwen_merge.sinks import output as output_module
 from qwen_merge.units import human_bytes
-from qwen_merge import hub as hub_module
-from qwen_merge.fetchplan import fetch_plan
-from qwen_merge import output as output_module
 
 pytestmark = pytest.mark.slow  # every test merges through a local Hub server and its downloads
 

@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from builders import (ADAPTER_CFG, ADAPTER_ST, INDEX, copy_tree, load_base_model, logits, one_error_line, random_ids,
+                      run_cli)
 from safetensors.torch import load_file, save_file
 
-from builders import (ADAPTER_CFG, ADAPTER_ST, INDEX, copy_tree, load_base_model, logits, one_error_line,
-                      random_ids, run_cli)
 from qwen_merge import merge_shards, plan_merge, verify_merge
 from qwen_merge.errors import AdapterError, FormatError, QwenMergeError
 

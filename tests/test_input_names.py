@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
-from builders import ADAPTER_CFG, DROP, copy_tree, edit_json, one_error_line, run_cli, tree_hash
-from builders import in_process_cli as cli, in_process_error_line as error_line
+from builders import ADAPTER_CFG, DROP, copy_tree, edit_json
+from builders import in_process_cli as cli
+from builders import in_process_error_line as error_line
+from builders import one_error_line, run_cli, tree_hash
 from hubserver import FakeHub, use_hub
 
 from qwen_merge import AdapterError, FormatError, HubError, base_of, merge_shards, plan_merge

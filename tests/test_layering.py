@@ -1,12 +1,18 @@
 """Imports go in one direction; torch stays on its side of the line; only a few modules read tensor bytes.
 
+The package is a pipeline: `inputs` (what is on disk or on the Hub) -> `planning` (headers to a frozen plan)
+-> `compute` (the plan's pieces, and the arithmetic) -> `sinks` (where the bytes go). Beside them, a few
+top-level modules are the vocabulary every folder uses (CORE), and the rest are entry points above all four.
+
+* A folder imports only the folders before it in the pipeline (FOLDER_IMPORTS) and the CORE modules; a CORE
+  module imports only CORE modules.
 * Each module may import only the package modules listed in ALLOWED (imports under `if TYPE_CHECKING:`
   are for annotations and do not count; a deferred import inside a function does).
 * The imports form no circle, deferred ones included: neither the modules' actual imports nor ALLOWED.
 * torch is imported at module level only by the modules that compute (TORCH_AT_IMPORT); everything
   else plans, copies and writes bytes without it, and `import qwen_merge` does not load it.
-* Tensor bytes are read only through `sources` (positioned reads into owned buffers), by the modules in
-  BYTE_READERS: the planner decides from headers and JSON alone.
+* Tensor bytes are read only through `inputs.sources` (positioned reads into owned buffers), by the modules
+  in BYTE_READERS: the planner decides from headers and JSON alone.
 """
 
 from __future__ import annotations
@@ -18,71 +24,104 @@ from pathlib import Path
 import qwen_merge
 from builders import run_python
 
+PACKAGE = Path(qwen_merge.__file__).parent
+CORE = {"errors", "version", "units", "files", "options", "progress"}
+FOLDER_IMPORTS = {  # folder -> the folders it may import: each one only those before it in the pipeline
+    "inputs": set(),
+    "planning": {"inputs"},
+    "compute": {"inputs", "planning"},
+    "sinks": {"inputs", "planning", "compute"},
+}
 ALLOWED = {
     "errors": set(),
     "version": set(),
     "units": set(),
-    "architectures": set(),
+    "files": {"errors"},
     "options": {"errors", "units"},
-    "tensorfile": {"errors"},
-    "checkpoint": {"errors", "tensorfile"},
-    "adapter": {"errors", "tensorfile", "checkpoint"},
-    "names": {"errors", "architectures"},
-    "recipe": {"adapter", "tensorfile"},
-    "ties": {"recipe", "tensorfile"},
-    "experts": {"errors", "tensorfile", "adapter"},
-    "targets": {"adapter", "architectures", "errors", "experts", "tensorfile"},
-    "quant": {"errors", "recipe", "tensorfile"},
-    "layout": {"checkpoint", "tensorfile"},
-    "memory": {"tensorfile"},
-    "report": {"adapter", "checkpoint", "fetchplan", "manifest", "options", "recipe", "units", "version"},
-    "plan": {"errors", "tensorfile", "checkpoint", "adapter", "names", "ties", "experts", "targets", "memory",
-             "options", "recipe", "quant", "layout", "manifest"},
-    "sources": {"errors", "memory", "tensorfile"},
-    "hub": {"checkpoint", "errors", "tensorfile"},
-    "tokenizer": {"errors", "output"},
-    "basemodel": {"adapter", "checkpoint", "errors", "hub"},
-    "fetchplan": {"plan"},
-    "pieces": {"memory", "plan", "sources", "tensorfile"},
-    "compute": set(),
-    "blockquant": set(),
-    "stream": {"adapter", "blockquant", "compute", "errors", "pieces", "plan", "quant", "recipe", "sources",
-               "tensorfile"},
-    "output": {"errors", "memory", "units"},
-    "manifest": {"checkpoint", "errors", "output", "tokenizer", "version"},
-    "writer": {"checkpoint", "errors", "manifest", "memory", "output", "pieces", "sources"},
     "progress": {"units"},
-    "pickled": {"errors", "adapter"},
-    "merge": {"adapter", "basemodel", "checkpoint", "compute", "errors", "fetchplan", "hub", "manifest", "memory",
-              "options", "output", "pickled",
-              "pieces", "plan", "progress", "sources", "stream", "tensorfile", "tokenizer", "units", "writer"},
-    "demo": {"merge"},
-    "verify": {"checkpoint", "errors", "fetchplan", "manifest", "merge", "options", "pieces", "plan", "sources",
-               "tensorfile", "ties", "units"},
-    "cli": {"basemodel", "errors", "merge", "demo", "options", "report", "verify", "units", "version"},
+    "inputs.__init__": set(),
+    "inputs.tensorfile": {"errors"},
+    "inputs.architectures": set(),
+    "inputs.checkpoint": {"errors", "files", "inputs.tensorfile"},
+    "inputs.adapter": {"errors", "files", "inputs.checkpoint", "inputs.tensorfile"},
+    "inputs.digest": set(),
+    "inputs.hub": {"errors", "files", "inputs.checkpoint", "inputs.tensorfile"},
+    "inputs.basemodel": {"errors", "files", "inputs.adapter", "inputs.checkpoint", "inputs.hub"},
+    "inputs.pickled": {"errors", "files", "inputs.adapter"},
+    "inputs.sources": {"errors", "inputs.tensorfile"},
+    "planning.__init__": set(),
+    "planning.names": {"errors", "inputs.architectures"},
+    "planning.recipe": {"inputs.adapter", "inputs.tensorfile"},
+    "planning.ties": {"inputs.tensorfile", "planning.recipe"},
+    "planning.experts": {"errors", "inputs.adapter", "inputs.tensorfile"},
+    "planning.targets": {"errors", "files", "inputs.adapter", "inputs.architectures", "inputs.tensorfile",
+                         "planning.experts"},
+    "planning.quant": {"errors", "inputs.tensorfile", "planning.recipe"},
+    "planning.layout": {"files", "inputs.tensorfile"},
+    "planning.memory": {"inputs.digest", "inputs.sources", "inputs.tensorfile"},
+    "planning.tokenizer": {"errors", "inputs.digest"},
+    "planning.manifest": {"errors", "files", "inputs.checkpoint", "inputs.digest", "planning.tokenizer", "version"},
+    "planning.plan": {"errors", "files", "inputs.adapter", "inputs.checkpoint", "inputs.tensorfile", "options",
+                      "planning.experts", "planning.layout", "planning.manifest", "planning.memory", "planning.names",
+                      "planning.quant", "planning.recipe", "planning.targets", "planning.ties"},
+    "planning.fetchplan": {"planning.plan"},
+    "compute.__init__": set(),
+    "compute.pieces": {"inputs.sources", "inputs.tensorfile", "planning.memory", "planning.plan"},
+    "compute.arithmetic": set(),
+    "compute.blockquant": set(),
+    "compute.stream": {"compute.arithmetic", "compute.blockquant", "compute.pieces", "errors", "inputs.adapter",
+                       "inputs.sources", "inputs.tensorfile", "planning.plan", "planning.quant", "planning.recipe"},
+    "sinks.__init__": set(),
+    "sinks.output": {"errors", "files", "units"},
+    "sinks.resume": {"errors", "files", "planning.manifest", "sinks.output"},
+    "sinks.folder": {"errors", "files", "planning.manifest", "sinks.output"},
+    "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
+    "merge": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
+              "inputs.basemodel", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled",
+              "inputs.sources", "inputs.tensorfile", "options", "planning.fetchplan", "planning.manifest",
+              "planning.memory", "planning.plan", "planning.tokenizer", "progress", "sinks.folder", "sinks.output",
+              "sinks.resume", "sinks.writer", "units"},
+    "report": {"inputs.adapter", "inputs.checkpoint", "options", "planning.fetchplan", "planning.manifest",
+               "planning.recipe", "units", "version"},
+    "verify": {"compute.pieces", "errors", "files", "inputs.sources", "inputs.tensorfile", "merge", "options",
+               "planning.fetchplan", "planning.manifest", "planning.plan", "planning.ties", "units"},
+    "demo": {"files", "merge"},
+    "cli": {"demo", "errors", "inputs.basemodel", "merge", "options", "report", "units", "verify", "version"},
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
-TORCH_AT_IMPORT = {"compute", "blockquant", "stream", "pickled", "demo"}
-BYTE_READERS = {"sources", "pieces", "stream", "writer", "merge", "verify"}
+TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.stream", "inputs.pickled", "demo"}
+BYTE_READERS = {"inputs.sources", "compute.pieces", "compute.stream", "sinks.writer", "merge", "verify"}
 
 
-def _imports(path: Path) -> tuple[set[str], set[str], set[str]]:
+def _folder(module: str) -> str:
+    """"planning" for "planning.plan"; "" for a top-level module."""
+    return module.split(".")[0] if "." in module else ""
+
+
+def _package_modules() -> dict[str, Path]:
+    """Every module of the package by dotted name below it: "merge", "planning.plan", "sinks.__init__"."""
+    return {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, modules: Mapping[str, Path]) -> tuple[set[str], set[str], set[str]]:
     """(package modules imported anywhere, external modules imported at module level, external anywhere),
-    leaving out `if TYPE_CHECKING:` blocks."""
+    leaving out `if TYPE_CHECKING:` blocks. `from ..inputs import hub` counts as "inputs.hub"."""
     package, top, anywhere = set(), set(), set()
     tree = ast.parse(path.read_text())
     skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
                for n in ast.walk(node)}
     module_level = {id(n) for n in tree.body}
+    here = name.split(".")[:-1]  # the package the module is in, below qwen_merge
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
         names: set[str] = set()
-        if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
-            package.update(a.name for a in node.names)  # from . import x
-        elif isinstance(node, ast.ImportFrom) and node.level:
-            package.add(node.module.split(".")[0])
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                dotted = ".".join([*base, alias.name])
+                package.add(dotted if dotted in modules else ".".join(base) or "__init__")
         elif isinstance(node, ast.ImportFrom):
             names.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
@@ -91,6 +130,14 @@ def _imports(path: Path) -> tuple[set[str], set[str], set[str]]:
         if id(node) in module_level:
             top |= names
     return package, top, anywhere
+
+
+def _reads_from_sources(path: Path) -> bool:
+    """Whether the module imports anything but constants (the buffer sizes the memory model counts) from
+    `inputs.sources`, the module that reads tensor bytes."""
+    return any(isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("sources")
+               and not all(alias.name.isupper() for alias in node.names)
+               for node in ast.walk(ast.parse(path.read_text())))
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -118,10 +165,6 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
     return next((found for node in sorted(graph) if (found := visit(node))), None)
 
 
-def _package_modules() -> dict[str, Path]:
-    return {p.stem: p for p in Path(qwen_merge.__file__).parent.glob("*.py")}
-
-
 def test_the_cycle_finder_finds_a_circle_and_names_it():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"a"}}) is None  # a diamond is no circle
@@ -133,23 +176,41 @@ def test_the_cycle_finder_finds_a_circle_and_names_it():
 def test_the_imports_form_no_circle():
     """Deferred imports inside functions count: they hide a circle from Python's import machinery, not
     from the design."""
-    actual = {name: _imports(path)[0] for name, path in _package_modules().items()}
+    modules = _package_modules()
+    actual = {name: _imports(name, path, modules)[0] for name, path in modules.items()}
     cycle = find_cycle(actual)
     assert cycle is None, f"the package's imports form a circle: {' -> '.join(cycle)}"
     cycle = find_cycle(ALLOWED)
     assert cycle is None, f"ALLOWED permits a circle: {' -> '.join(cycle)}"
 
 
+def test_each_folder_imports_only_the_folders_before_it():
+    """inputs -> planning -> compute -> sinks, each importing only what comes before it and the CORE
+    vocabulary; the CORE modules import only each other."""
+    modules = _package_modules()
+    assert CORE == {name for name in modules if not _folder(name) and name in CORE}, "a CORE module is missing"
+    for name, path in modules.items():
+        imported = _imports(name, path, modules)[0]
+        folder = _folder(name)
+        if name in CORE:
+            assert imported <= CORE, f"{name} is CORE but imports {sorted(imported - CORE)}"
+        elif folder:
+            may = FOLDER_IMPORTS[folder] | {folder}
+            wrong = {m for m in imported if m not in CORE and _folder(m) not in may}
+            assert not wrong, f"{name} ({folder}) imports {sorted(wrong)}, outside {sorted(may)} and CORE"
+    assert find_cycle(FOLDER_IMPORTS) is None
+
+
 def test_every_module_is_listed_and_imports_only_downward():
     modules = _package_modules()
     assert set(modules) == set(ALLOWED)
     for name, path in modules.items():
-        package, top, _ = _imports(path)
+        package, top, _ = _imports(name, path, modules)
         assert package <= ALLOWED[name], f"{name} imports {package - ALLOWED[name]}"
         if name not in TORCH_AT_IMPORT:
             assert "torch" not in top, f"{name} imports torch at import time"
         if name not in BYTE_READERS:
-            assert "sources" not in package and "numpy" not in top, f"{name} reads tensor bytes"
+            assert not _reads_from_sources(path) and "numpy" not in top, f"{name} reads tensor bytes"
 
 
 def test_planning_and_importing_do_not_load_torch(zoo):

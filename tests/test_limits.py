@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from builders import (REPO, cli_argv, cli_env, locate, one_error_line, run_cli, run_python, ulp_distance,
                       write_linear_pair)
+from safetensors import safe_open
+
 from qwen_merge import DiskFullError, merge_shards, plan_merge
 
 pytestmark = pytest.mark.slow  # gigabyte inputs and resource limits in child processes

@@ -25,7 +25,7 @@ LIMIT_MIB = 600
 CHILD = textwrap.dedent("""
     import json, resource, sys, threading, time
     import qwen_merge
-    import qwen_merge.stream  # torch and the compute code, which the merge imports when it computes
+    import qwen_merge.compute.stream  # torch and the compute code, which the merge imports when it computes
     from qwen_merge import merge_shards
 
     def anon_kib():

@@ -36,40 +36,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import (
-    TINY,
-    MergeCache,
-    SynthSpec,
-    adapter_tensors,
-    bf16_ulp,
-    build_fused_adapter,
-    build_moe_base,
-    check_like_unmerged,
-    checkpoint_tensors,
-    disk_tensors,
-    double_rounding,
-    expert_delta_loop,
-    fuse_checkpoint,
-    fused_reference_deltas,
-    header_names,
-    linear_reference_deltas,
-    load_base_model,
-    logits,
-    note,
-    peft_unmerged,
-    random_ids,
-    rewrite_adapter,
-    single_rounding,
-    swap_nesting,
-    tensor_bytes,
-    to_tensor,
-    tree_hash,
-    ulp_distance,
-    write_checkpoint,
-    write_expert_linear_adapter,
-    write_synthetic_fused_adapter,
-    write_synthetic_moe,
-)
+from builders import (TINY, MergeCache, SynthSpec, adapter_tensors, bf16_ulp, build_fused_adapter, build_moe_base,
+                      check_like_unmerged, checkpoint_tensors, disk_tensors, double_rounding, expert_delta_loop,
+                      fuse_checkpoint, fused_reference_deltas, header_names, linear_reference_deltas, load_base_model,
+                      logits, note, peft_unmerged, random_ids, rewrite_adapter, single_rounding, swap_nesting,
+                      tensor_bytes, to_tensor, tree_hash, ulp_distance, write_checkpoint, write_expert_linear_adapter,
+                      write_synthetic_fused_adapter, write_synthetic_moe)
+
 from qwen_merge import MismatchError, NonFiniteError, iter_merged, merge_shards, plan_merge
 
 H, I, E, L = TINY["hidden"], TINY["moe_intermediate"], TINY["experts"], TINY["layers"]
@@ -566,7 +539,7 @@ def test_batched_experts_equal_one_by_one_in_any_storage_order(tmp_path, monkeyp
     adapter = write_synthetic_fused_adapter(tmp_path / "adapter", spec, r=4, alpha=8)
     batched = {"numeric": disk_tensors(merge_shards(numeric, adapter, tmp_path / "out_n", progress=False).output),
                "text": disk_tensors(merge_shards(text, adapter, tmp_path / "out_t", progress=False).output)}
-    monkeypatch.setattr("qwen_merge.plan.BATCH_TENSOR_BYTES", 0)  # nothing is batchable: one tensor at a time
+    monkeypatch.setattr("qwen_merge.planning.plan.BATCH_TENSOR_BYTES", 0)  # nothing is batchable: one tensor at a time
     alone = disk_tensors(merge_shards(numeric, adapter, tmp_path / "out_1", progress=False).output)
     base, factors = disk_tensors(numeric), adapter_tensors(adapter)
     assert set(alone) == set(batched["numeric"]) == set(batched["text"]) == set(base)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from qwen_merge.adapter import module_scale, pattern_key
+from qwen_merge.inputs.adapter import module_scale, pattern_key
 
 ROWS = [
     (["q_proj"], "model.layers.0.self_attn.q_proj"),

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import PREFIX, checkpoint_tensors, disk_tensors, rewrite_adapter, tree_hash, write_checkpoint
+from peft_custom_cases import LORA_CASES, build_model, resolved
+from reference import U32, U_WIDE, Exact, band, check_fp32, check_rounded, near_boundary
 from safetensors.torch import load_file
 from torch import nn
 
-from builders import (PREFIX, checkpoint_tensors, disk_tensors, rewrite_adapter, tree_hash, write_checkpoint)
-from peft_custom_cases import LORA_CASES, build_model, resolved
 from qwen_merge import AdapterError, QwenMergeError, merge_shards, plan_merge, verify_merge
 from qwen_merge.report import render
-from reference import U32, U_WIDE, Exact, band, check_fp32, check_rounded, near_boundary
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

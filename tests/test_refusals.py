@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from builders import (AADAPTERS, ADAPTER_CFG, ADAPTER_ST, ADAPTERS, PREFIX, adapter_tensors, checkpoint_tensors,
                       copy_tree, disk_tensors, edit_json, edit_tensors, fl32, peft_merged_state_dict, run_cli,
                       tree_hash, ulp_distance)
+from safetensors.torch import load_file
+
 from qwen_merge import AdapterError, FormatError, MismatchError, QwenMergeError, merge_shards, plan_merge
 
 L0Q = "model.layers.0.self_attn.q_proj"

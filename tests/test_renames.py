@@ -11,8 +11,8 @@ key_map / --map; a situation where two renames fit is refused.
 from __future__ import annotations
 
 import pytest
-
 from builders import EMBED, checkpoint_tensors, rewrite_adapter, run_cli, tensor_bytes, tree_hash
+
 from qwen_merge import MismatchError, iter_merged, merge_shards, plan_merge
 from qwen_merge.report import render
 

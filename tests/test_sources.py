@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from qwen_merge.compute import all_finite
-from qwen_merge.output import hash_in_background, sha256_file
-from qwen_merge.sources import SMALL_READ, TAIL_ROOM, Files, ReadAhead
+from qwen_merge.compute.arithmetic import all_finite
+from qwen_merge.inputs.digest import hash_in_background, sha256_file
+from qwen_merge.inputs.sources import SMALL_READ, TAIL_ROOM, Files, ReadAhead
 
 MIB = 1 << 20
 

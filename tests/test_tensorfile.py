@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwen_merge.errors import FormatError
-from qwen_merge.tensorfile import TensorEntry, encode_header, read_header
+from qwen_merge.inputs.tensorfile import TensorEntry, encode_header, read_header
 
 
 def test_reads_reference_writer_output(tmp_path):

@@ -23,13 +23,13 @@ import json
 
 import pytest
 import torch
-
 from builders import (EMBED, HEAD, adapter_tensors, check_index, check_like_unmerged, checkpoint_tensors, copy_tree,
                       disk_tensors, edit_json, embedding_operands, expected_ops, fl32, input_ids, load_base_model,
                       logits, operand_ulps, peft_unmerged, record, scale_of, single_rounding, tensor_bytes, ulp_count)
+
 from qwen_merge import merge_shards, plan_merge
+from qwen_merge.planning.ties import Tie, TieDecision
 from qwen_merge.report import render
-from qwen_merge.ties import Tie, TieDecision
 
 # adapter -> (stays tied, expected embedding, expected lm_head)
 ROWS = {

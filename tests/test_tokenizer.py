@@ -14,13 +14,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from builders import NEW_TOKENS, VOCAB, build_added_tokens_adapter, build_tokenizer, copy_tree, run_cli
-from builders import in_process_cli as cli, in_process_error_line as error_line
+from builders import NEW_TOKENS, VOCAB, build_added_tokens_adapter, build_tokenizer, copy_tree
+from builders import in_process_cli as cli
+from builders import in_process_error_line as error_line
+from builders import run_cli
 from hubserver import FakeHub, use_hub
 
 from qwen_merge import OptionError, OutputError, merge_shards, plan_merge, verify_merge
+from qwen_merge.planning.tokenizer import TOKENIZER_FILES, differences, facts, files_in
 from qwen_merge.report import render
-from qwen_merge.tokenizer import TOKENIZER_FILES, differences, facts, files_in
 
 OTHER_TEMPLATE = "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}[ASSISTANT]"
 MESSAGES = [{"role": "user", "content": "hi"}]

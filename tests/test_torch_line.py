@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 
 import torch
-
-import qwen_merge.merge as merge_module
 from builders import (ADAPTER_CFG, ADAPTER_ST, PREFIX, checkpoint_tensors, locate, run_python, to_tensor,
                       write_safetensors)
+
+import qwen_merge.merge as merge_module
 from qwen_merge import merge_shards, plan_merge
 
 NORM = "model.norm.weight"

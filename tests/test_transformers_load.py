@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from builders import ADAPTERS, BASES, DTYPES, check_like_unmerged, load_base_model, logits, peft_unmerged, random_ids
 
 VARIANTS = ["basic", "basic_tied", "rslora", "patterns", "layers02", "basic_fp16_base", "gpt2"]

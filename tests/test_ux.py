@@ -14,13 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from builders import cli_argv, cli_env, run_cli, tree_hash
 
 import qwen_merge.merge
-from builders import cli_argv, cli_env, run_cli, tree_hash
 from qwen_merge import merge_shards
 from qwen_merge.cli import main
-from qwen_merge.output import check_free_space, partial_folder_of, write_error
 from qwen_merge.progress import PlainProgress, progress_bar
+from qwen_merge.sinks.output import check_free_space, partial_folder_of, write_error
 from qwen_merge.units import human_bytes
 
 
@@ -131,7 +131,7 @@ def test_merge_summary_uses_human_units(zoo, capsys, tmp_path):
 
 
 def test_space_messages_give_human_units_and_exact_bytes(monkeypatch, tmp_path):
-    monkeypatch.setattr("qwen_merge.output.free_bytes", lambda _: 1_500_000)
+    monkeypatch.setattr("qwen_merge.sinks.output.free_bytes", lambda _: 1_500_000)
     with pytest.raises(Exception, match=r"writes 2\.00 MB \(2000000 bytes\) but only 1\.50 MB \(1500000 bytes\)"):
         check_free_space(tmp_path, 2_000_000)
     message = str(write_error(tmp_path / "x", OSError(errno.ENOSPC, "No space left on device")))

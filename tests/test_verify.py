@@ -21,10 +21,12 @@ import pytest
 import torch
 from builders import (EMBED, HEAD, INDEX, demo_pair, edit_json, edit_tensors, locate, read_header, rewrite_adapter,
                       run_cli, tensor_entries)
-from qwen_merge import FormatError, merge_shards, plan_merge, verify_merge
-from qwen_merge.ties import Tie
+
+from qwen_merge import FormatError, merge_shards, plan_merge
 from qwen_merge import verify as verify_module
+from qwen_merge import verify_merge
 from qwen_merge.demo import HIDDEN, VOCAB
+from qwen_merge.planning.ties import Tie
 
 BLOCK = 2048  # fp32 bytes per row block: 8 rows of a 64-column weight, so q_proj (64 rows) has 8 blocks
 Q0, K0, V0 = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkv")

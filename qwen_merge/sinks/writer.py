@@ -31,60 +31,17 @@ from pathlib import Path
 
 import numpy
 
-from .checkpoint import read_json
-from .errors import OutputError
-from .manifest import differences
-from .memory import CHUNK_BYTES, CHUNKS  # staging chunks: being filled, queued, written and hashed
-from .output import write_error, write_json_atomic
-from .pieces import Block, Piece, RawSpan, Shared
-from .sources import Files
+from ..compute.pieces import Block, Piece, RawSpan, Shared
+from ..errors import OutputError
+from ..inputs.sources import Files
+from ..planning.memory import CHUNK_BYTES, CHUNKS  # staging chunks: being filled, queued, written and hashed
+from .output import write_error
+from .resume import ResumeState
 
-STATE_NAME = "qwen_merge.partial.json"
 # SHA-256 is sequential within a file and runs at about 1.4 GB/s on one core: shards alternate between
 # two hashing threads, so hashing a model of many shards can use both cores while they are free.
 HASHERS = 2
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the device's block (at most 4 KiB)
-
-
-class ResumeState:
-    """The state file of a partial folder: the run's identity and the shards completed so far, rewritten
-    atomically at every change so an interrupted run can be resumed from it."""
-
-    def __init__(self, folder: Path, identity: dict, done: dict[str, dict]) -> None:
-        self.path, self.identity, self.done = folder / STATE_NAME, identity, dict(done)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, folder: Path, identity: dict) -> ResumeState:
-        """The shards an interrupted run left complete in `folder`, if it ran with the same identity.
-
-        Raises:
-            OutputError: the run had other inputs or options (each difference named), or a shard it
-                recorded is missing or has another size."""
-        path = folder / STATE_NAME
-        if not path.is_file():
-            return cls(folder, identity, {})  # killed before the first record: nothing was complete
-        state = read_json(path, STATE_NAME)
-        if changes := differences(state.get("identity") or {}, identity):
-            raise OutputError(f"{folder}: cannot resume, the interrupted merge had other inputs or options "
-                              f"({'; '.join(changes)}); rerun with the same ones, or remove the folder to start over")
-        done = state.get("done", {})
-        for name, info in done.items():
-            if not (folder / name).is_file() or (folder / name).stat().st_size != info.get("size"):
-                raise OutputError(f"{folder / name}: a shard recorded as complete is missing or has the wrong size")
-        return cls(folder, identity, done)
-
-    def save(self) -> None:
-        with self._lock:
-            write_json_atomic(self.path, {"identity": self.identity, "done": self.done})
-
-    def record(self, name: str, info: dict) -> None:
-        with self._lock:
-            self.done[name] = info
-        self.save()
-
-    def remove(self) -> None:
-        self.path.unlink()
 
 
 class _Chunk(Shared):

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .checkpoint import HubOrigin, no_such_path, read_json
-from .errors import AdapterError, MismatchError
+from ..errors import AdapterError, MismatchError
+from ..files import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, MODEL_CONFIG, read_json
+from .checkpoint import HubOrigin, no_such_path
 from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile, read_header
 
 PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
+PICKLE_NAMES = (ADAPTER_PICKLE, "adapter_model.pt")
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 # Config fields whose presence changes what a merge must compute; each is refused until supported.
@@ -168,7 +167,7 @@ def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | Non
     """
     path = config_path(adapter)
     root = path.parent
-    config = read_json(path, CONFIG_NAME)
+    config = read_json(path, ADAPTER_CONFIG)
     _check_config(path, config)
     file = read_header(weights if weights is not None else weights_path(root))
     return _sort_tensors(root, config, file)
@@ -181,37 +180,37 @@ def config_path(adapter: str | os.PathLike) -> Path:
         AdapterError: no such folder, or no adapter_config.json in it (with a hint for the usual mix-ups).
     """
     root = Path(adapter)
-    if root.is_file() and root.name in (CONFIG_NAME, WEIGHTS_NAME):
+    if root.is_file() and root.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         root = root.parent
     if not root.exists():
         raise AdapterError(f"{root}: adapter folder not found: {no_such_path(root)}")
     if not root.is_dir():
-        raise AdapterError(f"{root}: adapter folder not found (expected a folder with {CONFIG_NAME})")
-    if not (root / CONFIG_NAME).is_file():
+        raise AdapterError(f"{root}: adapter folder not found (expected a folder with {ADAPTER_CONFIG})")
+    if not (root / ADAPTER_CONFIG).is_file():
         raise _missing_config(root)
-    return root / CONFIG_NAME
+    return root / ADAPTER_CONFIG
 
 
 def _missing_config(root: Path) -> AdapterError:
     """The error for a folder without adapter_config.json, with a hint for the two usual mix-ups: a model
     folder given as ADAPTER, and a trainer's output folder whose adapters lie in checkpoint-<step>/."""
-    if (root / "config.json").is_file() and _has_model_weights(root):
-        return AdapterError(f"{root}: expected a PEFT adapter ({CONFIG_NAME} + {WEIGHTS_NAME}), found a model "
+    if (root / MODEL_CONFIG).is_file() and _has_model_weights(root):
+        return AdapterError(f"{root}: expected a PEFT adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), found a model "
                             f"folder (config.json and model weights); BASE and ADAPTER look swapped: give the base "
                             f"model first, the adapter second (BASE ADAPTER [OUT])")
-    found = sorted((p for p in root.glob("checkpoint-*") if (p / CONFIG_NAME).is_file()), key=_step)
+    found = sorted((p for p in root.glob("checkpoint-*") if (p / ADAPTER_CONFIG).is_file()), key=_step)
     if found:
         names = [p.name for p in found]
         shown = names if len(names) <= 5 else names[:2] + ["..."] + names[-2:]  # one line, whatever the count
-        return AdapterError(f"{root}: {CONFIG_NAME} is missing, but {len(names)} trainer checkpoint folder(s) "
+        return AdapterError(f"{root}: {ADAPTER_CONFIG} is missing, but {len(names)} trainer checkpoint folder(s) "
                             f"here hold an adapter ({', '.join(shown)}); pass one of them as ADAPTER, "
                             f"e.g. the last: {found[-1]}")
-    return AdapterError(f"{root}: {CONFIG_NAME} is missing; it holds the rank and alpha the merge needs")
+    return AdapterError(f"{root}: {ADAPTER_CONFIG} is missing; it holds the rank and alpha the merge needs")
 
 
 def _has_model_weights(root: Path) -> bool:
     """Model weights other than an adapter's own file (adapter_config.json alone may be what is missing)."""
-    return any(root.glob("*.safetensors.index.json")) or any(p.name != WEIGHTS_NAME for p in root.glob("*.safetensors"))
+    return any(root.glob("*.safetensors.index.json")) or any(p.name != ADAPTER_WEIGHTS for p in root.glob("*.safetensors"))
 
 
 def _step(folder: Path) -> tuple[int, int, str]:
@@ -222,20 +221,20 @@ def _step(folder: Path) -> tuple[int, int, str]:
 
 def weights_path(root: Path) -> Path:
     """The adapter's safetensors file; a pickle is named in the error, never opened."""
-    path = root / WEIGHTS_NAME
+    path = root / ADAPTER_WEIGHTS
     if path.is_file():
         return path
     pickle = pickle_path(root)
     if pickle is not None:
         raise AdapterError(f"{pickle}: adapter weights are a pickle, which is not loaded unless you allow it "
                            f"(allow_pickle=True / --allow-pickle, read with torch.load(weights_only=True)); "
-                           f"or convert them to {WEIGHTS_NAME}")
-    raise AdapterError(f"{root}: {WEIGHTS_NAME} is missing")
+                           f"or convert them to {ADAPTER_WEIGHTS}")
+    raise AdapterError(f"{root}: {ADAPTER_WEIGHTS} is missing")
 
 
 def pickle_path(root: Path) -> Path | None:
     """The pickled adapter weights, when the folder has them and no safetensors file."""
-    if (root / WEIGHTS_NAME).is_file():
+    if (root / ADAPTER_WEIGHTS).is_file():
         return None
     return next((root / n for n in PICKLE_NAMES if (root / n).is_file()), None)
 
@@ -474,7 +473,7 @@ def _token_rows(path: Path, module: str, values: TensorEntry, config: dict) -> T
         indices = spec[keys[0]] if len(keys) == 1 else None
     else:
         indices = spec
-    where = f"{path.parent / CONFIG_NAME}: trainable_token_indices for {module!r}"
+    where = f"{path.parent / ADAPTER_CONFIG}: trainable_token_indices for {module!r}"
     if not isinstance(indices, list) or not all(type(i) is int for i in indices):
         raise AdapterError(f"{where}: expected a list of token ids, found {indices!r}")
     dup = next((i for i in indices if indices.count(i) > 1), None)

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FormatError
+from ..errors import FormatError
 
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_BITS: dict[str, int] = {

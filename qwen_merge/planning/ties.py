@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from ..inputs.tensorfile import TensorEntry
 from .recipe import Pair, Part, Recipe, Source
-from .tensorfile import TensorEntry
 
 SameValues = Callable[[TensorEntry, TensorEntry, bool], bool]  # (x, y, y transposed) -> bit-equal
 

@@ -6,19 +6,16 @@ order the output will be written, and which side files (config, tokenizer, ...) 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .errors import FormatError
+from ..errors import FormatError
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, MANIFEST_NAME, MODEL_CONFIG, SINGLE_NAME, read_json
 from .tensorfile import TensorEntry, TensorFile, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
-MANIFEST_NAME = "qwen_merge.json"  # provenance a previous merge wrote; read, never copied
-SINGLE_NAME = "model.safetensors"
-ADAPTER_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # what marks a PEFT adapter given as BASE
+ADAPTER_NAMES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)  # what marks a PEFT adapter given as BASE
 # Weights in other formats would sit beside the merged safetensors unmerged: never copy them.
 STALE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
 
@@ -157,19 +154,6 @@ def _only_safetensors(root: Path) -> Path:
     return files[0]
 
 
-def read_json(path: Path, what: str) -> dict:
-    """Read a JSON object, turning every failure into a one-line FormatError."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: {what} must be a JSON object, found {type(value).__name__}")
-    return value
-
-
 def read_index(index_path: Path, listed: Callable[[str], bool] | None = None) -> tuple[dict[str, str], dict]:
     """The weight map and metadata of an HF index, each shard name checked: a plain `.safetensors` name
     that exists beside the index (or, for a Hub repo, that `listed` says the repo has)."""
@@ -239,8 +223,8 @@ def _assemble(root: Path, shards: tuple[TensorFile, ...], index_name: str | None
         raise FormatError(f"{root}: a tensor name appears in more than one shard")
     used = {s.path.name for s in shards} | {index_name, MANIFEST_NAME}
     files, skipped = _side_files(root, used) if side_files else ((), ())
-    config_path = root / "config.json"
-    config = read_json(config_path, "config.json") if config_path.is_file() else None
+    config_path = root / MODEL_CONFIG
+    config = read_json(config_path, MODEL_CONFIG) if config_path.is_file() else None
     return Checkpoint(root, shards, weight_map, index_name, metadata, files, skipped, config)
 
 

@@ -20,15 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import (INDEX_NAME, MANIFEST_NAME, SINGLE_NAME, Checkpoint, HubOrigin, check_index_matches,
-                         is_side_file, read_index, read_json, stored_map)
-from .errors import DownloadError, HubError
+from ..errors import DownloadError, HubError
+from ..files import (ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, INDEX_NAME, MANIFEST_NAME, MODEL_CONFIG,
+                     SINGLE_NAME, read_json)
+from .checkpoint import Checkpoint, HubOrigin, check_index_matches, is_side_file, read_index, stored_map
 from .tensorfile import MAX_HEADER_BYTES, TensorFile, parse_header, read_header
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 HEADER_GUESS = 1 << 16  # the first range request; a header larger than this takes a second one
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ def open_hub_checkpoint(origin: HubOrigin) -> Checkpoint:
     used = set(names) | {index_name, MANIFEST_NAME}
     if MANIFEST_NAME in top:  # a checkpoint qwen-merge made: it says which adapters are in it already
         fetch(origin, MANIFEST_NAME)
-    config = read_json(fetch(origin, "config.json"), "config.json") if "config.json" in top else None
+    config = read_json(fetch(origin, MODEL_CONFIG), MODEL_CONFIG) if MODEL_CONFIG in top else None
     side = tuple(origin.folder / n for n in sorted(top) if n not in used and is_side_file(n))
     skipped = tuple(sorted(n for n in top if n not in used and not is_side_file(n) and not n.startswith(".")))
     return Checkpoint(origin.folder, shards, weight_map, index_name, metadata, side, skipped, config, hub=origin)
@@ -138,7 +138,7 @@ def fetch_adapter(origin: HubOrigin, allow_pickle: bool, extra: Iterable[str] = 
         raise HubError(f"{origin}: not a PEFT adapter: the repo has no {ADAPTER_CONFIG} at commit "
                        f"{origin.commit[:12]} (a model repo given as ADAPTER? BASE comes first)")
     fetch(origin, ADAPTER_CONFIG)
-    for name in (ADAPTER_WEIGHTS, "adapter_model.bin" if allow_pickle else None, *extra):
+    for name in (ADAPTER_WEIGHTS, ADAPTER_PICKLE if allow_pickle else None, *extra):
         if name in origin.sizes:
             fetch(origin, name)
     return origin.folder

@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import AdapterError, MismatchError, OptionError
+from ..files import MODEL_CONFIG
+from ..inputs.adapter import Adapter, Kind, TokenRows, settle_parameters
+from ..inputs.checkpoint import Checkpoint
+from ..inputs.tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
+from ..options import MergeOptions, Rounding, dtype_name
+from ..planning.manifest import output_files
 from . import experts, layout, memory, targets, ties
-from .adapter import Adapter, Kind, TokenRows, settle_parameters
-from .checkpoint import Checkpoint
-from .errors import AdapterError, MismatchError, OptionError
 from .layout import Slot, index_json
 from .names import NameMap, resolve_names
-from .manifest import output_files
-from .options import MergeOptions, Rounding, dtype_name
 from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
-from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
 
 if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
     from .tokenizer import TokenizerChoice
@@ -242,7 +243,7 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     targets.check_untrained_targets(adapter, names, names.inverse, entries, holds, base.config)
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
                                       same_values)
-    quant = Quantization.of(base.config, str(base.root / "config.json"))
+    quant = Quantization.of(base.config, str(base.root / MODEL_CONFIG))
     builder = _OpBuilder(base, adapter, entries, where, options, quant, fp8_scales(quant, where, entries))
     try:
         ops = {name: builder.op(name, recipe) for name, recipe in recipes.items()}

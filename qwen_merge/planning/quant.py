@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import FormatError, MismatchError
+from ..errors import FormatError, MismatchError
+from ..inputs.tensorfile import FLOAT_DTYPES, TensorEntry
 from .recipe import Source
-from .tensorfile import FLOAT_DTYPES, TensorEntry
 
 FP8 = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"

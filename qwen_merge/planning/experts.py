@@ -17,9 +17,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .adapter import Adapter, ExpertPair, ParamPair, module_scale, targeted_parameters
-from .errors import MismatchError
-from .tensorfile import TensorEntry
+from ..errors import MismatchError
+from ..inputs.adapter import Adapter, ExpertPair, ParamPair, module_scale, targeted_parameters
+from ..inputs.tensorfile import TensorEntry
 
 # A fused parameter name -> the per-expert tensors it is split into, in row order (one name = no split).
 PER_EXPERT = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}

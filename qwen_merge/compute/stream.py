@@ -13,18 +13,18 @@ from collections.abc import Container, Iterator
 
 import torch
 
+from ..errors import NonFiniteError, ZeroNormError
+from ..inputs.adapter import Kind
+from ..inputs.sources import Files, ReadAhead, read_exact
+from ..inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile
+from ..planning.plan import TensorOp
+from ..planning.quant import BlockScale
+from ..planning.recipe import Part
 from . import blockquant
-from .adapter import Kind
-from .compute import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
-                      all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
-                      finish_column_norms, make_factors, merge_rows, split_experts, widen)
-from .errors import NonFiniteError, ZeroNormError
+from .arithmetic import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
+                         all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
+                         finish_column_norms, make_factors, merge_rows, split_experts, widen)
 from .pieces import Block, BlockRing
-from .plan import TensorOp
-from .quant import BlockScale
-from .recipe import Part
-from .sources import Files, ReadAhead, read_exact
-from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 CACHED_FACTORS = 4  # split fused-expert LoRAs kept: a layer's gate_up and down, and the next layer's
 

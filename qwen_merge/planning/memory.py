@@ -9,7 +9,9 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .tensorfile import DTYPE_BITS
+from ..inputs.digest import HASH_READ_BYTES
+from ..inputs.sources import TAIL_ROOM
+from ..inputs.tensorfile import DTYPE_BITS
 
 if TYPE_CHECKING:  # for annotations only: the planner imports this module
     from .plan import TensorOp
@@ -21,13 +23,11 @@ THREADS_BYTES = 16 << 20  # the writer, hashing and finishing threads: stacks, h
 # of the GIL and waits to take it back while the merging thread runs Python; 8 MiB chunks halve those waits
 # against 4 MiB (a merge of 18,867 small tensors: 5 % faster; the disk writes 8 MiB at the speed of 4 MiB).
 CHUNK_BYTES, CHUNKS = 8 << 20, 4
-HASH_READ_BYTES = 16 << 20  # the adapter hash's read buffer (it may still run when the merge starts)
 # The plan's Python objects (entries, headers, ops, pairs), measured on an 18,867-tensor MoE: 6 MiB with 192
 # ops, 37 MiB with 18,528
 PLAN_BYTES_PER_TENSOR, PLAN_BYTES_PER_OP = 512, 2048
 RING_SIZE = 8  # computed blocks alive at once: computed, queued behind copies, written and hashed
 BATCH_BYTES = 4 << 20  # most bytes of adjacent per-expert tensors merged as one batch (one read, one block)
-READ_SLACK_BYTES = 1 << 20  # spare room after each read-ahead buffer (sources.TAIL_ROOM)
 SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (compute.SUB_BLOCK_BYTES)
 
 
@@ -61,7 +61,7 @@ def _working_set(op: TensorOp) -> int:
     if op.batchable:  # adjacent small experts merged as one block: BATCH_BYTES read ahead (two buffers),
         # in each ring slot, and as fp32 twice (the weights and the delta) and the rounded delta once
         fp32 = BATCH_BYTES * 4 // (DTYPE_BITS[op.dtype] // 8)
-        return extra + 2 * (BATCH_BYTES + READ_SLACK_BYTES) + RING_SIZE * BATCH_BYTES + 2 * fp32 + BATCH_BYTES
+        return extra + 2 * (BATCH_BYTES + TAIL_ROOM) + RING_SIZE * BATCH_BYTES + 2 * fp32 + BATCH_BYTES
     row_elems = op.matrix[1]
     row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
     widen = 2 if op.wide else 1  # float64 scratch holds as many rows as the fp32 one: twice the bytes

@@ -22,8 +22,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME
-from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile, encode_header
+from ..files import INDEX_NAME, SINGLE_NAME
+from ..inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, encode_header
 
 FORMAT_PT = {"format": "pt"}
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapter import WEIGHTS_NAME, pickle_path
-from .errors import AdapterError
+from ..errors import AdapterError
+from ..files import ADAPTER_WEIGHTS
+from .adapter import pickle_path
 
 
 def unpickle_adapter(adapter: Path, scratch: Path) -> Path | None:
@@ -27,6 +28,6 @@ def unpickle_adapter(adapter: Path, scratch: Path) -> Path | None:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise AdapterError(f"{source}: expected a dict of tensor name -> tensor, found {type(state).__name__}")
-    target = scratch / WEIGHTS_NAME
+    target = scratch / ADAPTER_WEIGHTS
     save_file({k: v.contiguous() for k, v in state.items()}, target, metadata={"format": "pt"})
     return target

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .adapter import PREFIX, Adapter, TargetMatcher, targeted_parameters
-from .architectures import is_module_in_memory
+from ..errors import AdapterError
+from ..files import ADAPTER_CONFIG
+from ..inputs.adapter import PREFIX, Adapter, TargetMatcher, targeted_parameters
+from ..inputs.architectures import is_module_in_memory
+from ..inputs.tensorfile import TensorEntry
 from .experts import HeldParameters
-from .errors import AdapterError
-from .tensorfile import TensorEntry
 
 
 def wanted(adapter: Adapter) -> dict[str, str]:
@@ -58,7 +59,7 @@ def check_untrained_targets(adapter: Adapter, to_disk: Callable[[str], str], to_
     missing = sorted(_peft_wrapped(config, to_memory, entries, holds, base_config) - trained)
     if missing:
         why = "init_lora_weights=false" if config.get("init_lora_weights", True) is False else "use_dora=true"
-        raise AdapterError(f"{adapter.root / 'adapter_config.json'}: the config targets {missing[0]!r} "
+        raise AdapterError(f"{adapter.root / ADAPTER_CONFIG}: the config targets {missing[0]!r} "
                            f"({len(missing)} such modules) but the file has no factors for it; with {why} PEFT "
                            f"would add a random or non-zero delta there")
 

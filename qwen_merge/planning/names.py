@@ -18,8 +18,8 @@ import difflib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-from . import architectures
-from .errors import MismatchError
+from ..errors import MismatchError
+from ..inputs import architectures
 
 # Single (in-model prefix, on-disk prefix) renames, tried last, for architectures without a known set.
 KNOWN_RENAMES = (

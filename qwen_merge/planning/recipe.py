@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from .adapter import ExpertPair, LoraPair, TokenRows
-from .tensorfile import TensorEntry, TensorFile
+from ..inputs.adapter import ExpertPair, LoraPair, TokenRows
+from ..inputs.tensorfile import TensorEntry, TensorFile
 
 Pair = LoraPair | ExpertPair
 

@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .memory import BATCH_BYTES
-from .plan import ShardPlan, TensorOp
-from .sources import Files
-from .tensorfile import TensorEntry, TensorFile
+from ..inputs.sources import Files
+from ..inputs.tensorfile import TensorEntry, TensorFile
+from ..planning.memory import BATCH_BYTES
+from ..planning.plan import ShardPlan, TensorOp
 
 
 @dataclass(frozen=True, slots=True)

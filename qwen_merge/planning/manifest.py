@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import MANIFEST_NAME, HubOrigin, read_json
-from .errors import AlreadyMergedError, OutputError
-from .output import json_bytes, partial_folder_of, sha256_file
+from ..errors import AlreadyMergedError
+from ..files import ADAPTER_CONFIG, MANIFEST_NAME, MODEL_CONFIG, json_bytes, read_json
+from ..inputs.checkpoint import HubOrigin
+from ..inputs.digest import sha256_file
+from ..version import VERSION
 from .tokenizer import identity as tokenizer_identity
-from .version import VERSION
 
 if TYPE_CHECKING:  # for annotations only: the plan counts the manifest among the output's files
     from .plan import MergePlan
@@ -39,7 +40,7 @@ def _identity(plan: MergePlan, digest: Callable[[Path], str]) -> dict:
                  | {p.name: base.file_size(p) for p in base.side_files},
                  "merged_adapters": previous_adapters(base.root)} | _hub(base.hub),
         "adapter": {"weights_sha256": digest(adapter.file.path), "weights_size": adapter.file.size,
-                    "config_sha256": digest(adapter.root / "adapter_config.json")} | _hub(adapter.hub),
+                    "config_sha256": digest(adapter.root / ADAPTER_CONFIG)} | _hub(adapter.hub),
         "options": plan.options.identity(),
     } | tokenizer_identity(plan.tokenizer, digest)  # the adapter's or a folder's tokenizer files it takes
 
@@ -91,7 +92,7 @@ def output_files(plan: MergePlan) -> dict[str, int]:
     manifest. The manifest's size is known before its digests are, as a SHA-256 has a fixed length."""
     files = {shard.name: shard.size for shard in plan.shards}
     for side in plan.side_files:
-        rewritten = side.name == "config.json" and plan.config is not None
+        rewritten = side.name == MODEL_CONFIG and plan.config is not None
         files[side.name] = len(json_bytes(plan.config)) if rewritten else plan.side_file_size(side)
     if plan.index_name:
         files[plan.index_name] = len(plan.index_json)
@@ -120,28 +121,6 @@ def manifest(ident: dict, plan: MergePlan, shards: dict[str, dict]) -> dict:
     tie = str(plan.tie) if plan.tie is not None else None
     return {**ident, "counts": counts, "output": {"shards": shards, "tie": tie,
                                                    "renames": [list(r) for r in plan.renames]}}
-
-
-def finished_merge(dest: Path, ident: dict) -> bool:
-    """For `resume`: whether `dest` holds a finished merge of exactly these inputs and options, so there
-    is nothing to do. False when an interrupted run's folder waits beside it, or `dest` is empty or
-    absent (a fresh start). Any other content is an OutputError naming what differs — another merge's
-    manifest, a listed shard missing, no manifest at all — as resuming cannot turn it into this merge."""
-    path = dest / MANIFEST_NAME
-    if partial_folder_of(dest).exists() or not dest.is_dir() or not any(dest.iterdir()):
-        return False
-    if not path.is_file():
-        raise OutputError(f"{dest}: destination folder is not empty and holds no finished merge (no {MANIFEST_NAME}), "
-                          f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
-    found = read_json(path, MANIFEST_NAME)
-    if changes := differences({key: found.get(key) for key in ident}, ident):
-        raise OutputError(f"{dest}: holds a finished merge of other inputs or options ({'; '.join(changes)}), "
-                          f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
-    for name, info in ((found.get("output") or {}).get("shards") or {}).items():
-        if not (dest / name).is_file() or (dest / name).stat().st_size != info.get("size"):
-            raise OutputError(f"{dest / name}: the finished merge lists this shard but it is missing or has the "
-                              f"wrong size; pass overwrite=True (--overwrite) to merge again")
-    return True
 
 
 def differences(old: dict, new: dict) -> list[str]:

@@ -23,10 +23,11 @@ import os
 import re
 from pathlib import Path
 
+from ..errors import AdapterError, HubError, QwenMergeError
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_json
 from . import hub
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, config_path
-from .checkpoint import Checkpoint, read_json
-from .errors import AdapterError, HubError, QwenMergeError
+from .adapter import config_path
+from .checkpoint import Checkpoint
 
 FIELD = "base_model_name_or_path"
 QUANTIZED = re.compile(r"(?:-unsloth)?(?:-bnb)?-[48]bit$|-(?:gptq|awq)(?:-int[48])?$|-fp8(?:-dynamic)?$",
@@ -54,18 +55,18 @@ def base_of(adapter: str | os.PathLike) -> str:
         path = config_path(adapter)
     else:
         origin = hub.resolve(ref)
-        if CONFIG_NAME not in origin.sizes:
-            raise HubError(f"{origin}: not a PEFT adapter: the repo has no {CONFIG_NAME} at commit "
+        if ADAPTER_CONFIG not in origin.sizes:
+            raise HubError(f"{origin}: not a PEFT adapter: the repo has no {ADAPTER_CONFIG} at commit "
                            f"{origin.commit[:12]}")
-        path = hub.fetch(origin, CONFIG_NAME)
-    return base_from_config(read_json(path, CONFIG_NAME), path)
+        path = hub.fetch(origin, ADAPTER_CONFIG)
+    return base_from_config(read_json(path, ADAPTER_CONFIG), path)
 
 
 def may_be_adapter(value: str | os.PathLike) -> bool:
     """Whether `value` names an adapter: a folder with adapter_config.json, one of its two files, or a
     Hub repo id (only the Hub can tell what it holds)."""
     path = Path(value)
-    if (path / CONFIG_NAME).is_file() or (path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME)):
+    if (path / ADAPTER_CONFIG).is_file() or (path.is_file() and path.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
         return True
     return hub.repo_ref(value) is not None
 
@@ -109,9 +110,9 @@ def base_note(config: dict, base: Checkpoint) -> str | None:
     if _same_path(named, base) or named.lower() in ids or last in names:
         return _revision_note(named, config.get("revision"), base)
     if QUANTIZED.search(last) and QUANTIZED.sub("", last) in names:
-        return (f"the adapter was trained on {named} ({FIELD} in {CONFIG_NAME}), a quantized copy of BASE; its "
+        return (f"the adapter was trained on {named} ({FIELD} in {ADAPTER_CONFIG}), a quantized copy of BASE; its "
                 f"merge into BASE's unquantized weights is the usual way")
-    return f"the adapter was trained on {named} ({FIELD} in {CONFIG_NAME}), another model than BASE {_shown(base)}"
+    return f"the adapter was trained on {named} ({FIELD} in {ADAPTER_CONFIG}), another model than BASE {_shown(base)}"
 
 
 def _names(base: Checkpoint) -> tuple[set[str], set[str]]:
@@ -147,7 +148,7 @@ def _revision_note(named: str, revision: object, base: Checkpoint) -> str | None
     if revision in (base.hub.revision or "main", base.hub.commit) or (len(revision) >= 7
                                                                       and base.hub.commit.startswith(revision)):
         return None
-    return (f"the adapter was trained on {named} at revision {revision} ({CONFIG_NAME}); BASE is commit "
+    return (f"the adapter was trained on {named} at revision {revision} ({ADAPTER_CONFIG}); BASE is commit "
             f"{base.hub.commit[:12]}")
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy
 
-from .errors import FormatError
-from .memory import READ_SLACK_BYTES
+from ..errors import FormatError
 from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
 
 CHUNK_BYTES = 16 << 20
 SMALL_READ = 1 << 20  # reads up to this size are done at once, on the caller's thread
-TAIL_ROOM = READ_SLACK_BYTES  # spare room after a read-ahead buffer, for a read that ends a little past the guess
+TAIL_ROOM = 1 << 20  # spare room after a read-ahead buffer, for a read that ends a little past the guess
 
 
 def read_exact(fd: int, buffer: bytearray | memoryview, offset: int, path: object) -> None:
