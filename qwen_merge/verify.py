@@ -16,23 +16,21 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
-from .compute.pieces import Block, BlockRing, RawSpan, shard_pieces
+from .compute.pieces import Block, RawSpan, shard_pieces
 from .errors import FormatError, OptionError, QwenMergeError
 from .files import MANIFEST_NAME, MODEL_CONFIG
 from .inputs.sources import Files, read_exact
 from .inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
-from .merge import LazyComputer, _downloads, _planned, fetch_side_files
 from .options import MergeOptions, dtype_name
-from .planning.fetchplan import fetch_plan
 from .planning.manifest import recorded_options
-from .planning.plan import MergePlan, ShardPlan, TensorOp
+from .planning.plan import ShardPlan, TensorOp
 from .planning.ties import TieInfo
+from .run import LazyComputer, Run, open_run, without_gc
 from .units import human_bytes
 
 PathLike = str | os.PathLike
@@ -115,9 +113,9 @@ def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike, *, 
     options, problem = _with_recorded_options(out, MergeOptions.of(options, **keywords), given)
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
     options = dataclasses.replace(options, allow_nonfinite=True)
-    with _planned(base, adapter, options) as plan:
-        fetch_side_files(plan)
-        checker = _Checker(plan, out, full)
+    with open_run(base, adapter, options) as run, without_gc():
+        run.fetch_side_files()
+        checker = _Checker(run, out, full)
         if problem:
             checker.problem(problem)
         checker.run()
@@ -163,8 +161,8 @@ def sampled_blocks(count: int, full: bool) -> set[int]:
 
 
 class _Checker:
-    def __init__(self, plan: MergePlan, out: Path, full: bool) -> None:
-        self.plan, self.out, self.full = plan, out, full
+    def __init__(self, run: Run, out: Path, full: bool) -> None:
+        self._run, self.plan, self.out, self.full = run, run.plan, out, full
         self.problems: list[str] = []
         self.tensors = self.bytes = 0
         self.stored: dict[str, tuple[TensorFile, TensorEntry]] = {}  # output tensors whose header is as planned
@@ -180,10 +178,8 @@ class _Checker:
         present = self._check_files()
         if self.plan.index_name and self.plan.index_name in present:
             self._check_index(self.out / self.plan.index_name)
-        with ExitStack() as stack:
-            downloads = stack.enter_context(_downloads(self.plan, fetch_plan(self.plan)))  # a Hub base's shards
-            files = stack.enter_context(Files(downloads.wait if downloads else None))
-            compute = LazyComputer(self.plan, files, BlockRing(1), stack, threads=1)  # the merge's own GEMMs
+        with self._run.producing(threads=1) as producer:  # the merge's own GEMMs, one block at a time
+            files, compute = producer.files, producer.compute
             self._compute, self._out_files = compute, files
             for shard in self.plan.shards:
                 if shard.name in present:

@@ -74,24 +74,29 @@ ALLOWED = {
     "sinks.__init__": set(),
     "sinks.output": {"errors", "files", "units"},
     "sinks.resume": {"errors", "files", "planning.manifest", "sinks.output"},
-    "sinks.folder": {"errors", "files", "planning.manifest", "sinks.output"},
+    "sinks.base": {"compute.pieces"},
+    "sinks.folder": {"errors", "files", "planning.manifest", "planning.memory", "progress", "sinks.output",
+                     "sinks.resume", "sinks.writer"},
+    "sinks.tensors": {"compute.arithmetic", "compute.pieces", "errors", "inputs.sources"},
     "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
-    "merge": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
-              "inputs.basemodel", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled",
-              "inputs.sources", "inputs.tensorfile", "options", "planning.fetchplan", "planning.manifest",
-              "planning.memory", "planning.plan", "planning.tokenizer", "progress", "sinks.folder", "sinks.output",
-              "sinks.resume", "sinks.writer", "units"},
+    "run": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
+            "inputs.basemodel", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled", "inputs.sources",
+            "options", "planning.fetchplan", "planning.manifest", "planning.plan", "planning.tokenizer", "progress",
+            "sinks.base", "sinks.output", "units"},
+    "merge": {"errors", "options", "planning.manifest", "planning.plan", "run", "sinks.folder", "sinks.output",
+              "sinks.tensors", "units"},
     "report": {"inputs.adapter", "inputs.checkpoint", "options", "planning.fetchplan", "planning.manifest",
                "planning.recipe", "units", "version"},
-    "verify": {"compute.pieces", "errors", "files", "inputs.sources", "inputs.tensorfile", "merge", "options",
-               "planning.fetchplan", "planning.manifest", "planning.plan", "planning.ties", "units"},
+    "verify": {"compute.pieces", "errors", "files", "inputs.sources", "inputs.tensorfile", "options",
+               "planning.manifest", "planning.plan", "planning.ties", "run", "units"},
     "demo": {"files", "merge"},
     "cli": {"demo", "errors", "inputs.basemodel", "merge", "options", "report", "units", "verify", "version"},
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
 TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.stream", "inputs.pickled", "demo"}
-BYTE_READERS = {"inputs.sources", "compute.pieces", "compute.stream", "sinks.writer", "merge", "verify"}
+BYTE_READERS = {"inputs.sources", "compute.pieces", "compute.stream", "sinks.writer", "sinks.tensors", "run",
+                "verify"}
 
 
 def _folder(module: str) -> str:
@@ -135,9 +140,12 @@ def _imports(name: str, path: Path, modules: Mapping[str, Path]) -> tuple[set[st
 def _reads_from_sources(path: Path) -> bool:
     """Whether the module imports anything but constants (the buffer sizes the memory model counts) from
     `inputs.sources`, the module that reads tensor bytes."""
+    tree = ast.parse(path.read_text())
+    annotations = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for n in ast.walk(node)}
     return any(isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("sources")
-               and not all(alias.name.isupper() for alias in node.names)
-               for node in ast.walk(ast.parse(path.read_text())))
+               and id(node) not in annotations and not all(alias.name.isupper() for alias in node.names)
+               for node in ast.walk(tree))
 
 
 def _is_type_checking(test: ast.expr) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwen_merge.compute.arithmetic import all_finite
-from qwen_merge.inputs.digest import hash_in_background, sha256_file
+from qwen_merge.inputs.digest import Hashes, sha256_file
 from qwen_merge.inputs.sources import SMALL_READ, TAIL_ROOM, Files, ReadAhead
 
 MIB = 1 << 20
@@ -93,8 +93,22 @@ def test_all_finite(dtype):
 def test_background_hash_is_the_file_hash_and_a_rewritten_file_is_hashed_again(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(os.urandom(3 * MIB))
-    hash_in_background(path)
-    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    hash_in_background(path)
+    hashes = Hashes()
+    hashes.start(path)
+    assert hashes.sha256(path) == sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    hashes.start(path)
     path.write_bytes(b"changed")  # a new size and mtime: the started hash is not used for it
-    assert sha256_file(path) == hashlib.sha256(b"changed").hexdigest()
+    assert hashes.sha256(path) == hashlib.sha256(b"changed").hexdigest()
+
+
+def test_a_run_s_started_hashes_end_with_it(tmp_path):
+    """Hashes belong to the run that started them: closing it forgets them, and another run's hashes
+    are its own (no state shared by the process)."""
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"weights")
+    first, second = Hashes(), Hashes()
+    first.start(path)
+    assert second._started == {}
+    first.close()
+    assert first._started == {}
+    assert first.sha256(path) == hashlib.sha256(b"weights").hexdigest()

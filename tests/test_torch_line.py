@@ -14,7 +14,7 @@ import torch
 from builders import (ADAPTER_CFG, ADAPTER_ST, PREFIX, checkpoint_tensors, locate, run_python, to_tensor,
                       write_safetensors)
 
-import qwen_merge.merge as merge_module
+import qwen_merge.run as run_module
 from qwen_merge import merge_shards, plan_merge
 
 NORM = "model.norm.weight"
@@ -42,7 +42,7 @@ def test_a_merge_that_computes_nothing_never_imports_torch(zoo, tmp_path):
 def test_only_the_planned_tensors_reach_the_compute_code(zoo, tmp_path, monkeypatch):
     base, adapter = zoo.base("qwen_bf16"), zoo.adapter("basic")
     computed: list[str] = []
-    real_call, real_batch = merge_module.LazyComputer.__call__, merge_module.LazyComputer.batch
+    real_call, real_batch = run_module.LazyComputer.__call__, run_module.LazyComputer.batch
 
     def call(self, op, only=None):
         computed.append(op.name)
@@ -52,8 +52,8 @@ def test_only_the_planned_tensors_reach_the_compute_code(zoo, tmp_path, monkeypa
         computed.extend(op.name for op in ops)
         return real_batch(self, ops)
 
-    monkeypatch.setattr(merge_module.LazyComputer, "__call__", call)
-    monkeypatch.setattr(merge_module.LazyComputer, "batch", batch)
+    monkeypatch.setattr(run_module.LazyComputer, "__call__", call)
+    monkeypatch.setattr(run_module.LazyComputer, "batch", batch)
     plan = plan_merge(base, adapter)
     merge_shards(base, adapter, tmp_path / "out", progress=False)
     assert sorted(computed) == sorted(op.name for op in plan.ops if not op.is_raw_copy)

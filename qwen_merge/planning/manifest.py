@@ -25,9 +25,10 @@ if TYPE_CHECKING:  # for annotations only: the plan counts the manifest among th
 SHA256_PLACEHOLDER = "0" * 64  # a digest's length, for sizing the manifest before the digests exist
 
 
-def identity(plan: MergePlan) -> dict:
-    """Everything that determines the output bytes, and nothing else."""
-    return _identity(plan, sha256_file)
+def identity(plan: MergePlan, digest: Callable[[Path], str] = sha256_file) -> dict:
+    """Everything that determines the output bytes, and nothing else; `digest` hashes the input files it
+    names by content (a run passes its `Hashes.sha256`, which returns a hash started early)."""
+    return _identity(plan, digest)
 
 
 def _identity(plan: MergePlan, digest: Callable[[Path], str]) -> dict:

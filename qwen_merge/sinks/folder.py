@@ -1,13 +1,101 @@
-"""The local folder an output is written into: whether it already holds this merge (for `resume`)."""
+"""The local folder sink: the output built in a hidden partial folder beside the destination, shard by shard,
+then its side files, index and manifest, and published by one rename; and whether a destination already
+holds this merge (for `resume`).
+
+The partial folder holds the resume state (`ResumeState`): an interrupted run leaves it, and a run with
+`resume` skips the shards it records as complete (`done()`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import OutputError
-from ..files import MANIFEST_NAME, read_json
-from ..planning.manifest import differences
-from .output import partial_folder_of
+from ..files import MANIFEST_NAME, MODEL_CONFIG, read_json
+from ..planning.manifest import differences, manifest
+from ..planning.memory import RING_SIZE
+from ..progress import progress_bar
+from .output import (copy_side_file, partial_folder_of, publish, staging_folder, write_bytes, write_json,
+                     write_json_atomic)
+from .resume import ResumeState
+from .writer import ShardWriter
+
+if TYPE_CHECKING:  # for annotations only
+    from ..planning.plan import MergePlan
+    from .base import ShardStream
+
+RING = RING_SIZE  # computed blocks alive at once: the writer's threads hold some while the next are computed
+
+
+class FolderSink:
+    """A merge into the folder `dest`, as a context manager: entering creates (or, with `resume`, reopens) the
+    partial folder and its resume state; `consume` writes the shards, the side files, the index and the
+    manifest, and publishes the folder at `dest`. An error removes a partial folder this run created (a
+    resumed one, and one a failed download leaves, are kept for the next `resume`)."""
+
+    ring_size = RING
+
+    def __init__(self, dest: Path, plan: MergePlan, identity: dict, base_files: dict, *, resume: bool,
+                 progress: bool) -> None:
+        self.dest, self.plan, self.identity, self.progress = dest, plan, identity, progress
+        self._run_record = {**identity, "base_files": base_files}  # resume also notices a rewritten base file
+        self._resume, self._stack = resume, ExitStack()
+        self.state: ResumeState | None = None
+
+    def __enter__(self) -> FolderSink:
+        with self._stack as stack:
+            folder, fresh = stack.enter_context(staging_folder(self.dest, resume=self._resume))
+            self.folder = folder
+            self.state = ResumeState(folder, self._run_record, {}) if fresh else ResumeState.load(folder,
+                                                                                                   self._run_record)
+            self.state.save()
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+    def done(self) -> frozenset[str]:
+        return frozenset(self.state.done)
+
+    @property
+    def remaining_bytes(self) -> int:
+        """The bytes still to write: the whole output less the shards already complete."""
+        return self.plan.output_bytes - sum(d["size"] for d in self.state.done.values())
+
+    def consume(self, streams: Iterator[ShardStream]) -> None:
+        plan, state = self.plan, self.state
+        bar = progress_bar(sum(s.size for s in plan.shards), "merging", enabled=self.progress)
+        bar.update(sum(s.size for s in plan.shards if s.name in state.done))
+        finished: dict[str, Callable[[], None]] = {}
+        with bar, ExitStack() as stack:
+            writer = None
+            for stream in streams:
+                if writer is None:  # the shards' files are open only now (a Hub base's: downloading)
+                    on_done = lambda name: finished.pop(name)()  # noqa: E731 - from the finisher thread
+                    writer = stack.enter_context(ShardWriter(self.folder, state, stream.files, bar.update, on_done))
+                finished[stream.shard.name] = stream.finished
+                writer.write(stream.shard.name, stream.shard.header, stream.runs())
+            if writer is not None:
+                writer.close()
+        self._write_side_files()
+        shards = {s.name: state.done[s.name] for s in plan.shards}
+        write_json_atomic(self.folder / MANIFEST_NAME, manifest(self.identity, plan, shards))
+        state.remove()
+        publish(self.folder, self.dest)
+
+    def _write_side_files(self) -> None:
+        plan = self.plan
+        for side in plan.side_files:
+            if side.name == MODEL_CONFIG and plan.config is not None:
+                write_json(self.folder / side.name, plan.config)
+            else:
+                copy_side_file(side, self.folder)
+        if plan.index_name:
+            write_bytes(self.folder / plan.index_name, plan.index_json)
 
 
 def finished_merge(dest: Path, ident: dict) -> bool:
