@@ -20,7 +20,7 @@ from .errors import DiskFullError
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice, check_plan_not_merged_twice
 from .planning.plan import MergePlan
-from .run import Run, input_locations, local_inputs, open_run
+from .run import Run, input_locations, local_inputs, open_run, without_gc
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.output import check_destination
 from .sinks.tensors import TensorSink
@@ -160,7 +160,9 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
                               tokenizer=tokenizer)
     check_destination(dest, local_inputs(base, adapter, options), overwrite=overwrite, resume=resume)  # before torch
-    with open_run(base, adapter, options, merging=True) as run:
+    # the collector stays paused for the whole merge, as for planning (see run.without_gc): no caller code
+    # runs inside it, and a merge of thousands of tensors makes as many small objects as its plan
+    with without_gc(), open_run(base, adapter, options, merging=True) as run:
         plan = run.plan
         if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
             check_destination(dest, input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)

@@ -234,7 +234,8 @@ def open_run(base: PathLike | None, adapter: PathLike, options: MergeOptions, *,
     is a Hugging Face Hub repo; `base` None: the model the adapter's config names.
     `merging`: the plan will be carried out, so work it will need starts while it is made: loading torch
     (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest.
-    The garbage collector is paused while planning (see `without_gc`), not while the caller iterates."""
+    The garbage collector is paused while planning (see `without_gc`), not while the caller iterates;
+    `merge_shards` and `verify_merge`, which run no caller code, pause it for their whole run."""
     hashes, compute_import = Hashes(), _ComputeImport()
     with ExitStack() as stack:
         stack.callback(compute_import.join)
