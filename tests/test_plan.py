@@ -172,11 +172,11 @@ def test_the_base_shards_are_kept_with_their_headers():
 
 
 def test_max_shard_size_reshards_in_checkpoint_order():
-    merge = plan(qwen3(), lora(Q), max_shard_size=512)
+    merge = plan(qwen3(), lora(Q), max_shard_size=448)
     assert files(merge) == {
-        "model-00001-of-00003.safetensors": [EMBED, f"{K}.weight", f"{Q}.weight"],  # 256 + 64 + 128
+        "model-00001-of-00003.safetensors": [EMBED, f"{K}.weight", f"{Q}.weight"],  # 256 + 64 + 128: exactly full
         "model-00002-of-00003.safetensors": [f"{DOWN}.weight", f"{UP}.weight", NORM],  # 192 + 192 + 16
-        "model-00003-of-00003.safetensors": [HEAD],  # 256 more would pass 512
+        "model-00003-of-00003.safetensors": [HEAD],  # 256 more would pass 448
     }
     assert merge.index_document() == {"metadata": {"total_size": 1104}, "weight_map": {
         EMBED: "model-00001-of-00003.safetensors", f"{Q}.weight": "model-00001-of-00003.safetensors",
