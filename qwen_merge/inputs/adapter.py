@@ -173,6 +173,17 @@ def open_adapter(adapter: str | os.PathLike, *, weights: str | os.PathLike | Non
     return _sort_tensors(root, config, file)
 
 
+def adapter_from_header(root: Path, config: dict, file: TensorFile) -> Adapter:
+    """The adapter of folder `root` from its config and weights header already in memory: the checks and
+    sorting of `open_adapter`, for a caller that read (or wrote) them itself; nothing is opened.
+
+    Raises:
+        AdapterError, MismatchError: as `open_adapter`.
+    """
+    _check_config(root / ADAPTER_CONFIG, config)
+    return _sort_tensors(root, config, file)
+
+
 def config_path(adapter: str | os.PathLike) -> Path:
     """The adapter_config.json of an adapter folder (or of the folder holding the adapter file given).
 
