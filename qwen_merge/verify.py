@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy
 
 from .compute.pieces import Block, BlockRing, RawSpan, shard_pieces
+from .dtypes import DTYPE_BITS, FLOATS, dtype_name
 from .errors import FormatError, OptionError, QwenMergeError
 from .files import MANIFEST_NAME, MODEL_CONFIG
 from .inputs.sources import Files, read_exact
-from .inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
+from .inputs.tensorfile import TensorEntry, TensorFile, read_header
 from .merge import LazyComputer, _downloads, _planned, fetch_side_files
-from .options import MergeOptions, dtype_name
+from .options import MergeOptions
 from .planning.fetchplan import fetch_plan
 from .planning.manifest import recorded_options
 from .planning.plan import MergePlan, ShardPlan, TensorOp
@@ -530,7 +531,7 @@ def _element_diff(a: memoryview, b: memoryview, dtype: str) -> tuple[int, int, i
     ints = {16: numpy.int16, 32: numpy.int32, 64: numpy.int64}.get(bits, numpy.uint8)
     x, y = numpy.frombuffer(a, ints), numpy.frombuffer(b, ints)
     idx = numpy.flatnonzero(x != y)
-    if dtype not in ("BF16", "F16", "F32", "F64"):
+    if dtype not in FLOATS:
         return len(idx), int(idx[0]), 0
 
     def line(v: numpy.ndarray) -> numpy.ndarray:  # sign-magnitude bit patterns onto a monotonic line

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (twice that in float64): a few fit in L2 together
+# The torch dtype of each safetensors code that has one (the codes of `dtypes.DTYPE_BITS`)
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy
 
+from ..dtypes import DTYPE_BITS
 from ..errors import FormatError
-from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
+from .tensorfile import TensorEntry, TensorFile
 
 CHUNK_BYTES = 16 << 20
 SMALL_READ = 1 << 20  # reads up to this size are done at once, on the caller's thread

@@ -22,8 +22,9 @@ import json
 import math
 from dataclasses import dataclass
 
+from ..dtypes import DTYPE_BITS
 from ..files import INDEX_NAME, SINGLE_NAME
-from ..inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, encode_header
+from ..inputs.tensorfile import TensorEntry, TensorFile, encode_header
 
 FORMAT_PT = {"format": "pt"}
 

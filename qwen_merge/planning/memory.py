@@ -9,9 +9,9 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..dtypes import DTYPE_BITS
 from ..inputs.digest import HASH_READ_BYTES
 from ..inputs.sources import TAIL_ROOM
-from ..inputs.tensorfile import DTYPE_BITS
 
 if TYPE_CHECKING:  # for annotations only: the planner imports this module
     from .plan import TensorOp
