@@ -37,7 +37,7 @@ from .planning.ties import TieInfo
 from .units import human_bytes
 
 PathLike = str | os.PathLike
-CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
+COPY_CHECK_CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
 # Written by merge_shards beside the shards; its content is provenance, not part of the model.
 IGNORED_NAMES = frozenset({MANIFEST_NAME})
 # The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
@@ -503,8 +503,8 @@ class _Checker:
                       path_b: Path, count: bool = True) -> tuple[int, int] | None:
         """(bytes that differ, first differing byte) between two spans, or None when equal."""
         differ, first = 0, None
-        for pos in range(0, length, CHUNK_BYTES):
-            n = min(CHUNK_BYTES, length - pos)
+        for pos in range(0, length, COPY_CHECK_CHUNK_BYTES):
+            n = min(COPY_CHECK_CHUNK_BYTES, length - pos)
             a = self._read("a", fd_a, off_a + pos, n, path_a)
             b = self._read("b", fd_b, off_b + pos, n, path_b)
             if count:
