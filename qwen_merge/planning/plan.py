@@ -22,7 +22,7 @@ from ..inputs.tensorfile import TensorEntry, TensorFile
 from ..options import MergeOptions, Rounding
 from ..planning.manifest import output_files
 from . import experts, layout, memory, targets, ties
-from .layout import Slot, index_json
+from .layout import PendingEntry, index_json
 from .names import NameMap, resolve_names
 from .quant import FP8, BlockScale, Quantization, fp8_scales, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
@@ -556,7 +556,7 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
     `added[name]`, `dropped` ones left out) in the base's layout, or re-sharded by `max_shard_size`."""
     gone = set(dropped)
     late = frozenset(name for name, op in ops.items() if op.scales_of is not None)
-    slots: list[tuple[TensorFile, list[Slot] | None]] = []
+    slots: list[tuple[TensorFile, list[PendingEntry] | None]] = []
     for source in base.shards:
         names = [e.name for e in source.entries]
         for new, after in added.items():
@@ -567,8 +567,8 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
                 n not in gone and n not in late and _keeps_layout(ops[n], where[n][1]) for n in changed):
             slots.append((source, None))  # every tensor keeps its dtype and shape: the base's entries and header
             continue
-        slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
-                               else Slot(n, where[n][1].dtype, where[n][1].shape, source)
+        slots.append((source, [PendingEntry(n, ops[n].dtype, ops[n].shape, source) if n in ops
+                               else PendingEntry(n, where[n][1].dtype, where[n][1].shape, source)
                                for n in names if n not in gone]))
     if max_shard_size is None:
         files = layout.base_layout(slots, late)
