@@ -1,4 +1,5 @@
-"""The arithmetic of a LoRA merge, one row block at a time. The only module that computes with torch.
+"""The arithmetic of a LoRA merge, one row block at a time. `blockquant` (FP8 blocks) and `stream` (each op's
+blocks, batches of experts) compute with torch too.
 
 For rows i:j of W, PEFT's default merge (fp32 factors, an in-place add into W) computes
     W'[i:j] = round_W( fp32(W[i:j]) + fl32( fl32(B[i:j] @ A) * fl32(s) ) )
@@ -474,8 +475,3 @@ def compute_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous tensor, without copying."""
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")

@@ -35,13 +35,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one leading-dimension row (the whole tensor for 0-d and 1-d tensors)."""
-        if len(self.shape) < 2 or self.shape[0] == 0:
-            return self.nbytes
-        return self.nbytes // self.shape[0]
-
 
 @dataclass(frozen=True, slots=True)
 class TensorFile:
