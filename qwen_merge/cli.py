@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from .dtypes import dtype_choices
 from .errors import OptionError, OutputError, QwenMergeError
-from .options import dtype_choices
 from .units import human_bytes
 from .version import VERSION
 

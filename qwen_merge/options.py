@@ -13,16 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from .dtypes import output_dtype
 from .errors import OptionError
 from .units import parse_size
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # fp32 bytes of W per row block
 TOKENIZER_CHOICES = ("auto", "base", "adapter")  # or a folder
-# The output dtypes: the safetensors name of each, and the other names `dtype` accepts for it (the first is
-# torch's and config.json's). Case does not matter, and torch's own spelling (`torch.bfloat16`) works too.
-# The one table of them: the command line's --dtype, its help and the errors read it.
-DTYPE_NAMES = {"BF16": ("bfloat16", "bf16"), "F16": ("float16", "fp16", "half"), "F32": ("float32", "fp32", "float")}
-OUTPUT_DTYPES = {name: stored for stored, names in DTYPE_NAMES.items() for name in names}
 
 
 class Rounding(str, Enum):
@@ -69,7 +65,10 @@ class MergeOptions:
         if type(self.block_bytes) is not int or self.block_bytes <= 0:
             raise OptionError(f"must be a positive integer, got {self.block_bytes!r}", option="block_bytes")
         if self.dtype is not None:
-            object.__setattr__(self, "dtype", _output_dtype(self.dtype))
+            try:
+                object.__setattr__(self, "dtype", output_dtype(self.dtype))
+            except ValueError as e:
+                raise OptionError(str(e), option="dtype") from e
         if isinstance(self.tokenizer, os.PathLike):
             object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
@@ -112,22 +111,3 @@ class MergeOptions:
         default = MergeOptions()
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(default, f.name)}
 
-
-def dtype_choices() -> str:
-    """The accepted output dtype names, for help texts and errors: `bfloat16 (bf16, BF16), ...`."""
-    return ", ".join(f"{names[0]} ({', '.join((*names[1:], stored))})" for stored, names in DTYPE_NAMES.items())
-
-
-def dtype_name(stored: str) -> str:
-    """"BF16" -> "bfloat16": the name torch and config.json use for an output dtype."""
-    return DTYPE_NAMES[stored][0]
-
-
-def _output_dtype(name: object) -> str:
-    """"bfloat16" / "bf16" / "BF16" / torch.bfloat16 -> "BF16"."""
-    text = str(name).removeprefix("torch.")
-    if text.upper() in DTYPE_NAMES:
-        return text.upper()
-    if text.lower() in OUTPUT_DTYPES:
-        return OUTPUT_DTYPES[text.lower()]
-    raise OptionError(f"{name!r} is not an output dtype; expected one of {dtype_choices()}", option="dtype")

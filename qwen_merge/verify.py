@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy
 
 from .compute.pieces import Block, RawSpan, shard_pieces
+from .dtypes import DTYPE_BITS, FLOATS, dtype_name
 from .errors import FormatError, OptionError, QwenMergeError
 from .files import MANIFEST_NAME, MODEL_CONFIG
 from .inputs.sources import Files, read_exact
-from .inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, read_header
-from .options import MergeOptions, dtype_name
+from .inputs.tensorfile import TensorEntry, TensorFile, read_header
+from .options import MergeOptions
 from .planning.manifest import recorded_options
 from .planning.plan import ShardPlan, TensorOp
 from .planning.ties import TieInfo
@@ -34,7 +35,7 @@ from .run import LazyComputer, Run, open_run, without_gc
 from .units import human_bytes
 
 PathLike = str | os.PathLike
-CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
+COPY_CHECK_CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
 # Written by merge_shards beside the shards; its content is provenance, not part of the model.
 IGNORED_NAMES = frozenset({MANIFEST_NAME})
 # The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
@@ -498,8 +499,8 @@ class _Checker:
                       path_b: Path, count: bool = True) -> tuple[int, int] | None:
         """(bytes that differ, first differing byte) between two spans, or None when equal."""
         differ, first = 0, None
-        for pos in range(0, length, CHUNK_BYTES):
-            n = min(CHUNK_BYTES, length - pos)
+        for pos in range(0, length, COPY_CHECK_CHUNK_BYTES):
+            n = min(COPY_CHECK_CHUNK_BYTES, length - pos)
             a = self._read("a", fd_a, off_a + pos, n, path_a)
             b = self._read("b", fd_b, off_b + pos, n, path_b)
             if count:
@@ -526,7 +527,7 @@ def _element_diff(a: memoryview, b: memoryview, dtype: str) -> tuple[int, int, i
     ints = {16: numpy.int16, 32: numpy.int32, 64: numpy.int64}.get(bits, numpy.uint8)
     x, y = numpy.frombuffer(a, ints), numpy.frombuffer(b, ints)
     idx = numpy.flatnonzero(x != y)
-    if dtype not in ("BF16", "F16", "F32", "F64"):
+    if dtype not in FLOATS:
         return len(idx), int(idx[0]), 0
 
     def line(v: numpy.ndarray) -> numpy.ndarray:  # sign-magnitude bit patterns onto a monotonic line

@@ -23,7 +23,7 @@ from builders import locate, one_error_line, run_cli, start_cli
 
 from qwen_merge import AlreadyMergedError, OptionError, merge_shards, plan_merge, verify_merge
 from qwen_merge.cli import BROKEN_PIPE_STATUS, main
-from qwen_merge.options import DTYPE_NAMES, OUTPUT_DTYPES
+from qwen_merge.dtypes import DTYPE_NAMES, DTYPE_OF_NAME
 from qwen_merge.planning.manifest import output_files
 from qwen_merge.report import render, to_dict
 from qwen_merge.units import human_bytes
@@ -214,14 +214,14 @@ def test_plan_json_with_a_dtype_lists_each_conversion(demo_inputs, capsys):
 
 def test_dtype_accepts_the_same_names_on_the_command_line_and_in_python(demo_inputs, capsys):
     base, adapter = demo_inputs
-    names = [*OUTPUT_DTYPES, *DTYPE_NAMES, "torch.bfloat16", "BFloat16", "FP16"]
+    names = [*DTYPE_OF_NAME, *DTYPE_NAMES, "torch.bfloat16", "BFloat16", "FP16"]
     for name in names:
         stored = plan_merge(base, adapter, dtype=name).options.dtype
         assert main(["plan", str(base), str(adapter), "--dtype", name, "--json"]) == 0, capsys.readouterr().err
         assert json.loads(capsys.readouterr().out)["options"]["dtype"] == stored, name
     proc = run_cli("plan", "--help")
     help_text = " ".join(proc.stdout.split())
-    assert all(name in help_text for name in [*OUTPUT_DTYPES, *DTYPE_NAMES]), help_text
+    assert all(name in help_text for name in [*DTYPE_OF_NAME, *DTYPE_NAMES]), help_text
 
 
 def test_option_errors_name_the_flag_on_the_command_line_and_the_keyword_in_python(demo_inputs, capsys):

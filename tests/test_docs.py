@@ -30,7 +30,7 @@ from test_layering import ALLOWED
 import qwen_merge
 from qwen_merge import MergeOptions, MergePlan, MergeReport, QwenMergeError, TensorOp, VerifyReport, merge_shards
 from qwen_merge.cli import _options, _parse, _parser, _UsageError, main
-from qwen_merge.options import DTYPE_NAMES
+from qwen_merge.dtypes import DTYPE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

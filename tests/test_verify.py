@@ -180,7 +180,7 @@ def test_flipped_byte_in_copied_tensor(cases, damaged):
 
 
 def test_copied_tensor_compared_in_chunks(cases, damaged, monkeypatch):
-    monkeypatch.setattr(verify_module, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(verify_module, "COPY_CHECK_CHUNK_BYTES", 100)
     out = damaged()
     path, start, entry = locate(out, EMBED)
     flip(path, start + 1234)

@@ -1,4 +1,5 @@
-"""The arithmetic of a LoRA merge, one row block at a time. The only module that computes with torch.
+"""The arithmetic of a LoRA merge, one row block at a time. `blockquant` (FP8 blocks) and `stream` (each op's
+blocks, batches of experts) compute with torch too.
 
 For rows i:j of W, PEFT's default merge (fp32 factors, an in-place add into W) computes
     W'[i:j] = round_W( fp32(W[i:j]) + fl32( fl32(B[i:j] @ A) * fl32(s) ) )
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 SUB_BLOCK_BYTES = 1 << 20  # fp32 scratch per sub-block (twice that in float64): a few fit in L2 together
+# The torch dtype of each safetensors code that has one (the codes of `dtypes.DTYPE_BITS`)
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
     "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
@@ -473,8 +475,3 @@ def compute_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous tensor, without copying."""
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")

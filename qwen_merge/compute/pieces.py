@@ -52,7 +52,7 @@ class Shared:
             self._give_back(self)
 
 
-class Slot(Shared):
+class RingSlot(Shared):
     """One reusable output buffer of the ring; grows to the largest block it has held."""
 
     __slots__ = ("buffer",)
@@ -73,14 +73,14 @@ class BlockRing:
     released it. `take` waits while all `size` slots are in use, which also bounds memory."""
 
     def __init__(self, size: int) -> None:
-        self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[RingSlot] = queue.SimpleQueue()
         for _ in range(size):
-            self._free.put(Slot(self))
+            self._free.put(RingSlot(self))
 
-    def take(self) -> Slot:
+    def take(self) -> RingSlot:
         return self._free.get()
 
-    def give_back(self, slot: Slot) -> None:
+    def give_back(self, slot: RingSlot) -> None:
         self._free.put(slot)
 
 
@@ -91,7 +91,7 @@ class Block:
 
     offset: int
     data: memoryview
-    slot: Slot
+    slot: RingSlot
 
     def release(self) -> None:
         self.slot.release()

@@ -13,10 +13,11 @@ from collections.abc import Container, Iterator
 
 import torch
 
+from ..dtypes import DTYPE_BITS
 from ..errors import NonFiniteError, ZeroNormError
 from ..inputs.adapter import Kind
 from ..inputs.sources import Files, ReadAhead, read_exact
-from ..inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile
+from ..inputs.tensorfile import TensorEntry, TensorFile
 from ..planning.plan import TensorOp
 from ..planning.quant import BlockScale
 from ..planning.recipe import Part

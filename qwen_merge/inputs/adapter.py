@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from ..dtypes import MERGEABLE_FLOATS
 from ..errors import AdapterError, MismatchError
 from ..files import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, MODEL_CONFIG, read_json
 from .checkpoint import HubOrigin, no_such_path
-from .tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile, read_header
+from .tensorfile import TensorEntry, TensorFile, read_header
 
 PREFIX = "base_model.model."
 PICKLE_NAMES = (ADAPTER_PICKLE, "adapter_model.pt")
@@ -390,7 +391,7 @@ def _param_pair(path: Path, module: str, depth: int, parts: dict[str, TensorEntr
         have = next(iter(parts.values())).name
         raise AdapterError(f"{path}: {have!r} has no lora_A/lora_B partner")
     for e in parts.values():
-        if e.dtype not in FLOAT_DTYPES or len(e.shape) != 2:
+        if e.dtype not in MERGEABLE_FLOATS or len(e.shape) != 2:
             raise AdapterError(f"{path}: tensor {e.name!r} is {e.dtype} {list(e.shape)}; expected a 2-D float factor")
     return ParamPair(module, depth, parts["A"], parts["B"])
 
@@ -419,7 +420,7 @@ def _pair(path: Path, module: str, parts: dict[str, TensorEntry], kind: Kind | N
         raise AdapterError(f"{path}: {have!r} has no lora_A/lora_B partner for module {module!r}")
     a, b = parts["A"], parts["B"]
     for e in (a, b, parts.get("magnitude"), parts.get("bias"), parts.get("velora")):
-        if e is not None and e.dtype not in FLOAT_DTYPES:
+        if e is not None and e.dtype not in MERGEABLE_FLOATS:
             raise AdapterError(f"{path}: tensor {e.name!r} has dtype {e.dtype}; expected F32, BF16 or F16")
     kind = _factor_kind(path, module, a, b, kind)
     if a.shape[0] != b.shape[1]:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy
 
+from ..dtypes import DTYPE_BITS
 from ..errors import FormatError
-from .tensorfile import DTYPE_BITS, TensorEntry, TensorFile
+from .tensorfile import TensorEntry, TensorFile
 
-CHUNK_BYTES = 16 << 20
+SAME_VALUES_CHUNK_BYTES = 16 << 20  # bytes of each tensor `same_values` reads at a time
 SMALL_READ = 1 << 20  # reads up to this size are done at once, on the caller's thread
 TAIL_ROOM = 1 << 20  # spare room after a read-ahead buffer, for a read that ends a little past the guess
 
@@ -197,6 +198,6 @@ def same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bo
 
 
 def _chunks(f, file: TensorFile, e: TensorEntry):
-    for start in range(e.start, e.end, CHUNK_BYTES):
+    for start in range(e.start, e.end, SAME_VALUES_CHUNK_BYTES):
         f.seek(file.data_offset + start)
-        yield f.read(min(CHUNK_BYTES, e.end - start))
+        yield f.read(min(SAME_VALUES_CHUNK_BYTES, e.end - start))

@@ -15,15 +15,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dtypes import DTYPE_BITS
 from ..errors import FormatError
 
 MAX_HEADER_BYTES = 100_000_000
-DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
-    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-}
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +34,6 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one leading-dimension row (the whole tensor for 0-d and 1-d tensors)."""
-        if len(self.shape) < 2 or self.shape[0] == 0:
-            return self.nbytes
-        return self.nbytes // self.shape[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,15 +22,16 @@ import json
 import math
 from dataclasses import dataclass
 
+from ..dtypes import DTYPE_BITS
 from ..files import INDEX_NAME, SINGLE_NAME
-from ..inputs.tensorfile import DTYPE_BITS, TensorEntry, TensorFile, encode_header
+from ..inputs.tensorfile import TensorEntry, TensorFile, encode_header
 
 FORMAT_PT = {"format": "pt"}
 
 
 @dataclass(frozen=True, slots=True)
-class Slot:
-    """One output tensor before it has an offset: its name, dtype and shape, and the base shard it comes
+class PendingEntry:
+    """One output header entry before `pack` gives it offsets: its name, dtype and shape, and the base shard it comes
     from (for a new tensor, the shard of the tensor it is stored beside)."""
 
     name: str
@@ -54,7 +55,7 @@ class FileLayout:
     header: bytes
 
 
-def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]], late: frozenset[str] = frozenset()
+def base_layout(shards: list[tuple[TensorFile, list[PendingEntry] | None]], late: frozenset[str] = frozenset()
                 ) -> list[FileLayout]:
     """The base's shard names and assignment. `None`: every tensor of the shard keeps its dtype and shape,
     so its offsets and header are kept (the planner decides that); otherwise the slots are packed afresh.
@@ -72,10 +73,10 @@ def base_layout(shards: list[tuple[TensorFile, list[Slot] | None]], late: frozen
     return files
 
 
-def resharded_layout(slots: list[Slot], max_shard_size: int, late: frozenset[str] = frozenset()
+def resharded_layout(slots: list[PendingEntry], max_shard_size: int, late: frozenset[str] = frozenset()
                      ) -> list[FileLayout]:
     """Greedy shards of at most `max_shard_size` payload bytes, in checkpoint order."""
-    groups: list[list[Slot]] = []
+    groups: list[list[PendingEntry]] = []
     size = 0
     for slot in slots:
         if not groups or (size + slot.nbytes > max_shard_size and groups[-1]):
@@ -105,7 +106,7 @@ def index_name(base_index: str | None, files: list[FileLayout], resharded: bool)
     return base_index
 
 
-def pack(slots: list[Slot], late: frozenset[str] = frozenset()) -> list[TensorEntry]:
+def pack(slots: list[PendingEntry], late: frozenset[str] = frozenset()) -> list[TensorEntry]:
     """Offsets in the reference writer's order (largest element first, then name), so every tensor stays
     aligned to its element size; smallest element first when the shard holds `late` tensors and that
     order keeps every tensor aligned too."""
@@ -116,7 +117,7 @@ def pack(slots: list[Slot], late: frozenset[str] = frozenset()) -> list[TensorEn
     return _offsets(sorted(slots, key=lambda s: (-DTYPE_BITS[s.dtype], s.name)))
 
 
-def _offsets(slots: list[Slot]) -> list[TensorEntry]:
+def _offsets(slots: list[PendingEntry]) -> list[TensorEntry]:
     entries, offset = [], 0
     for slot in slots:
         entries.append(TensorEntry(slot.name, slot.dtype, tuple(slot.shape), offset, offset + slot.nbytes))

@@ -9,9 +9,9 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from ..dtypes import DTYPE_BITS
 from ..inputs.digest import HASH_READ_BYTES
 from ..inputs.sources import TAIL_ROOM
-from ..inputs.tensorfile import DTYPE_BITS
 
 if TYPE_CHECKING:  # for annotations only: the planner imports this module
     from .plan import TensorOp
@@ -22,7 +22,7 @@ THREADS_BYTES = 16 << 20  # the writer, hashing and finishing threads: stacks, h
 # The writer's staging chunks: each is one direct write and one hash update. Each write and update lets go
 # of the GIL and waits to take it back while the merging thread runs Python; 8 MiB chunks halve those waits
 # against 4 MiB (a merge of 18,867 small tensors: 5 % faster; the disk writes 8 MiB at the speed of 4 MiB).
-CHUNK_BYTES, CHUNKS = 8 << 20, 4
+STAGING_CHUNK_BYTES, STAGING_CHUNKS = 8 << 20, 4
 # The plan's Python objects (entries, headers, ops, pairs), measured on an 18,867-tensor MoE: 6 MiB with 192
 # ops, 37 MiB with 18,528
 PLAN_BYTES_PER_TENSOR, PLAN_BYTES_PER_OP = 512, 2048
@@ -39,7 +39,7 @@ def predict_peak(ops: Iterable[TensorOp], tensors: int = 0) -> int:
     ops = list(ops)
     shapes = {_shape_key(op): op for op in ops}  # thousands of experts share a handful of shapes
     plan = PLAN_BYTES_PER_TENSOR * tensors + PLAN_BYTES_PER_OP * len(ops)
-    fixed = RUNTIME_BYTES + THREADS_BYTES + CHUNKS * CHUNK_BYTES + HASH_READ_BYTES
+    fixed = RUNTIME_BYTES + THREADS_BYTES + STAGING_CHUNKS * STAGING_CHUNK_BYTES + HASH_READ_BYTES
     return fixed + plan + max((_working_set(op) for op in shapes.values()), default=0)
 
 

@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..dtypes import CONFIG_DTYPE_KEYS, FLOATS, MERGEABLE_FLOATS, NARROW_FLOATS, dtype_name
 from ..errors import AdapterError, MismatchError, OptionError
 from ..files import MODEL_CONFIG
 from ..inputs.adapter import Adapter, Kind, TokenRows, settle_parameters
 from ..inputs.checkpoint import Checkpoint
-from ..inputs.tensorfile import FLOAT_DTYPES, TensorEntry, TensorFile
-from ..options import MergeOptions, Rounding, dtype_name
+from ..inputs.tensorfile import TensorEntry, TensorFile
+from ..options import MergeOptions, Rounding
 from ..planning.manifest import output_files
 from . import experts, layout, memory, targets, ties
-from .layout import Slot, index_json
+from .layout import PendingEntry, index_json
 from .names import NameMap, resolve_names
-from .quant import FP8, BlockScale, Quantization, fp8_scales, is_float, refuse_target, scale_name
+from .quant import FP8, BlockScale, Quantization, fp8_scales, refuse_target, scale_name
 from .recipe import Pair, Part, Recipe, Source
 
 if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
@@ -329,7 +330,7 @@ class _OpBuilder:
         requant = fp8 if fp8 is not None and self.options.dtype is None else None
         if requant is not None:
             out_dtype = FP8
-        elif self.options.dtype is not None and (is_float(dtype) or fp8 is not None):
+        elif self.options.dtype is not None and (dtype in FLOATS or fp8 is not None):
             out_dtype = self.options.dtype
         else:
             out_dtype = dtype
@@ -341,7 +342,7 @@ class _OpBuilder:
                        and recipe.part == Part.WEIGHT and _peft_rounds_delta(recipe.pair, self.adapter.config))
         transpose = False
         if recipe.pair is not None:
-            if not is_float(dtype) and dequant is None:
+            if dtype not in FLOATS and dequant is None:
                 raise refuse_target(name, existing or source.entry, self.quant, scale_name(name) in self.entries)
             transpose = _check_pair(name, "F32" if dequant else dtype, shape, recipe.pair, recipe.part,
                                     (self.base.config or {}).get("model_type"))
@@ -350,7 +351,7 @@ class _OpBuilder:
                 raise MismatchError(f"{name}: trainable tokens on an FP8 tensor cannot be merged; merge with "
                                     f"dtype='bfloat16' to write it unquantized")
             _check_tokens(name, shape, recipe.tokens)
-        source_round = (dtype if source.in_adapter and source.entry.dtype != dtype and is_float(dtype)
+        source_round = (dtype if source.in_adapter and source.entry.dtype != dtype and dtype in FLOATS
                         else None)
         return TensorOp(name, shard, out_dtype, shape, source, self._block_rows(rows, cols, dequant or requant),
                         recipe.pair, recipe.part, transpose, recipe.tokens, not self.options.allow_nonfinite,
@@ -375,8 +376,8 @@ class _OpBuilder:
             if name in ops or name in dropped or entry.dtype == dtype:
                 continue
             dequant = self.scales.get(name)
-            if dequant is None and not is_float(entry.dtype):
-                if entry.dtype.startswith("F8") or entry.dtype in ("F4", "F6_E2M3", "F6_E3M2"):
+            if dequant is None and entry.dtype not in FLOATS:
+                if entry.dtype in NARROW_FLOATS:
                     raise OptionError(f"{self.where[name][0].path}: {name} is {entry.dtype} without a block scale; "
                                       f"{dtype_name(dtype)} can only be made from FP8 weights that have a "
                                       f"{scale_name(name).rsplit('.', 1)[-1]} (quant_method \"fp8\")",
@@ -446,7 +447,7 @@ def _check_replacement(name: str, existing: TensorEntry | None, source: Source, 
     if not source.in_adapter or existing is None:
         return
     entry = source.entry
-    if entry.dtype != dtype and not (entry.dtype in FLOAT_DTYPES and dtype in FLOAT_DTYPES):
+    if entry.dtype != dtype and not (entry.dtype in MERGEABLE_FLOATS and dtype in MERGEABLE_FLOATS):
         raise MismatchError(f"{name}: adapter tensor {entry.name!r} is {entry.dtype} but the base tensor is "
                             f"{dtype}; only float tensors can be converted")
     if len(entry.shape) != len(existing.shape) or entry.shape[1:] != existing.shape[1:]:
@@ -457,7 +458,7 @@ def _check_replacement(name: str, existing: TensorEntry | None, source: Source, 
 def _check_pair(name: str, dtype: str, shape: tuple[int, ...], pair: Pair, part: Part, model_type: str | None
                 ) -> bool:
     """Check the factors fit tensor `name`; return whether the delta is transposed."""
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in MERGEABLE_FLOATS:
         raise MismatchError(f"{name}: base dtype {dtype} cannot take a LoRA delta; expected BF16, F16 or F32")
     if pair.kind == Kind.EXPERTS:
         return pair.transposed  # shapes were matched when the expert LoRA was assigned
@@ -531,7 +532,7 @@ def _output_config(base: Checkpoint, ops: dict[str, TensorOp], entries: dict[str
         updates["tie_word_embeddings"] = False
     if dtype is not None:
         name = dtype_name(dtype)
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        keys = [k for k in CONFIG_DTYPE_KEYS if k in config] or [CONFIG_DTYPE_KEYS[0]]
         updates.update({k: name for k in keys if config.get(k) != name})
     if not updates and not dequantized:
         return None
@@ -555,7 +556,7 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
     `added[name]`, `dropped` ones left out) in the base's layout, or re-sharded by `max_shard_size`."""
     gone = set(dropped)
     late = frozenset(name for name, op in ops.items() if op.scales_of is not None)
-    slots: list[tuple[TensorFile, list[Slot] | None]] = []
+    slots: list[tuple[TensorFile, list[PendingEntry] | None]] = []
     for source in base.shards:
         names = [e.name for e in source.entries]
         for new, after in added.items():
@@ -566,8 +567,8 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
                 n not in gone and n not in late and _keeps_layout(ops[n], where[n][1]) for n in changed):
             slots.append((source, None))  # every tensor keeps its dtype and shape: the base's entries and header
             continue
-        slots.append((source, [Slot(n, ops[n].dtype, ops[n].shape, source) if n in ops
-                               else Slot(n, where[n][1].dtype, where[n][1].shape, source)
+        slots.append((source, [PendingEntry(n, ops[n].dtype, ops[n].shape, source) if n in ops
+                               else PendingEntry(n, where[n][1].dtype, where[n][1].shape, source)
                                for n in names if n not in gone]))
     if max_shard_size is None:
         files = layout.base_layout(slots, late)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import FormatError, MismatchError
-from ..inputs.tensorfile import FLOAT_DTYPES, TensorEntry
+from ..inputs.tensorfile import TensorEntry
 from .recipe import Source
 
 FP8 = "F8_E4M3"
@@ -117,7 +117,3 @@ def refuse_target(name: str, entry: TensorEntry, quant: Quantization, has_scale:
         what = f"its dtype is {entry.dtype}"
     return MismatchError(f"{name} cannot take a LoRA delta: {what}. Supported: {SUPPORTED}; merge into the "
                          f"unquantized model instead")
-
-
-def is_float(dtype: str) -> bool:
-    return dtype in FLOAT_DTYPES or dtype == "F64"

@@ -34,7 +34,7 @@ import numpy
 from ..compute.pieces import Block, Piece, RawSpan, Shared
 from ..errors import OutputError
 from ..inputs.sources import Files
-from ..planning.memory import CHUNK_BYTES, CHUNKS  # staging chunks: being filled, queued, written and hashed
+from ..planning.memory import STAGING_CHUNK_BYTES, STAGING_CHUNKS  # filled, queued, written and hashed
 from .output import write_error
 from .resume import ResumeState
 
@@ -51,7 +51,7 @@ class _Chunk(Shared):
 
     def __init__(self, pool: _ChunkPool) -> None:
         super().__init__(pool.put)
-        self.memory = mmap.mmap(-1, CHUNK_BYTES)  # anonymous memory: page-aligned, as O_DIRECT needs
+        self.memory = mmap.mmap(-1, STAGING_CHUNK_BYTES)  # anonymous memory: page-aligned, as O_DIRECT needs
         self.view = memoryview(self.memory)
         self.offset, self.fill = 0, 0
 
@@ -122,7 +122,7 @@ class ShardWriter:
     def __init__(self, folder: Path, state: ResumeState, files: Files, on_bytes: Callable[[int], None],
                  on_done: Callable[[str], None] = lambda name: None) -> None:
         self.folder, self.state, self.on_done = folder, state, on_done
-        self._chunks = _ChunkPool(CHUNKS)
+        self._chunks = _ChunkPool(STAGING_CHUNKS)
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._disk: queue.SimpleQueue = queue.SimpleQueue()
         self._hashes = [queue.SimpleQueue() for _ in range(HASHERS)]
@@ -278,7 +278,7 @@ class _Assembler:
 
     def _room(self) -> memoryview:
         """Free space in the current chunk, handing a full one on first."""
-        if self.chunk is not None and self.chunk.fill == CHUNK_BYTES:
+        if self.chunk is not None and self.chunk.fill == STAGING_CHUNK_BYTES:
             self._hand_on()
         if self.chunk is None:
             self.chunk = self.chunks.get()
