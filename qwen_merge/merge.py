@@ -41,7 +41,7 @@ from .progress import progress_bar
 from .sinks.folder import finished_merge
 from .sinks.output import (check_destination, check_free_space, check_free_space_for, copy_side_file, publish,
                            staging_folder, write_bytes, write_json, write_json_atomic)
-from .sinks.resume import ResumeState
+from .sinks.resume import ResumeRecord, ResumeState
 from .sinks.writer import ShardWriter
 from .units import human_bytes
 
@@ -194,17 +194,17 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
         check_not_merged_twice(ident, plan.base.root, force)
         if progress:
             _tell(plan)
-        run = {**ident, "base_files": base_file_stats(plan)}  # resume also notices a rewritten base file
+        run = ResumeRecord(ident, base_file_stats(plan), {})  # resume also notices a rewritten base file
         with staging_folder(dest, resume=resume) as (folder, fresh):
-            state = ResumeState(folder, run, {}) if fresh else ResumeState.load(folder, run)
-            needed = plan.output_bytes - sum(d["size"] for d in state.done.values())
+            state = ResumeState(folder, run) if fresh else ResumeState.load(folder, run)
+            needed = plan.output_bytes - sum(d.size for d in state.done.values())
             try:
                 state.save()
                 fetch = fetch_plan(plan)
                 _check_space(dest, plan, fetch, needed, state)
                 _write_folder(plan, fetch, folder, state, progress)
                 shards = {s.name: state.done[s.name] for s in plan.shards}
-                write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards))
+                write_json_atomic(folder / MANIFEST_NAME, manifest(ident, plan, shards).to_json())
             except DiskFullError as e:
                 raise DiskFullError(f"{e}; the merge needs {human_bytes(needed)} ({needed} bytes)") from e
             state.remove()
