@@ -68,6 +68,15 @@ class TokenizerFacts:
     templates: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizerRecord:
+    """The tokenizer part of a merge's identity: where the output's tokenizer files come from ("adapter" or
+    "folder") and each file's SHA-256 by name. None where a record read from a file does not say."""
+
+    source: str | None
+    files: dict[str, str]
+
+
 def tokenizer_files(paths: Iterable[Path]) -> tuple[Path, ...]:
     """The tokenizer files among `paths`, by name."""
     return tuple(sorted((p for p in paths if p.name in TOKENIZER_FILES), key=lambda p: p.name))
@@ -288,9 +297,9 @@ def _templates(by_name: dict[str, Path], config: dict) -> dict[str, str]:
     return {}
 
 
-def identity(choice: TokenizerChoice | None, digest: Callable[[Path], str] = sha256_file) -> dict:
+def identity(choice: TokenizerChoice | None, digest: Callable[[Path], str] = sha256_file) -> TokenizerRecord | None:
     """For the manifest: the tokenizer files the output takes from the adapter or a folder, by `digest`
-    (SHA-256; the base's are identified with the base's other files)."""
+    (SHA-256; None for the base's, which are identified with the base's other files)."""
     if choice is None or choice.source == "base":
-        return {}
-    return {"tokenizer": {"source": choice.source, "files": {p.name: digest(p) for p in choice.files}}}
+        return None
+    return TokenizerRecord(choice.source, {p.name: digest(p) for p in choice.files})

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OutputError
-from ..files import MANIFEST_NAME, MODEL_CONFIG, read_json
-from ..planning.manifest import differences, manifest
+from ..files import MANIFEST_NAME, MODEL_CONFIG
+from ..planning.manifest import FileStat, MergeIdentity, differences, manifest, read_manifest
 from ..planning.memory import RING_SIZE
 from ..progress import progress_bar
 from .output import (copy_side_file, partial_folder_of, publish, staging_folder, write_bytes, write_json,
                      write_json_atomic)
-from .resume import ResumeState
+from .resume import ResumeRecord, ResumeState
 from .writer import ShardWriter
 
 if TYPE_CHECKING:  # for annotations only
@@ -38,10 +38,10 @@ class FolderSink:
 
     ring_size = RING
 
-    def __init__(self, dest: Path, plan: MergePlan, identity: dict, base_files: dict, *, resume: bool,
-                 progress: bool) -> None:
+    def __init__(self, dest: Path, plan: MergePlan, identity: MergeIdentity, base_files: dict[str, FileStat], *,
+                 resume: bool, progress: bool) -> None:
         self.dest, self.plan, self.identity, self.progress = dest, plan, identity, progress
-        self._run_record = {**identity, "base_files": base_files}  # resume also notices a rewritten base file
+        self._run_record = ResumeRecord(identity, base_files, {})  # resume also notices a rewritten base file
         self._resume, self._stack = resume, ExitStack()
         self.state: ResumeState | None = None
 
@@ -49,8 +49,8 @@ class FolderSink:
         with self._stack as stack:
             folder, fresh = stack.enter_context(staging_folder(self.dest, resume=self._resume))
             self.folder = folder
-            self.state = ResumeState(folder, self._run_record, {}) if fresh else ResumeState.load(folder,
-                                                                                                   self._run_record)
+            record = self._run_record
+            self.state = ResumeState(folder, record) if fresh else ResumeState.load(folder, record)
             self.state.save()
             self._stack = stack.pop_all()
         return self
@@ -64,7 +64,7 @@ class FolderSink:
     @property
     def remaining_bytes(self) -> int:
         """The bytes still to write: the whole output less the shards already complete."""
-        return self.plan.output_bytes - sum(d["size"] for d in self.state.done.values())
+        return self.plan.output_bytes - sum(d.size for d in self.state.done.values())
 
     def consume(self, streams: Iterator[ShardStream]) -> None:
         plan, state = self.plan, self.state
@@ -83,7 +83,7 @@ class FolderSink:
                 writer.close()
         self._write_side_files()
         shards = {s.name: state.done[s.name] for s in plan.shards}
-        write_json_atomic(self.folder / MANIFEST_NAME, manifest(self.identity, plan, shards))
+        write_json_atomic(self.folder / MANIFEST_NAME, manifest(self.identity, plan, shards).to_json())
         state.remove()
         publish(self.folder, self.dest)
 
@@ -98,23 +98,23 @@ class FolderSink:
             write_bytes(self.folder / plan.index_name, plan.index_json)
 
 
-def finished_merge(dest: Path, ident: dict) -> bool:
+def finished_merge(dest: Path, ident: MergeIdentity) -> bool:
     """For `resume`: whether `dest` holds a finished merge of exactly these inputs and options, so there
     is nothing to do. False when an interrupted run's folder waits beside it, or `dest` is empty or
     absent (a fresh start). Any other content is an OutputError naming what differs — another merge's
-    manifest, a listed shard missing, no manifest at all — as resuming cannot turn it into this merge."""
-    path = dest / MANIFEST_NAME
+    manifest, a listed shard missing, no manifest at all — as resuming cannot turn it into this merge
+    (a manifest that cannot be read is a FormatError)."""
     if partial_folder_of(dest).exists() or not dest.is_dir() or not any(dest.iterdir()):
         return False
-    if not path.is_file():
+    found = read_manifest(dest)
+    if found is None:
         raise OutputError(f"{dest}: destination folder is not empty and holds no finished merge (no {MANIFEST_NAME}), "
                           f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
-    found = read_json(path, MANIFEST_NAME)
-    if changes := differences({key: found.get(key) for key in ident}, ident):
+    if changes := differences(found.identity, ident):
         raise OutputError(f"{dest}: holds a finished merge of other inputs or options ({'; '.join(changes)}), "
                           f"so there is nothing to resume; pass overwrite=True (--overwrite) to replace it")
-    for name, info in ((found.get("output") or {}).get("shards") or {}).items():
-        if not (dest / name).is_file() or (dest / name).stat().st_size != info.get("size"):
+    for name, shard in found.shards.items():
+        if not (dest / name).is_file() or (dest / name).stat().st_size != shard.size:
             raise OutputError(f"{dest / name}: the finished merge lists this shard but it is missing or has the "
                               f"wrong size; pass overwrite=True (--overwrite) to merge again")
     return True

@@ -226,7 +226,7 @@ class ShardWriter:
         size, digest = start.size.result(), start.sha256.result()
         _fsync(part)
         os.replace(part, self.folder / name)
-        self.state.record(name, {"size": size, "sha256": digest})
+        self.state.record(name, size, digest)
         self.on_done(name)
 
 
