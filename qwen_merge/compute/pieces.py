@@ -13,7 +13,6 @@ for the tensors the plan computes. `shard_pieces` (per tensor, for `iter_merged`
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,23 +32,16 @@ class RawSpan:
 
 
 class Shared:
-    """A pooled buffer handed on to several consumers: `hold(users)` before handing it on; each consumer
-    calls `release` once, and the last one gives it back to its pool (`give_back`), from any thread."""
+    """A pooled buffer lent to one consumer at a time, often on another thread: the consumer's `release`
+    gives it back to its pool (`give_back`)."""
 
-    __slots__ = ("_users", "_lock", "_give_back")
+    __slots__ = ("_give_back",)
 
     def __init__(self, give_back: Callable[[Shared], None]) -> None:
-        self._users, self._lock, self._give_back = 0, threading.Lock(), give_back
-
-    def hold(self, users: int) -> None:
-        self._users = users
+        self._give_back = give_back
 
     def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            done = self._users <= 0
-        if done:
-            self._give_back(self)
+        self._give_back(self)
 
 
 class Slot(Shared):
