@@ -49,11 +49,11 @@ def test_illegal_transition_names_the_expected_and_the_found_phase():
             message = str(info.value)
             assert shard.phase is found, f"a refused move to {phase.name} changed the phase"
             assert "model-00001-of-00002.safetensors" in message and phase.name in message, message
-            assert f"the shard is {found.name}" in message, message
+            assert f"found phase {found.name}" in message, message
             if expected is None:
                 assert "only made" in message, message
             else:
-                assert f"{expected.name} comes before it" in message, message
+                assert f"expected phase {expected.name}" in message, message
     shard.phase = Phase.QUEUED
     for phase in LIFE[1:]:
         shard.enter(phase)

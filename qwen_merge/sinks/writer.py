@@ -124,9 +124,9 @@ class _Shard:
     def enter(self, phase: Phase) -> None:
         expected = _ENTERED_FROM.get(phase)
         if self.phase is not expected:
-            before = f"{expected.name} comes before it" if expected else "a shard is only made in it"
-            raise PhaseError(f"shard {self.name} cannot enter phase {phase.name}: {before}, "
-                             f"but the shard is {self.phase.name}")
+            wanted = f"expected phase {expected.name}" if expected else "a shard is only made in it"
+            raise PhaseError(f"shard {self.name} cannot enter phase {phase.name}: {wanted}, "
+                             f"found phase {self.phase.name}")
         self.phase = phase
 
     def fail(self, error: BaseException) -> None:
@@ -347,7 +347,7 @@ class _Assembler:
     """Copies a shard's header and pieces, in order, into staging chunks and lends each full chunk to the
     disk thread and the shard's hasher."""
 
-    reader = "assembler"  # it reads no chunks, only blocks: `_run` gives those back
+    reader = None  # lent no chunks; `_run` gives back the blocks it copies
 
     def __init__(self, chunks: _ChunkPool, disk: queue.SimpleQueue, files: Files) -> None:
         self.chunks, self.disk, self.files = chunks, disk, files
