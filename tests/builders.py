@@ -43,6 +43,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,13 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, f"expected exactly one stderr line, got: {proc.stderr!r}"
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
+
+
+def writer_threads() -> list[str]:
+    """The names of the shard writer's threads alive in this process: a merge joins them all before it
+    returns or raises, so any left behind are stuck."""
+    prefixes = ("qwen-merge-assemble", "qwen-merge-disk", "qwen-merge-hash", "qwen-merge-finish")
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(prefixes)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import (REPO, cli_argv, cli_env, locate, one_error_line, run_cli, run_python, ulp_distance,
-                      write_linear_pair)
+                      write_linear_pair, writer_threads)
 from safetensors import safe_open
 
 from qwen_merge import DiskFullError, merge_shards, plan_merge
@@ -208,7 +208,7 @@ def test_running_out_of_space_while_writing(demo_inputs, tmp_path):
     """Free space a little above what the plan counts passes the pre-write check; the files' page rounding then
     fills the tmpfs while writing (ENOSPC) — in a shard, the state file, a side file, the index or the
     manifest, depending on the exact free space. Every such failure must be a DiskFullError with one line
-    saying needed and free bytes, and leave nothing but what was there before."""
+    saying needed and free bytes, and leave nothing but what was there before: no file, no writer thread."""
     base, adapter = demo_inputs
     needed = plan_merge(base, adapter).output_bytes
     with tmpfs(tmp_path / "small", "4m") as mount:
@@ -225,6 +225,8 @@ def test_running_out_of_space_while_writing(demo_inputs, tmp_path):
                 continue
             except Exception as e:  # noqa: BLE001 - every failure is classified below
                 error = e
+            if writer_threads():
+                problems.append(f"slack {slack}: writer threads left running: {writer_threads()}")
             listing = sorted(os.listdir(mount))
             if listing != ["filler"]:
                 problems.append(f"slack {slack}: left {listing}")

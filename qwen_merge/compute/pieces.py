@@ -13,7 +13,6 @@ for the tensors the plan computes. `shard_pieces` (per tensor, for `iter_merged`
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -33,23 +32,16 @@ class RawSpan:
 
 
 class Shared:
-    """A pooled buffer handed on to several consumers: `hold(users)` before handing it on; each consumer
-    calls `release` once, and the last one gives it back to its pool (`give_back`), from any thread."""
+    """A pooled buffer lent to one consumer at a time, often on another thread: the consumer's `release`
+    gives it back to its pool (`give_back`)."""
 
-    __slots__ = ("_users", "_lock", "_give_back")
+    __slots__ = ("_give_back",)
 
     def __init__(self, give_back: Callable[[Shared], None]) -> None:
-        self._users, self._lock, self._give_back = 0, threading.Lock(), give_back
-
-    def hold(self, users: int) -> None:
-        self._users = users
+        self._give_back = give_back
 
     def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            done = self._users <= 0
-        if done:
-            self._give_back(self)
+        self._give_back(self)
 
 
 class RingSlot(Shared):
@@ -69,8 +61,8 @@ class RingSlot(Shared):
 
 class BlockRing:
     """The output buffers of computed blocks, and the one rule about them: a block's buffer is reused only
-    after every consumer of the block (the writer and the hasher, or the caller of `iter_merged`) has
-    released it. `take` waits while all `size` slots are in use, which also bounds memory."""
+    after its consumer has released it (the writer's assembler, once it is copied into a staging chunk, or
+    the sink that assembles a tensor from it). `take` waits while all `size` slots are in use, which also bounds memory."""
 
     def __init__(self, size: int) -> None:
         self._free: queue.SimpleQueue[RingSlot] = queue.SimpleQueue()
