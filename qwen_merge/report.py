@@ -15,6 +15,7 @@ from .inputs.checkpoint import HubOrigin
 from .options import Rounding
 from .planning.fetchplan import fetch_plan
 from .planning.manifest import output_files
+from .planning.plan import OpKind
 from .planning.recipe import Part
 from .units import human_bytes
 from .version import VERSION
@@ -120,9 +121,10 @@ def describe(op: TensorOp, name: str | None = None) -> str:
     """One line: what is done to the tensor (`name` replaces the op's own, e.g. with the expert index
     replaced by `*`)."""
     parts = []
+    fp8 = op.dequant is not None or op.kind in _FP8_KINDS
     if op.source.in_adapter or op.source.entry.name != op.name:
         parts.append(f"from {op.source.entry.name}")
-    if op.source.entry.dtype != op.dtype and not (op.dequant or op.requant):
+    if op.source.entry.dtype != op.dtype and not fp8:
         parts.append(f"{op.source.entry.dtype}->{op.dtype}")
     if op.pair is not None:
         parts.append(_delta(op))
@@ -130,7 +132,7 @@ def describe(op: TensorOp, name: str | None = None) -> str:
             parts.append(f"delta rounded to {op.dtype} first (as PEFT)")
     if op.tokens is not None:
         parts.append(f"{len(op.tokens.indices)} token rows")
-    if op.dequant or op.requant or op.scales_of:
+    if fp8:
         parts.append(op.steps)
     verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
     return f"{verb} {name or op.name}  " + ", ".join(parts)
@@ -148,16 +150,17 @@ def _delta(op: TensorOp) -> str:
 
 
 def _bulk(op: TensorOp) -> bool:
-    """A tensor only converted to the output dtype, or the new scales of a requantized weight: there are
-    thousands, so the report counts them instead of listing them."""
-    return op.scales_of is not None or (op.pair is None and op.tokens is None and not op.source.in_adapter)
+    """A base tensor only converted to the output dtype (or duplicated), or the new scales of a requantized
+    weight: there are thousands, so the report counts them instead of listing them."""
+    return _action(op) in _COUNTED
 
 
 def _format_lines(plan: MergePlan) -> Iterator[str]:
     """What the output's dtype and FP8 handling do, with the error bound of each."""
-    converted = Counter(op.source.entry.dtype for op in plan.ops if _bulk(op) and not op.dequant and not op.scales_of)
+    converted = Counter(op.source.entry.dtype for op in plan.ops
+                        if _action(op) in ("convert", "duplicate") and op.dequant is None)
     dequantized = sum(1 for op in plan.ops if op.dequant is not None)
-    requantized = sum(1 for op in plan.ops if op.requant is not None)
+    requantized = sum(1 for op in plan.ops if op.kind is OpKind.REQUANT)
     if plan.options.dtype:
         moves = ", ".join(f"{n} {dtype}" for dtype, n in sorted(converted.items()))
         yield f"dtype:   output {plan.options.dtype}; converted with one rounding: {moves or 'none'}"
@@ -166,7 +169,7 @@ def _format_lines(plan: MergePlan) -> Iterator[str]:
                f"one rounding: within 1 ulp of the exact value); {len(plan.dropped)} block scales and "
                f"quantization_config dropped")
     if requantized:
-        block = next(op.requant.block for op in plan.ops if op.requant is not None)
+        block = next(op.requant.block for op in plan.ops if op.kind is OpKind.REQUANT)
         yield (f"fp8:     {requantized} merged FP8 weights dequant → merge → requant per {block[0]}x{block[1]} block "
                f"with fresh scales (amax/448; a block whose amax is unchanged keeps its scale): each value within "
                f"half an e4m3 step (≤ 1/16 of its magnitude) of the exact merged value; other FP8 tensors and "
@@ -240,15 +243,19 @@ def _action(op: TensorOp | None) -> str:
     base tensor (the lm_head of untied embeddings)."""
     if op is None:
         return "copy"
-    if op.scales_of is not None:
-        return "scales"
     if op.pair is not None:
-        return "merge"
+        return "merge"  # MERGE, BIAS, or a REQUANT weight that takes a delta
     if op.source.in_adapter:
-        return "replace"
-    if op.tokens is not None:
-        return "tokens"
-    return "duplicate" if op.is_raw_copy else "convert"
+        return "replace"  # copied, converted, with token rows or requantized: the adapter's tensor
+    return _ACTIONS[op.kind]
+
+
+# The action of each kind of op on a base tensor without a delta (`_action`); every kind has one
+# (tests/test_opkinds.py). A REQUANT weight without a delta has its values requantized only.
+_ACTIONS = {OpKind.COPY: "duplicate", OpKind.CONVERT: "convert", OpKind.TOKENS: "tokens", OpKind.MERGE: "merge",
+            OpKind.BIAS: "merge", OpKind.REQUANT: "convert", OpKind.SCALES: "scales"}
+_COUNTED = ("convert", "duplicate", "scales")  # the actions `_bulk` counts instead of listing
+_FP8_KINDS = (OpKind.REQUANT, OpKind.SCALES)  # with a dequantized source, `describe` names their steps
 
 
 def _tensor_dict(shard: ShardPlan, entry: TensorEntry) -> dict:
@@ -262,7 +269,7 @@ def _tensor_dict(shard: ShardPlan, entry: TensorEntry) -> dict:
             "delta": _delta_dict(op) if op is not None and op.pair is not None else None,
             "token_rows": len(op.tokens.indices) if op is not None and op.tokens is not None else None,
             "dequant": op is not None and op.dequant is not None,
-            "requant": op is not None and op.requant is not None,
+            "requant": op is not None and op.kind is OpKind.REQUANT,
             "scales_of": op.scales_of.name if op is not None and op.scales_of is not None else None}
 
 

@@ -29,7 +29,7 @@ from .inputs.sources import Files, read_exact
 from .inputs.tensorfile import TensorEntry, TensorFile, read_header
 from .options import MergeOptions
 from .planning.manifest import recorded_options
-from .planning.plan import ShardPlan, TensorOp
+from .planning.plan import OpKind, ShardPlan, TensorOp
 from .planning.ties import TieInfo
 from .run import LazyComputer, Run, open_run, without_gc
 from .units import human_bytes
@@ -283,31 +283,44 @@ class _Checker:
         out_fd = files.fd(got.path)
         start = got.data_offset + entry.start
         try:
-            if op is None or op.is_raw_copy:
-                source = op.source if op is not None else None
-                src_path = source.file.path if source else shard.copy_source(entry.name)[0].path
-                src_name = source.entry.name if source else entry.name
-                for piece in pieces:
-                    assert isinstance(piece, RawSpan)
-                    diff = self._compare_span(out_fd, start, piece.fd, piece.offset, piece.length, got.path, src_path)
-                    if diff:
-                        count, first = diff
-                        self.problem(f"{where} is not byte-identical to {src_name!r} of {src_path}: "
-                                     f"mismatch in {_bytes(count)}, the first at byte {first} of {entry.nbytes}")
-            elif op.scales_of is not None:
-                pass  # new block scales: judged by their effect, when their weight's values are checked
-            elif op.requant is not None:
-                self._check_requantized(where, op, out_fd, start, got.path)
+            if op is None:  # the base tensor of the same name, copied
+                self._check_copied(where, shard.copy_source(entry.name)[0].path, entry.name, entry, pieces, out_fd,
+                                   start, got.path)
             else:
-                self._check_computed(where, op, entry, pieces, files, out_fd, start, got.path)
+                self._check_op(where, op, entry, pieces, files, out_fd, start, got.path)
         except QwenMergeError as e:
             self.problem(f"{where}: cannot check it: {e}")
         self.tensors += 1
 
+    def _check_op(self, where: str, op: TensorOp, entry: TensorEntry, pieces: Iterator, files: Files, out_fd: int,
+                  start: int, path: Path) -> None:
+        """A tensor the plan makes: copied bytes compared, computed rows recomputed, FP8 by value."""
+        match op.kind:  # every kind has its case (tests/test_opkinds.py)
+            case OpKind.COPY:
+                self._check_copied(where, op.source.file.path, op.source.entry.name, entry, pieces, out_fd, start,
+                                   path)
+            case OpKind.CONVERT | OpKind.TOKENS | OpKind.MERGE | OpKind.BIAS:
+                self._check_computed(where, op, entry, pieces, files, out_fd, start, path)
+            case OpKind.REQUANT:
+                self._check_requantized(where, op, out_fd, start, path)
+            case OpKind.SCALES:
+                pass  # new block scales: judged by their effect, when their weight's values are checked
+
+    def _check_copied(self, where: str, src_path: Path, src_name: str, entry: TensorEntry, pieces: Iterator,
+                      out_fd: int, start: int, path: Path) -> None:
+        """A tensor copied from `src_name` of `src_path`: byte for byte, in chunks."""
+        for piece in pieces:
+            assert isinstance(piece, RawSpan)
+            diff = self._compare_span(out_fd, start, piece.fd, piece.offset, piece.length, path, src_path)
+            if diff:
+                count, first = diff
+                self.problem(f"{where} is not byte-identical to {src_name!r} of {src_path}: "
+                             f"mismatch in {_bytes(count)}, the first at byte {first} of {entry.nbytes}")
+
     def _blocks(self, op: TensorOp) -> set[int]:
         """The row blocks of a computed tensor to recompute: sampled, or all with --full."""
         rows, _ = op.matrix
-        count = 1 if op.pair is not None and op.part == "bias" else -(-rows // op.block_rows)
+        count = 1 if op.kind is OpKind.BIAS else -(-rows // op.block_rows)
         return sampled_blocks(count, self.full)
 
     def _check_computed(self, where: str, op: TensorOp, entry: TensorEntry, pieces: Iterator, files: Files,

@@ -18,9 +18,8 @@ from ..errors import NonFiniteError, ZeroNormError
 from ..inputs.adapter import Kind
 from ..inputs.sources import Files, ReadAhead, read_exact
 from ..inputs.tensorfile import TensorEntry, TensorFile
-from ..planning.plan import TensorOp
+from ..planning.plan import OpKind, TensorOp
 from ..planning.quant import BlockScale
-from ..planning.recipe import Part
 from . import blockquant
 from .arithmetic import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
                          all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
@@ -45,42 +44,65 @@ class Computer:
 
     def blocks(self, op: TensorOp, only: Container[int] | None = None) -> Iterator[Block]:
         """The op's row blocks in order (only the block indexes in `only`, when given): read the source
-        rows, round them to the output dtype if needed, add the delta (and DoRA), set token rows."""
-        if op.scales_of is not None:
-            yield self._scales_block(op)
-            return
-        rows_total, cols = op.matrix
+        rows, round them to the output dtype if needed, add the delta (and DoRA), set token rows; or
+        requantize them, or write the new block scales of a requantized weight: as the op's kind says."""
+        match op.kind:  # every kind has its case (tests/test_opkinds.py)
+            case OpKind.MERGE | OpKind.CONVERT | OpKind.TOKENS | OpKind.COPY:  # the common kinds first
+                return self._rows(op, only)
+            case OpKind.BIAS:
+                return self._bias(op)
+            case OpKind.REQUANT:
+                return self._requantized(op, only)
+            case OpKind.SCALES:
+                return self._scales(op)
+
+    def _rows(self, op: TensorOp, only: Container[int] | None) -> Iterator[Block]:
+        """The source rows in the output dtype, with the delta added (MERGE), then the token rows set."""
         reader = self._row_reader(op)
-        if op.pair is not None and op.part == Part.BIAS:
-            # fl32(lora_B.bias · fl32(s)) as PEFT; an fp32 output in float64 (`TensorOp.wide`)
-            vector = self._load(op.pair.bias, op, "F64" if op.wide else "F32").mul_(op.pair.scale)
-            yield self._block(op, 0, 1, lambda buffers: add_vector(reader.rows(0, 1), vector, buffers))
-            return
         factors = self._factors(op, reader) if op.pair is not None else None
         tokens = self._tokens(op)
-        scales = self._scale_rows(op) if op.requant is not None and only is None else None
+
+        def fill(buffers, row0: int, rows: int) -> torch.Tensor:
+            w_rows = reader.rows(row0, rows)
+            out = cast_rows(w_rows, buffers) if factors is None else self._merge(op, w_rows, factors, row0, buffers)
+            for token_id, values in tokens:
+                if row0 <= token_id < row0 + rows:
+                    out[token_id - row0] = values
+            self._check_output(op, out, row0, rows)
+            return out
+
+        yield from self._row_blocks(op, only, fill)
+
+    def _bias(self, op: TensorOp) -> Iterator[Block]:
+        """fl32(lora_B.bias · fl32(s)) added as PEFT does; an fp32 output in float64 (`TensorOp.wide`)."""
+        reader = self._row_reader(op)
+        vector = self._load(op.pair.bias, op, "F64" if op.wide else "F32").mul_(op.pair.scale)
+        yield self._block(op, 0, 1, lambda buffers, row0, rows: add_vector(reader.rows(0, 1), vector, buffers))
+
+    def _requantized(self, op: TensorOp, only: Container[int] | None) -> Iterator[Block]:
+        """The merged rows requantized to e4m3 per block; on a whole pass, the new block scales are kept
+        for the op that writes them (`_scales`)."""
+        reader = self._row_reader(op)
+        factors = self._factors(op, reader) if op.pair is not None else None
+        scales = self._scale_rows(op) if only is None else None
+
+        def fill(buffers, row0: int, rows: int) -> torch.Tensor:
+            v, new = self._requant_rows(op, reader.rows(row0, rows), factors, row0)
+            if scales is not None:
+                scales[row0 // op.requant.block[0]:][:new.shape[0]] = new
+            return blockquant.quantize(v, new, op.requant.block, buffers.out)
+
+        yield from self._row_blocks(op, only, fill)
+        if scales is not None:
+            self._new_scales[op.name] = scales
+
+    def _row_blocks(self, op: TensorOp, only: Container[int] | None, fill) -> Iterator[Block]:
+        """Each row block of the op (those in `only`, when given) computed by `fill(buffers, row0, rows)`."""
+        rows_total = op.matrix[0]
         for index, row0 in enumerate(range(0, rows_total, op.block_rows)):
             if only is not None and index not in only:
                 continue
-            rows = min(op.block_rows, rows_total - row0)
-
-            def fill(buffers, row0=row0, rows=rows):
-                w_rows = reader.rows(row0, rows)
-                if op.requant is not None:
-                    v, new = self._requant_rows(op, w_rows, factors, row0)
-                    if scales is not None:
-                        scales[row0 // op.requant.block[0]:][:new.shape[0]] = new
-                    return blockquant.quantize(v, new, op.requant.block, buffers.out)
-                out = cast_rows(w_rows, buffers) if factors is None else self._merge(op, w_rows, factors, row0, buffers)
-                for token_id, values in tokens:
-                    if row0 <= token_id < row0 + rows:
-                        out[token_id - row0] = values
-                self._check_output(op, out, row0, rows)
-                return out
-
-            yield self._block(op, row0, rows, fill)
-        if scales is not None:
-            self._new_scales[op.name] = scales
+            yield self._block(op, row0, min(op.block_rows, rows_total - row0), fill)
 
     def close(self) -> None:
         self.reader.close()
@@ -128,7 +150,7 @@ class Computer:
             self._merge(op, v, factors, row0, self.workspace.block(rows, (cols,), "F32", v))
         return v, blockquant.new_scales(v, op.requant.block, TORCH_DTYPES[op.requant.dtype])
 
-    def _scales_block(self, op: TensorOp) -> Block:
+    def _scales(self, op: TensorOp) -> Iterator[Block]:
         """The new block scales of a requantized weight, as one block: kept from the weight's own pass when
         it came first (the planner puts scales after their weights where alignment allows), else computed
         by merging the weight's rows again (its scales are needed before its bytes)."""
@@ -145,7 +167,7 @@ class Computer:
         except BaseException:
             self.ring.give_back(slot)
             raise
-        return Block(0, data, slot)
+        yield Block(0, data, slot)
 
     def _compute_scales(self, weight: TensorOp, out: torch.Tensor) -> None:
         reader = self._row_reader(weight)
@@ -240,13 +262,15 @@ class Computer:
             _check_finite(op, rows_out, f"{op.source.file.path}: {op.name} rows {row0}..{row0 + rows - 1} merged")
 
     def _block(self, op: TensorOp, row0: int, rows: int, fill) -> Block:
-        """Compute one block into a buffer of the ring; on failure the buffer goes back at once."""
+        """Compute rows row0.. of one block (`fill(buffers, row0, rows)`) into a buffer of the ring; on
+        failure the buffer goes back at once."""
         cols = op.matrix[1]
         row_bytes = cols * DTYPE_BITS[op.dtype] // 8
         slot = self.ring.take()
         try:
             data = slot.view(rows * row_bytes)
-            fill(self.workspace.block(rows, (cols,), op.dtype, as_tensor(data, op.dtype, (rows, cols)), op.wide))
+            fill(self.workspace.block(rows, (cols,), op.dtype, as_tensor(data, op.dtype, (rows, cols)), op.wide),
+                 row0, rows)
         except BaseException:
             self.ring.give_back(slot)
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,42 +38,83 @@ BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and a
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
 
 
+class OpKind(Enum):
+    """What an op does to make its tensor, set once by the planner (`TensorOp.kind`); the run (`pieces`,
+    `stream`), `verify` and the report each dispatch on it:
+
+    * COPY: the source's bytes as they are (an adapter tensor that replaces the base tensor in its dtype,
+      or another base tensor: the embedding, as an untied lm_head);
+    * CONVERT: the source's values in another dtype (an FP8 source dequantized);
+    * TOKENS: the source's values, in the output dtype, with trainable-token rows set;
+    * MERGE: W + ΔW of a LoRA pair (Linear, Embedding, convolution, DoRA, one expert's slice of a fused
+      LoRA), then the token rows a tied lm_head with its own LoRA takes from the embedding;
+    * BIAS: a bias + s·lora_B.bias (`lora_bias`);
+    * REQUANT: an FP8 weight, dequantized, + ΔW (or replaced by an adapter tensor), requantized per block;
+    * SCALES: the new block scales of a REQUANT weight.
+
+    Where the op starts (the base tensor, another one, or an adapter tensor that replaces it:
+    `Source.in_adapter`) is not part of the kind: a replacement is copied, converted, merged or
+    requantized as a base tensor is. A tensor the base does not have (an untied lm_head) is no kind
+    either: it is made as any other, and only laid out differently."""
+
+    COPY = "copy"
+    CONVERT = "convert"
+    TOKENS = "tokens"
+    MERGE = "merge"
+    BIAS = "bias"
+    REQUANT = "requant"
+    SCALES = "scales"
+
+
 @dataclass(frozen=True, slots=True)
 class TensorOp:
-    """How one output tensor is made when it is not a byte copy of the base tensor of the same name.
+    """How one output tensor is made when it is not a byte copy of the base tensor of the same name:
+    its `kind` (`OpKind`), and what that kind reads.
 
-    Start from `source` (the base tensor, another base tensor for a new untied lm_head, or an adapter
-    tensor that replaces it), round it to `dtype` if it is stored in another one, add the LoRA delta of
-    `pair` (to the weight, or to the bias when `part` is BIAS; with DoRA when the pair has a magnitude),
-    then overwrite the `tokens` rows. `transpose`: W is stored (in, out) (embeddings, GPT-2 Conv1D).
-    `round_delta`: the delta is rounded to `dtype` before it is added, as PEFT's merge does for this
-    kind of layer (only with Rounding.PEFT). `check_finite`: stop on NaN/Inf in the factors or the result.
+    Every kind starts from `source` (the base tensor, another base tensor for a new untied lm_head, or an
+    adapter tensor that replaces it), read as the (rows, columns) `matrix` in blocks of `block_rows`, and
+    makes `dtype`. The source's rows are read as stored, except that FP8 ones are dequantized with their
+    block scale `dequant` (f32(Q) · S), and an adapter tensor stored in another dtype than the base tensor
+    is first rounded to the base tensor's (`source_round`), as loading it into the base parameter does in
+    PEFT; the op then computes in fp32 and rounds once to `dtype`. `check_finite`: stop on NaN/Inf in the
+    factors or the result.
 
-    `source_round`: a replacement from the adapter stored in another dtype than the base tensor is first
-    rounded to the base tensor's dtype, as loading it into the base parameter does in PEFT; the merge then
-    computes in fp32 and rounds once to `dtype`.
+    MERGE and BIAS (and a REQUANT weight that takes a delta) add the LoRA delta of `pair` to the weight,
+    or to the bias when `part` is BIAS, with DoRA when the pair has a magnitude. `transpose`: W is stored
+    (in, out) (embeddings, GPT-2 Conv1D). `round_delta`: the delta is rounded to `dtype` before it is
+    added, as PEFT's merge does for this kind of layer (only with Rounding.PEFT). `batchable`: one
+    expert's small tensor that takes a slice of a fused-expert LoRA, merged in one batched product with
+    its neighbours (`follows`) instead of paying a tensor's overhead alone.
 
-    FP8: `dequant` is the block scale of an F8_E4M3 source, read as f32(Q) · S; `requant` is the base block
-    scale of an F8_E4M3 output, requantized per block (a block whose largest magnitude is unchanged keeps
-    the base's scale). An op with `scales_of` writes the new block scales of that requantized weight op."""
+    TOKENS (and MERGE, for a tied lm_head) overwrite the `tokens` rows last.
+
+    REQUANT: `requant` is the base block scale of the F8_E4M3 output, requantized per block (a block whose
+    largest magnitude is unchanged keeps the base's scale); the SCALES op with `scales_of` set to it writes
+    its new block scales."""
 
     name: str
     shard: str
+    kind: OpKind
     dtype: str
     shape: tuple[int, ...]
     source: Source
     block_rows: int
+    matrix: tuple[int, int] = (0, 0)  # the (rows, columns) view streamed in row blocks (`matrix_view`)
+    check_finite: bool = True
+    # how the source's rows are read
+    dequant: BlockScale | None = None
+    source_round: str | None = None  # an adapter tensor is rounded to the base tensor's dtype first
+    # the delta: MERGE, BIAS, and a REQUANT weight that takes one
     pair: Pair | None = None
     part: Part = Part.WEIGHT
     transpose: bool = False
-    tokens: TokenRows | None = None
-    check_finite: bool = True
     round_delta: bool = False
-    matrix: tuple[int, int] = (0, 0)  # the (rows, columns) view streamed in row blocks (`matrix_view`)
-    dequant: BlockScale | None = None
+    batchable: bool = False
+    # TOKENS, and a MERGE of a tied lm_head
+    tokens: TokenRows | None = None
+    # REQUANT, SCALES
     requant: BlockScale | None = None
     scales_of: TensorOp | None = None
-    source_round: str | None = None  # an adapter tensor is rounded to the base tensor's dtype first
 
     @property
     def rank(self) -> int | None:
@@ -84,21 +126,20 @@ class TensorOp:
 
     @property
     def is_raw_copy(self) -> bool:
-        """Bytes can be copied as they are from the source (a same-dtype replacement)."""
-        return (self.pair is None and self.tokens is None and self.source.entry.dtype == self.dtype
-                and self.dequant is None and self.requant is None and self.scales_of is None)
+        """Bytes can be copied as they are from the source (`OpKind.COPY`)."""
+        return self.kind is OpKind.COPY
 
     @property
     def steps(self) -> str:
         """What happens to the tensor, in words: `dequant → merge → requant`, `merge`, `→ BF16`, ..."""
-        if self.scales_of is not None:
+        if self.kind is OpKind.SCALES:
             return f"new block scales of {self.scales_of.name}"
         steps = ["dequant"] if self.dequant else []
         if self.pair is not None or self.tokens is not None:
             steps.append("merge")
         elif self.source.in_adapter:
             steps.append("replace")
-        if self.requant:
+        if self.kind is OpKind.REQUANT:
             steps.append("requant")
         elif self.dtype != self.source.entry.dtype:
             steps.append(self.dtype)
@@ -109,16 +150,7 @@ class TensorOp:
         """Merged in float64 from an exact product (`compute.widen`): an fp32 output, where no narrower
         rounding hides the order in which a GEMM sums, so fp32 arithmetic would make the bits depend on the
         host. FP8 outputs are rounded to e4m3 and merge in fp32."""
-        return self.dtype == "F32" and self.pair is not None and self.requant is None
-
-    @property
-    def batchable(self) -> bool:
-        """One expert's small tensor that takes a slice of a fused-expert LoRA: it can be merged in one
-        batched product with its neighbours (`follows`), instead of paying a tensor's overhead alone."""
-        return (self.pair is not None and self.pair.kind == Kind.EXPERTS and self.pair.expert is not None
-                and self.tokens is None and self.source.entry.dtype == self.dtype and not self.wide
-                and self.dequant is None and self.requant is None
-                and self.source.entry.nbytes <= BATCH_TENSOR_BYTES)
+        return self.dtype == "F32" and self.kind in _WIDE_KINDS
 
     def follows(self, other: TensorOp) -> bool:
         """Whether this op's source bytes come right after `other`'s, in the same file, with the same
@@ -126,6 +158,9 @@ class TensorOp:
         return (self.source.file is other.source.file and self.source.entry.start == other.source.entry.end
                 and (self.dtype, self.check_finite, self.round_delta)
                 == (other.dtype, other.check_finite, other.round_delta))
+
+
+_WIDE_KINDS = (OpKind.MERGE, OpKind.BIAS)  # the kinds `TensorOp.wide` applies to, in an fp32 output
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,9 +388,11 @@ class _OpBuilder:
             _check_tokens(name, shape, recipe.tokens)
         source_round = (dtype if source.in_adapter and source.entry.dtype != dtype and dtype in FLOATS
                         else None)
-        return TensorOp(name, shard, out_dtype, shape, source, self._block_rows(rows, cols, dequant or requant),
-                        recipe.pair, recipe.part, transpose, recipe.tokens, not self.options.allow_nonfinite,
-                        round_delta, (rows, cols), dequant, requant, source_round=source_round)
+        kind = _kind(recipe, source.entry.dtype != out_dtype or dequant is not None, requant)
+        return TensorOp(name, shard, kind, out_dtype, shape, source, self._block_rows(rows, cols, dequant or requant),
+                        (rows, cols), not self.options.allow_nonfinite, dequant, source_round, recipe.pair,
+                        recipe.part, transpose, round_delta, _batchable(kind, recipe, source, out_dtype),
+                        recipe.tokens, requant)
 
     def conversions(self, ops: dict[str, TensorOp]) -> dict[str, TensorOp]:
         """With an output dtype: an op for every other tensor that changes, a float tensor stored in another
@@ -384,7 +421,7 @@ class _OpBuilder:
                                       option="dtype")
                 continue  # integers (position ids, masks) are not floats to convert
             rows, cols = as_matrix(entry.shape)
-            converted[name] = TensorOp(name, self.base.weight_map[name], dtype, entry.shape,
+            converted[name] = TensorOp(name, self.base.weight_map[name], OpKind.CONVERT, dtype, entry.shape,
                                        Source(*self.where[name], False), self._block_rows(rows, cols, dequant),
                                        check_finite=not self.options.allow_nonfinite, matrix=(rows, cols),
                                        dequant=dequant)
@@ -394,11 +431,11 @@ class _OpBuilder:
         """For every requantized FP8 weight, the op that writes its new block scales."""
         made = {}
         for op in ops.values():
-            if op.requant is None:
+            if op.kind is not OpKind.REQUANT:
                 continue
             scale = op.requant.source
             shape = scale.entry.shape
-            made[scale.entry.name] = TensorOp(scale.entry.name, self.base.weight_map[scale.entry.name],
+            made[scale.entry.name] = TensorOp(scale.entry.name, self.base.weight_map[scale.entry.name], OpKind.SCALES,
                                               scale.entry.dtype, shape, scale, shape[0], matrix=(shape[0], shape[1]),
                                               check_finite=op.check_finite, scales_of=op)
         return made
@@ -416,6 +453,27 @@ class _OpBuilder:
             return block_rows
         step = scale.block[0]
         return min(max(step, block_rows // step * step), -(-rows // step) * step)
+
+
+def _kind(recipe: Recipe, converts: bool, requant: BlockScale | None) -> OpKind:
+    """What the op made from `recipe` does. `converts`: the source's values change dtype (or are
+    dequantized); `requant`: the output is FP8, requantized with this block scale."""
+    if requant is not None:
+        return OpKind.REQUANT
+    if recipe.pair is not None:
+        return OpKind.BIAS if recipe.part == Part.BIAS else OpKind.MERGE
+    if recipe.tokens is not None:
+        return OpKind.TOKENS
+    return OpKind.CONVERT if converts else OpKind.COPY
+
+
+def _batchable(kind: OpKind, recipe: Recipe, source: Source, dtype: str) -> bool:
+    """A small tensor of one expert that takes a slice of a fused-expert LoRA, kept in its dtype and not
+    merged in float64 (`TensorOp.wide`, fp32 outputs): it can be merged in one batched product with the
+    experts stored after it (`pieces.shard_runs`)."""
+    return (kind is OpKind.MERGE and recipe.pair.kind == Kind.EXPERTS and recipe.pair.expert is not None
+            and recipe.tokens is None and source.entry.dtype == dtype != "F32"
+            and source.entry.nbytes <= BATCH_TENSOR_BYTES)
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -555,7 +613,7 @@ def _layout(base: Checkpoint, ops: dict[str, TensorOp], added: dict[str, str], d
     """The output shards and the index file name: each base shard's tensors (new ones after
     `added[name]`, `dropped` ones left out) in the base's layout, or re-sharded by `max_shard_size`."""
     gone = set(dropped)
-    late = frozenset(name for name, op in ops.items() if op.scales_of is not None)
+    late = frozenset(name for name, op in ops.items() if op.kind is OpKind.SCALES)
     slots: list[tuple[TensorFile, list[PendingEntry] | None]] = []
     for source in base.shards:
         names = [e.name for e in source.entries]
