@@ -25,6 +25,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from builders import run_python
 from test_layering import ALLOWED
 
 import qwen_merge
@@ -335,6 +336,26 @@ def test_the_design_module_table_is_the_layering_table():
     assert documented.keys() == existing == ALLOWED.keys()
     for module, imports in documented.items():
         assert imports == ALLOWED[module], f"design.md's row of {module}: {sorted(imports ^ ALLOWED[module])} differ"
+
+
+def test_the_design_thread_table_names_every_thread_a_merge_starts(demo_inputs, tmp_path):
+    """Every thread a merge starts (recorded in a fresh interpreter, so the torch import starts one too), the
+    Hub download thread and the read-ahead (large reads only), has its row in design.md's thread table, and the table names no other."""
+    code = ("import sys, threading\n"
+            "names = []\nstart = threading.Thread.start\n"
+            "def recording(self):\n    names.append(self.name)\n    return start(self)\n"
+            "threading.Thread.start = recording\n"
+            "from qwen_merge import merge_shards\n"
+            "merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n"
+            "print(' '.join(names))\n")
+    done = run_python(code, *demo_inputs, tmp_path / "out", capture_output=True, text=True, check=True)
+    started = {re.sub(r"_\d+$", "", name) for name in done.stdout.split() if name.startswith("qwen-merge-")}
+    started |= {"qwen-merge-download",  # a Hub base only (tests/test_hub.py merges from one)
+                "qwen-merge-read"}  # reads over 1 MiB only: the demo's tensors are smaller
+    table = re.search(r"\| thread \| does \| why a thread \|\n\|.*?\n(.*?)\n\n", TEXT["docs/design.md"], re.S)[1]
+    documented = set(re.findall(r"`(qwen-merge-[\w-]+)`", table))
+    assert {"qwen-merge-assemble", "qwen-merge-disk", "qwen-merge-import"} <= started
+    assert started == documented
 
 
 def test_the_design_module_references_exist():
