@@ -27,8 +27,6 @@ if TYPE_CHECKING:  # for annotations only
     from ..planning.plan import MergePlan
     from .base import ShardStream
 
-RING = RING_SIZE  # computed blocks alive at once: the writer's threads hold some while the next are computed
-
 
 class FolderSink:
     """A merge into the folder `dest`, as a context manager: entering creates (or, with `resume`, reopens) the
@@ -36,7 +34,7 @@ class FolderSink:
     manifest, and publishes the folder at `dest`. An error removes a partial folder this run created (a
     resumed one, and one a failed download leaves, are kept for the next `resume`)."""
 
-    ring_size = RING
+    ring_size = RING_SIZE  # computed blocks alive at once: the writer holds some while the next are computed
 
     def __init__(self, dest: Path, plan: MergePlan, identity: MergeIdentity, base_files: dict[str, FileStat], *,
                  resume: bool, progress: bool) -> None:
