@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from builders import cli_argv, cli_env, run_cli, tree_hash
 
-import qwen_merge.merge
 from qwen_merge import merge_shards
 from qwen_merge.cli import main
 from qwen_merge.progress import PlainProgress, progress_bar
+from qwen_merge.sinks.folder import FolderSink
 from qwen_merge.sinks.output import check_free_space, partial_folder_of, write_error
 from qwen_merge.units import human_bytes
 
@@ -146,7 +146,7 @@ def interrupt(monkeypatch, base: Path, adapter: Path, dest: Path, **options) -> 
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(qwen_merge.merge, "_write_folder", killed)
+        patch.setattr(FolderSink, "consume", killed)
         with pytest.raises(KeyboardInterrupt):
             merge_shards(base, adapter, dest, progress=False, **options)
     assert partial_folder_of(dest).is_dir()
