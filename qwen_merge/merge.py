@@ -1,9 +1,9 @@
 """The public entry points: plan a merge, run it into a folder, or stream the merged tensors.
 
-All three read the same plan; `merge_shards` and `iter_merged` consume the same pieces
-(`pieces.shard_pieces`), so a tensor written to disk and a tensor handed to an embedding tool are computed
-by the same code. torch is imported only when a tensor has to be computed: planning, and merges that
-only copy bytes, run without it.
+Each is one run (`run.open_run`) and, for the last two, one sink: `merge_shards` hands the run's shards to a
+`FolderSink`, `iter_merged` to a `TensorSink`. Both sinks take the same `ShardStream`s, so a tensor written
+to disk and a tensor handed to an embedding tool are computed by the same code. torch is imported only when
+a tensor has to be computed: planning, and merges that only copy bytes, run without it.
 """
 
 from __future__ import annotations
