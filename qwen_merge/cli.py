@@ -32,7 +32,7 @@ ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision
 # The flag of each option keyword, for errors about an option (`OptionError.option`).
 FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
          "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
-         "low_disk": "--low-disk", "tokenizer": "--tokenizer"}
+         "low_disk": "--low-disk", "tokenizer": "--tokenizer", "push_to_hub": "--push-to-hub"}
 # The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
 # the shell shows for a program that SIGPIPE ended.
 BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE

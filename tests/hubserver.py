@@ -451,10 +451,12 @@ class _UploadSide:
 
     # ---- controls
 
-    def limit_bandwidth(self, bytes_per_second: float | None) -> None:
-        """Cap uploads and downloads at `bytes_per_second` each (None: no limit)."""
-        self.upload_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
-        self.download_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
+    def limit_bandwidth(self, bytes_per_second: float | None, *, uploads: bool = True, downloads: bool = True) -> None:
+        """Cap uploads and downloads (each, or only those asked for) at `bytes_per_second` (None: no limit)."""
+        if uploads:
+            self.upload_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
+        if downloads:
+            self.download_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
 
     def fail_uploads(self, times: int = 1, status: int | None = None) -> None:
         """The next `times` object PUTs fail: reset after part of the body (status None) or answered `status`."""
@@ -666,7 +668,7 @@ class _UploadSide:
                 repo.prs[f"refs/pr/{number}"] = sha
                 reply["pullRequestUrl"] = f"{self.endpoint}/{repo.repo_id}/discussions/{number}"
             else:
-                branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+                branch = revision.removeprefix("refs/heads/")
                 repo.branches[branch] = sha
         h._json(200, reply)
 

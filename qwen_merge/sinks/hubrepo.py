@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import HubError, OptionError, UploadError
-from ..files import MANIFEST_NAME, read_json
-from ..planning.manifest import ShardRecord
+from ..files import read_json
+from ..planning.manifest import ShardRecord, read_manifest
 from ..planning.memory import RING_SIZE
 from .output import write_json_atomic
 
@@ -336,9 +336,9 @@ class HubSink:
         names = [s.name for s in self.plan.shards]
         if missing := [n for n in names if n not in self.record.shards]:
             uploader = Uploader(self.target, self.record, self.keep_local)
-            listed = read_json(dest / MANIFEST_NAME, MANIFEST_NAME)["shards"]
+            listed = read_manifest(dest).shards
             for name in missing:
-                uploader.submit(dest / name, ShardRecord(listed[name]["sha256"], listed[name]["size"]))
+                uploader.submit(dest / name, listed[name])
             uploader.close()
             self.uploaded_now += [n for n in missing if n not in self.uploaded_now]
         shards = {n: self.record.shards[n] for n in names}
