@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,7 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
         check_destination(dest, local_inputs(base, adapter, options), overwrite=overwrite, resume=resume)
     elif not resume:
         _clear_staging(dest)
-    with without_gc(), open_run(base, adapter, options, merging=True) as run:
+    with without_gc(), _hub_bars(progress), open_run(base, adapter, options, merging=True) as run:
         plan = run.plan
         if keep_local and (base is None or plan.base.hub is not None or plan.adapter.hub is not None):
             check_destination(dest, input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)
@@ -127,6 +129,21 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
     if not keep_local:
         shutil.rmtree(dest, ignore_errors=True)
     return _report(target, published, sink, dest if keep_local else None, plan)
+
+
+@contextmanager
+def _hub_bars(progress: bool) -> Iterator[None]:
+    """huggingface_hub's own progress bars (one per file uploaded) off while a quiet push runs."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not progress and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            enable_progress_bars()
 
 
 def staging_folder_for(target: HubTarget) -> Path:

@@ -89,6 +89,7 @@ def test_push_is_one_commit_byte_identical_to_the_local_merge(hub, tmp_path, dem
 
 
 def test_cli_push_keeps_out_and_commits_to_a_branch(hub, tmp_path, demo_merged, capsys):
+    hub.multipart_min_size, hub.multipart_chunk_size = 150_000, 64_000  # the larger shards go in parts
     out = tmp_path / "out"
     status = main(["merge", BASE, LORA, str(out), "--push-to-hub", TARGET, "--revision", "dev", "--private",
                    "--quiet"])
@@ -96,12 +97,14 @@ def test_cli_push_keeps_out_and_commits_to_a_branch(hub, tmp_path, demo_merged, 
     same_files(tree_hash(out), out, demo_merged)  # the local copy kept is the local merge
     same_as_local(downloaded(tmp_path, revision="dev"), demo_merged)
     assert hub.file(TARGET, ".gitattributes", "main")  # main has only the repo's first commit
+    assert hub.count("PUT", "/part/3") == 2  # two shards of more than 150,000 bytes, in 3 parts of 64,000
     with pytest.raises(KeyError):
         hub.file(TARGET, SHARDS[0], "main")
 
 
 def test_create_pr_opens_a_pull_request_and_leaves_main(hub, tmp_path, demo_merged):
-    report = push_merge(BASE, LORA, TARGET, create_pr=True, commit_message="Merged", progress=False)
+    report = push_merge(BASE, LORA, TARGET, create_pr=True, commit_message="Merged", progress=False,
+                        low_disk=True)
     assert report.pr_url.endswith("/discussions/1")
     assert hub.commit_of(TARGET, "refs/pr/1") == report.commit
     with pytest.raises(KeyError):
@@ -134,9 +137,12 @@ def lfs_puts(hub: FakeHub) -> int:
     return hub.count("PUT", "/lfs/")
 
 
+@pytest.mark.parametrize("where", ["PUT", "batch"])
 def test_a_dropped_upload_commits_nothing_and_resume_sends_only_the_missing_shards(hub, tmp_path, capsys,
-                                                                                   demo_merged):
-    hub.fail_uploads(times=6)  # the first shard's PUT and every retry of huggingface_hub's: the connection drops
+                                                                                   demo_merged, where):
+    # the first shard's request and every retry of huggingface_hub's fail: the connection drops during the PUT,
+    # or the LFS batch endpoint answers 503
+    hub.fail_uploads(times=6) if where == "PUT" else hub.fail_batch(503, times=6)
     args = ["merge", BASE, LORA, "--push-to-hub", TARGET, "--quiet"]
     assert main(args) == 1
     lines = capsys.readouterr().err.strip().splitlines()  # huggingface_hub's retry warnings, then ours
