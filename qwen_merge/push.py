@@ -25,8 +25,8 @@ from .planning.plan import MergePlan
 from .run import Run, input_locations, local_inputs, open_run, without_gc
 from .sinks.card import Source, model_card
 from .sinks.folder import FolderSink, finished_merge
-from .sinks.hubrepo import (CARD, HubSink, HubTarget, Published, UploadRecord, check_repo_id, prepare_repo,
-                            record_path_of)
+from .sinks.hubrepo import (CARD, HubSink, HubTarget, Published, UploadRecord, check_credentials, check_repo_id,
+                            prepare_repo, record_path_of)
 from .sinks.output import check_destination, partial_folder_of
 from .units import human_bytes
 
@@ -97,6 +97,7 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
                               tokenizer=tokenizer)
     check_repo_id(repo_id)
     target = HubTarget(repo_id, private, revision, create_pr, commit_message, overwrite)
+    check_credentials(target)  # before planning, which may take a while
     keep_local = output is not None
     dest = Path(output) if keep_local else staging_folder_for(target)
     if keep_local:

@@ -294,3 +294,21 @@ def test_without_out_the_disk_holds_about_two_shards(hub, tmp_path, capsys):
     assert main(["plan", BASE, LORA, "--push-to-hub", TARGET, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["push"] == {"repo": TARGET, "upload_bytes": plan.output_bytes,
                                                             "disk_bytes": budget}
+
+
+def test_a_disk_too_small_for_two_shards_is_refused_before_anything_is_sent(hub, monkeypatch, capsys):
+    from qwen_merge.sinks import output as output_module
+
+    plan = plan_merge(BASE, LORA)
+    free = disk_needed(plan, keep_local=False) // 2  # not even two output shards
+    real = shutil.disk_usage
+    monkeypatch.setattr(output_module.shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+    err = one_error(capsys, "--push-to-hub", TARGET, "--low-disk")
+    assert "DiskFull" not in err and "the push needs" in err and human_bytes(disk_needed(plan, False)) in err
+    assert lfs_puts(hub) == 0 and hub.commits_of(TARGET) == 1
+
+
+def test_offline_mode_is_refused(hub, tmp_path, monkeypatch, capsys):
+    use_hub(monkeypatch, hub, tmp_path / "hf-cache", home=tmp_path / "hf-home", token=TOKEN, offline=True)
+    with pytest.raises(HubError, match="offline mode is on"):
+        push_merge(str(tmp_path / "nothing"), LORA, TARGET, progress=False)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import HubError, OptionError, UploadError
+from ..errors import FormatError, HubError, OptionError, UploadError
 from ..files import read_json
 from ..planning.manifest import ShardRecord, read_manifest
 from ..planning.memory import RING_SIZE
@@ -95,6 +95,21 @@ def check_repo_id(repo_id: str) -> None:
                           option="push_to_hub")
 
 
+def check_credentials(target: HubTarget) -> None:
+    """The Hub can be asked (not offline) and a token was found (`hf auth login`, HF_TOKEN): before planning.
+
+    Raises:
+        HubError: offline mode is on, or no token."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"{target.repo_id}: pushing needs the Hub, and offline mode is on (HF_HUB_OFFLINE=1); unset "
+                       f"it to push")
+    if get_token() is None:
+        raise HubError(f"{target.repo_id}: pushing needs a Hugging Face token with write access and none was found: "
+                       f"log in with `hf auth login`, or set HF_TOKEN")
+
+
 def prepare_repo(target: HubTarget, new_files: frozenset[str]) -> tuple[str, ...]:
     """Before anything is merged: a token is there, the repo exists (created, `private`, if not) and can be
     written, the branch exists, and the repo holds no weights unless `overwrite`. Returns the files the
@@ -103,11 +118,9 @@ def prepare_repo(target: HubTarget, new_files: frozenset[str]) -> tuple[str, ...
     Raises:
         HubError: not logged in, no write access, or the repo holds a model already (without `overwrite`).
         UploadError: the Hub cannot be reached."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
-    if get_token() is None:
-        raise HubError(f"{target.repo_id}: pushing needs a Hugging Face token with write access and none was found: "
-                       f"log in with `hf auth login`, or set HF_TOKEN")
+    check_credentials(target)
     api = HfApi()
     with _upload_errors(target, "creating the repo"):
         api.create_repo(target.repo_id, private=target.private, exist_ok=True)
@@ -137,9 +150,13 @@ class UploadRecord:
         if not path.is_file():
             return cls(path, repo_id)
         doc = read_json(path, path.name)
-        if doc.get("repo") != repo_id:
-            return cls(path, repo_id)
-        shards = {name: ShardRecord(value["sha256"], int(value["size"])) for name, value in doc["uploaded"].items()}
+        try:
+            if doc["repo"] != repo_id:
+                return cls(path, repo_id)
+            shards = {name: ShardRecord(str(v["sha256"]), int(v["size"])) for name, v in doc["uploaded"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FormatError(f"{path}: not a record of uploaded shards ({type(e).__name__}: {e}); remove it and "
+                              f"push again without --resume") from e
         return cls(path, repo_id, shards)
 
     def add(self, name: str, shard: ShardRecord) -> None:
