@@ -102,7 +102,7 @@ def _check_merge_positionals(args: argparse.Namespace, merge: argparse.ArgumentP
             raise _UsageError("the following arguments are required: out", merge)
         args.base, args.adapter, args.out = ([None, *words])[-3:]  # ADAPTER OUT, or BASE ADAPTER OUT
     else:  # ADAPTER, BASE ADAPTER, or BASE ADAPTER OUT
-        args.base, args.adapter, args.out = ([None, *words] if len(words) == 1 else [*words, None])[:3]
+        args.base, args.adapter, args.out = ([None, *words, None] if len(words) == 1 else [*words, None])[:3]
     for flag in ("private", "revision", "create_pr", "commit_message"):
         if getattr(args, flag) and not args.push_to_hub:
             raise _UsageError(f"--{flag.replace('_', '-')} applies only with --push-to-hub", merge)

@@ -240,6 +240,20 @@ def test_an_invalid_repo_name_is_refused_before_anything(hub, capsys):
     assert hub.count("POST") == 0
 
 
+@pytest.mark.parametrize(("argv", "meant"), [
+    (["org/base", "org/lora", "--push-to-hub", "me/m"], ("org/base", "org/lora", None)),
+    (["org/lora", "--push-to-hub", "me/m"], (None, "org/lora", None)),
+    (["org/base", "org/lora", "out", "--push-to-hub", "me/m"], ("org/base", "org/lora", "out")),
+    (["org/lora", "out"], (None, "org/lora", "out")),
+    (["org/base", "org/lora", "out"], ("org/base", "org/lora", "out")),
+])
+def test_merge_positionals_with_and_without_push_to_hub(argv, meant):
+    from qwen_merge.cli import _parse
+
+    args = _parse(["merge", *argv])
+    assert (args.base, args.adapter, args.out) == meant
+
+
 def test_flags_of_a_push_without_push_to_hub_are_refused(capsys, tmp_path):
     assert main(["merge", "base", "adapter", str(tmp_path / "out"), "--create-pr"]) == 1
     assert capsys.readouterr().err.startswith("error: --create-pr applies only with --push-to-hub")

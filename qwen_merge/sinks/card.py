@@ -41,9 +41,8 @@ def model_card(repo_id: str, base: Source, adapter: Source, options: dict, base_
     verify_adapter = adapter.name if adapter.commit is None else f"{adapter.name}@{adapter.commit}"
     body = f"""# {repo_id.split("/")[-1]}
 
-This model is a LoRA adapter merged into its base model's weights by
-[qwen-merge](https://pypi.org/project/qwen-merge/) {VERSION}: it loads like the base model, with no
-PEFT needed.
+This model is a LoRA adapter merged into its base model's weights by qwen-merge {VERSION}: it loads
+like the base model, with no PEFT needed.
 
 - Base model: {base}
 - Adapter: {adapter}
