@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import DiskFullError
 from .files import MANIFEST_NAME, read_json
 from .inputs import hub
+from .merge import tell
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice
 from .planning.plan import MergePlan
@@ -114,6 +115,8 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
         finished = resume and not (keep_local and overwrite) and finished_merge(dest, ident)
         if not finished:
             check_not_merged_twice(ident, plan.base.root, force)
+        if progress:
+            tell(plan)
         deletions = prepare_repo(target, _new_files(plan))
         record_path = record_path_of(dest)
         if not resume:

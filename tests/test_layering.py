@@ -93,7 +93,7 @@ ALLOWED = {
                "planning.recipe", "units", "version"},
     "verify": {"compute.pieces", "dtypes", "errors", "files", "inputs.sources", "inputs.tensorfile", "options",
                "planning.manifest", "planning.plan", "planning.ties", "run", "units"},
-    "push": {"errors", "files", "inputs.hub", "options", "planning.manifest", "planning.plan", "run", "sinks.card",
+    "push": {"errors", "files", "inputs.hub", "merge", "options", "planning.manifest", "planning.plan", "run", "sinks.card",
              "sinks.folder", "sinks.hubrepo", "sinks.output", "units"},
     "demo": {"files", "merge"},
     "cli": {"demo", "dtypes", "errors", "inputs.basemodel", "merge", "push", "report", "sinks.hubrepo", "units",

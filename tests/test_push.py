@@ -326,3 +326,12 @@ def test_offline_mode_is_refused(hub, tmp_path, monkeypatch, capsys):
     use_hub(monkeypatch, hub, tmp_path / "hf-cache", home=tmp_path / "hf-home", token=TOKEN, offline=True)
     with pytest.raises(HubError, match="offline mode is on"):
         push_merge(str(tmp_path / "nothing"), LORA, TARGET, progress=False)
+
+
+def test_the_cli_says_what_it_published(hub, capsys):
+    assert main(["merge", BASE, LORA, "--push-to-hub", TARGET, "--commit-message", "Merged by CI"]) == 0
+    out = capsys.readouterr().out.strip()
+    commit = hub.commit_of(TARGET)
+    assert out.startswith("merged ")
+    assert f"uploaded 3 shard(s) and committed {hub.endpoint}/{TARGET}/commit/{commit}" in out
+    assert "kept a copy" not in out
