@@ -15,24 +15,27 @@ from typing import TYPE_CHECKING
 from .version import VERSION as __version__
 
 _EXPORTS = {
+    "push_merge": "push", "PushReport": "push",
     "merge_shards": "merge", "plan_merge": "merge", "iter_merged": "merge", "MergeReport": "merge",
     "verify_merge": "verify", "VerifyReport": "verify", "base_of": "inputs.basemodel",
     "MergeOptions": "options", "Rounding": "options",
     "MergePlan": "planning.plan", "TensorOp": "planning.plan",
     **dict.fromkeys(("QwenMergeError", "FormatError", "AdapterError", "MismatchError", "OutputError",
                      "DiskFullError", "OptionError", "NonFiniteError", "ZeroNormError", "AlreadyMergedError",
-                     "HubError", "DownloadError"),
+                     "HubError", "DownloadError", "UploadError"),
                     "errors"),
 }
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from .errors import (AdapterError, AlreadyMergedError, DiskFullError, DownloadError, FormatError, HubError,
-                         MismatchError, NonFiniteError, OptionError, OutputError, QwenMergeError, ZeroNormError)
+                         MismatchError, NonFiniteError, OptionError, OutputError, QwenMergeError, UploadError,
+                         ZeroNormError)
     from .inputs.basemodel import base_of
     from .merge import MergeReport, iter_merged, merge_shards, plan_merge
     from .options import MergeOptions, Rounding
     from .planning.plan import MergePlan, TensorOp
+    from .push import PushReport, push_merge
     from .verify import VerifyReport, verify_merge
 
 

@@ -32,7 +32,7 @@ ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision
 # The flag of each option keyword, for errors about an option (`OptionError.option`).
 FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
          "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
-         "low_disk": "--low-disk", "tokenizer": "--tokenizer"}
+         "low_disk": "--low-disk", "tokenizer": "--tokenizer", "push_to_hub": "--push-to-hub"}
 # The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
 # the shell shows for a program that SIGPIPE ended.
 BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
@@ -84,11 +84,28 @@ def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.A
     which may hold one) means an argument is missing instead, as it did before BASE could be omitted."""
     from .inputs.basemodel import may_be_adapter
 
+    if args.command == "merge":
+        _check_merge_positionals(args, commands["merge"])
     if getattr(args, "base", "") is not None:
         return
     if not may_be_adapter(args.adapter):
         missing = "out" if args.command == "merge" else "adapter"
         raise _UsageError(f"the following arguments are required: {missing}", commands[args.command])
+
+
+def _check_merge_positionals(args: argparse.Namespace, merge: argparse.ArgumentParser) -> None:
+    """`merge`'s positionals as meant: argparse fills them from the left. OUT is required unless
+    --push-to-hub; two words are ADAPTER OUT without it, BASE ADAPTER with it."""
+    words = [w for w in (args.base, args.adapter, args.out) if w is not None]
+    if not args.push_to_hub:
+        if len(words) < 2:
+            raise _UsageError("the following arguments are required: out", merge)
+        args.base, args.adapter, args.out = ([None, *words])[-3:]  # ADAPTER OUT, or BASE ADAPTER OUT
+    else:  # ADAPTER, BASE ADAPTER, or BASE ADAPTER OUT
+        args.base, args.adapter, args.out = ([None, *words, None] if len(words) == 1 else [*words, None])[:3]
+    for flag in ("private", "revision", "create_pr", "commit_message"):
+        if getattr(args, flag) and not args.push_to_hub:
+            raise _UsageError(f"--{flag.replace('_', '-')} applies only with --push-to-hub", merge)
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -107,11 +124,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                       help="print the plan as one JSON document for scripts: every tensor, totals, memory, disk")
     plan.add_argument("--force", action="store_true",
                       help="plan even if BASE's manifest shows this adapter was already merged into it")
+    plan.add_argument("--push-to-hub", metavar="REPO",
+                      help="also state the disk a push to Hub repo REPO needs (without OUT) and the bytes it uploads")
     merge = sub.add_parser("merge", help="merge ADAPTER into BASE, writing OUT")
     merge.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     merge.add_argument("adapter", help=ADAPTER_HELP)
-    merge.add_argument("out", help="output folder (created; must not be inside an input)")
-    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder")
+    merge.add_argument("out", nargs="?", help="output folder (created; must not be inside an input); may be "
+                       "omitted with --push-to-hub (then no local copy is kept)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder; with "
+                       "--push-to-hub, also a repo that holds a model (its old files are deleted in the same commit)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     merge.add_argument("--resume", action="store_true",
                        help="continue an interrupted merge into OUT from its completed shards")
@@ -119,6 +140,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        help="merge even if BASE's manifest shows this adapter was already merged into it")
     merge.add_argument("--allow-nonfinite", action="store_true",
                        help="write NaN/Inf that the adapter or the merge produces instead of stopping")
+    merge.add_argument("--push-to-hub", metavar="REPO",
+                       help="publish the merged model to Hub repo REPO (org/name; created if missing) in one commit, "
+                            "each shard uploaded while the next merges; without OUT only about two shards are on "
+                            "disk at once")
+    merge.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    merge.add_argument("--revision", metavar="BRANCH",
+                       help="with --push-to-hub: commit to BRANCH (created when missing) instead of the default")
+    merge.add_argument("--create-pr", action="store_true",
+                       help="with --push-to-hub: open a pull request with the commit instead of committing")
+    merge.add_argument("--commit-message", metavar="TEXT", help="with --push-to-hub: the commit's message")
     merge.add_argument("--low-disk", action="store_true",
                        help="BASE from the Hub: delete each shard this run downloaded once it is merged (disk "
                             "needed: the output plus about two shards); shards already cached are kept")
@@ -209,11 +240,33 @@ def _plan(args: argparse.Namespace) -> int:
     from .report import render, to_dict
 
     plan = plan_merge(args.base, args.adapter, force=args.force, **_options(args))
-    print(json.dumps(to_dict(plan), indent=2) if args.json else render(plan, detail=args.detail))
+    if args.json:
+        document = to_dict(plan)
+        if args.push_to_hub:
+            document["push"] = _push_figures(plan, args.push_to_hub)
+        print(json.dumps(document, indent=2))
+        return 0
+    print(render(plan, detail=args.detail))
+    if args.push_to_hub:
+        push = _push_figures(plan, args.push_to_hub)
+        print(f"push to {push['repo']}: uploads {human_bytes(push['upload_bytes'])} in one commit; disk without "
+              f"OUT: {human_bytes(push['disk_bytes'])} for the output (about two shards at once), with OUT: "
+              f"{human_bytes(plan.output_bytes)}")
     return 0
 
 
+def _push_figures(plan, repo_id: str) -> dict:
+    """What a push of `plan` to `repo_id` uploads and the output's disk without OUT."""
+    from .push import disk_needed
+    from .sinks.hubrepo import check_repo_id
+
+    check_repo_id(repo_id)
+    return {"repo": repo_id, "upload_bytes": plan.output_bytes, "disk_bytes": disk_needed(plan, keep_local=False)}
+
+
 def _merge(args: argparse.Namespace) -> int:
+    if args.push_to_hub:
+        return _push(args)
     from .merge import merge_shards
 
     start = time.perf_counter()
@@ -228,6 +281,23 @@ def _merge(args: argparse.Namespace) -> int:
     else:
         print(f"merged {report.merged} tensors, copied {report.copied}; wrote {human_bytes(report.bytes_written)} "
               f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import push_merge
+
+    start = time.perf_counter()
+    report = push_merge(args.base, args.adapter, args.push_to_hub, args.out, private=args.private,
+                        revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
+                        overwrite=args.overwrite, progress=not args.quiet, resume=args.resume, force=args.force,
+                        allow_nonfinite=args.allow_nonfinite, low_disk=args.low_disk, **_options(args))
+    if args.quiet:
+        return 0
+    kept = f"; kept a copy in {report.output}" if report.output else ""
+    where = f"opened {report.pr_url}" if report.pr_url else f"committed {report.commit_url}"
+    print(f"merged {len(report.plan.merges)} tensors, uploaded "
+          f"{len(report.uploaded)} shard(s) and {where} in {time.perf_counter() - start:.1f} s{kept}")
     return 0
 
 

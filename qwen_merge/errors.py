@@ -69,3 +69,9 @@ class DownloadError(HubError):
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class UploadError(DownloadError):
+    """Uploading to the Hub failed (the connection dropped, or the server refused an upload or the commit).
+    Nothing was committed: the repo is as it was. The shards already uploaded are recorded, so the same
+    command with `--resume` sends only the missing ones, then commits."""

@@ -173,7 +173,7 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
             return _report(dest, plan, already_complete=True)
         check_not_merged_twice(ident, plan.base.root, force)
         if progress:
-            _tell(plan)
+            tell(plan)
         with FolderSink(dest, plan, ident, base_file_stats(plan), resume=resume, progress=progress) as sink:
             _fill_folder(run, sink, dest, progress)
     return _report(dest, plan)
@@ -202,7 +202,7 @@ def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptio
     return _iterate(run, stack)  # planned now, so errors surface before the first tensor is asked for
 
 
-def _tell(plan: MergePlan) -> None:
+def tell(plan: MergePlan) -> None:
     """The plan's notes, and the tokenizer when it is not the base's, on stderr before the progress."""
     lines = [f"note: {note}" for note in plan.notes]
     if plan.tokenizer is not None and plan.tokenizer.source != "base":

@@ -64,6 +64,7 @@ Every request is logged in `hub.requests` as `(method, path_with_query, range_he
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -153,12 +154,16 @@ class _Repo:
     commits: dict[str, _Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    prs: dict[str, str] = field(default_factory=dict)  # "refs/pr/1" -> commit
+    lfs: dict[str, bytes] = field(default_factory=dict)  # LFS objects uploaded and verified, by sha256
 
     def resolve(self, revision: str) -> _Commit | None:
         if revision.startswith("refs/heads/"):
             sha = self.branches.get(revision[len("refs/heads/"):])
         elif revision.startswith("refs/tags/"):
             sha = self.tags.get(revision[len("refs/tags/"):])
+        elif revision.startswith("refs/pr/"):
+            sha = self.prs.get(revision)
         else:
             sha = self.branches.get(revision) or self.tags.get(revision)
             if sha is None and _is_sha(revision):
@@ -233,15 +238,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch("POST")
 
+    def do_PUT(self):
+        self._dispatch("PUT")
+
     # ---- plumbing
 
     def _dispatch(self, method: str) -> None:
         hub = self.server.hub
         hub._record(Req(method, self.path, self.headers.get("Range")))
-        body = b""
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            body = self.rfile.read(length)
+        body = b"" if method == "PUT" else self.read_body()  # an upload's body is read (throttled) by its route
         try:
             if hub._outage == "503":
                 self._error(503, None, "Service Unavailable (FakeHub outage)", head_only=method == "HEAD")
@@ -251,6 +256,37 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def read_body(self, throttle: _Throttle | None = None, stop_after: int | None = None) -> bytes:
+        """The request body (Content-Length or chunked), read through `throttle`; with `stop_after`, the
+        connection is reset once that many bytes have arrived (a connection dropped mid-upload)."""
+        parts, got = [], 0
+        for piece in self._body_pieces():
+            if throttle is not None:
+                throttle.take(len(piece))
+            parts.append(piece)
+            got += len(piece)
+            if stop_after is not None and got >= stop_after:
+                self._drop("reset")
+        if stop_after is not None:
+            self._drop("reset")
+        return b"".join(parts)
+
+    def _body_pieces(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
+                yield self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        left = int(self.headers.get("Content-Length") or 0)
+        while left > 0:
+            piece = self.rfile.read(min(left, _CHUNK))
+            if not piece:
+                return
+            left -= len(piece)
+            yield piece
 
     def _send(self, status: int, headers: dict[str, str], body: bytes = b"", *, head_only: bool = False) -> None:
         self.send_response(status)
@@ -346,10 +382,302 @@ def _safetensors_params(files: list[HubFile]) -> dict | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The upload side
+
+
+class _Throttle:
+    """A bandwidth limit shared by every connection in one direction: `take(n)` returns when n more bytes fit."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        self.rate, self._next, self._lock = float(bytes_per_second), time.monotonic(), threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+class _Refusal(Exception):
+    """An upload-side request the Hub refuses: status, X-Error-Code (or None) and message."""
+
+    def __init__(self, status: int, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
+class _UploadSide:
+    """The routes `HfApi.create_repo`, `create_branch`, `preupload_lfs_files`, `create_commit` and
+    `upload_folder` use when Xet is off (`HF_HUB_DISABLE_XET=1`):
+
+    * `POST /api/repos/create` (JSON name, organization, visibility/private): a new repo whose first commit
+      holds `.gitattributes`, as the Hub makes it; 409 (with `url`) when it exists.
+    * `POST /api/models/{repo}/branch/{branch}` (JSON startingPoint): a new branch; 409 when it exists.
+    * `POST /api/models/{repo}/preupload/{revision}`: each file's upload mode ("lfs" for `lfs_suffixes` or
+      `lfs_min_size` bytes, else "regular") and the oid of the file already at that path.
+    * `POST /{repo}.git/info/lfs/objects/batch`: per object, no `actions` when the repo holds it already,
+      else an upload action — basic (`PUT /lfs/{repo}/{oid}`) or, from `multipart_min_size` bytes, multipart
+      (`header` with `chunk_size` and part URLs `PUT /lfs/{repo}/{oid}/part/{k}`, completion `POST` to the
+      action's href) — and a verify action (`POST /lfs/{repo}/{oid}/verify`).
+    * `POST /api/models/{repo}/commit/{revision}[?create_pr=1]`: the NDJSON commit (header, file, lfsFile,
+      deletedFile, deletedFolder), stored as a commit that the download routes serve; with `create_pr`, on
+      a new `refs/pr/N`. `POST /api/validate-yaml` accepts any card.
+
+    An object is stored only once its bytes hash to its oid (a PUT of other bytes is a 400). Writing needs
+    a valid token (401 otherwise) and, when `write_namespaces` is set, a repo in one of those namespaces
+    (403 otherwise). `upload_throttle` / `download_throttle` (`limit_bandwidth`) cap the bytes per second
+    of PUT bodies and of file downloads. Failure injection: `fail_uploads` (PUTs reset mid-body or answered
+    with a status), `fail_batch` and `fail_commit` (answered with a status). `commits_of(repo)` counts
+    commits; every request is in `requests` as for downloads.
+    """
+
+    multipart_min_size: int = 1 << 62  # objects of at least this many bytes take the multipart transfer
+    multipart_chunk_size: int = 5 * 1024 * 1024
+
+    def _init_upload_side(self) -> None:
+        self.write_namespaces: set[str] | None = None  # None: a valid token may write anywhere
+        self.upload_throttle: _Throttle | None = None
+        self.download_throttle: _Throttle | None = None
+        self._put_failures: list[int | None] = []  # per PUT: None = reset mid-body, else a status
+        self._batch_failures: list[int] = []
+        self._commit_failures: list[int] = []
+        self._parts: dict[tuple[str, str], dict[int, bytes]] = {}
+        self.puts: list[str] = []  # oid of every object PUT completely (basic) or completed (multipart)
+
+    # ---- controls
+
+    def limit_bandwidth(self, bytes_per_second: float | None, *, uploads: bool = True, downloads: bool = True) -> None:
+        """Cap uploads and downloads (each, or only those asked for) at `bytes_per_second` (None: no limit)."""
+        if uploads:
+            self.upload_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
+        if downloads:
+            self.download_throttle = _Throttle(bytes_per_second) if bytes_per_second else None
+
+    def fail_uploads(self, times: int = 1, status: int | None = None) -> None:
+        """The next `times` object PUTs fail: reset after part of the body (status None) or answered `status`."""
+        with self._lock:
+            self._put_failures.extend([status] * times)
+
+    def fail_batch(self, status: int = 500, times: int = 1) -> None:
+        with self._lock:
+            self._batch_failures.extend([status] * times)
+
+    def fail_commit(self, status: int = 500, times: int = 1) -> None:
+        with self._lock:
+            self._commit_failures.extend([status] * times)
+
+    def commits_of(self, repo_id: str) -> int:
+        with self._lock:
+            return len(self._repos[repo_id].commits)
+
+    def lfs_objects(self, repo_id: str) -> set[str]:
+        with self._lock:
+            return set(self._repos[repo_id].lfs)
+
+    def _take(self, failures: list):
+        with self._lock:
+            return failures.pop(0) if failures else False
+
+    # ---- routes
+
+    def _route_upload(self, h, method: str, path: str, query: dict[str, list[str]], body: bytes) -> bool:
+        """Answer an upload-side request outside /api/models/; False when `path` is not one."""
+        try:
+            if path == "/api/repos/create" and method == "POST":
+                self._create_repo(h, json.loads(body or b"{}"))
+            elif path == "/api/validate-yaml" and method == "POST":
+                h._json(200, {"errors": [], "warnings": []})
+            elif path.endswith(".git/info/lfs/objects/batch") and method == "POST":
+                self._batch(h, unquote(path[1:-len(".git/info/lfs/objects/batch")]), json.loads(body))
+            elif path.startswith("/lfs/") and method in ("PUT", "POST"):
+                self._lfs(h, method, [unquote(p) for p in path[len("/lfs/"):].split("/")], body)
+            else:
+                return False
+        except _Refusal as e:
+            h._error(e.status, e.code, e.message)
+        return True
+
+    def _write_api(self, h, repo, action: str, revision: str, query: dict[str, list[str]], body: bytes) -> None:
+        try:
+            self._may_write(h, repo.repo_id)
+            if action == "preupload":
+                self._preupload(h, repo, revision, json.loads(body))
+            elif action == "branch":
+                self._branch(h, repo, revision, json.loads(body or b"{}"))
+            else:
+                create_pr = any(v in ("1", "true") for v in query.get("create_pr", []))
+                self._commit_ndjson(h, repo, revision, body, create_pr)
+        except _Refusal as e:
+            h._error(e.status, e.code, e.message)
+
+    def _may_write(self, h, repo_id: str) -> None:
+        sent, valid = self._auth(h)
+        if not valid:
+            raise _Refusal(401, None, "Invalid credentials in Authorization header" if sent else
+                           "You must be authenticated to write to a repository")
+        namespace = repo_id.split("/")[0]
+        if self.write_namespaces is not None and namespace not in self.write_namespaces:
+            raise _Refusal(403, None, f"You don't have the rights to write to {repo_id}: the token has no "
+                                      f"write access to the namespace {namespace}")
+
+    def _create_repo(self, h, payload: dict) -> None:
+        name, org = payload.get("name") or "", payload.get("organization")
+        repo_id = f"{org}/{name}" if org else name
+        self._may_write(h, repo_id)
+        if not name or len(name) > 96 or not all(c.isalnum() or c in "-_." for c in name):
+            raise _Refusal(400, None, f"Repository name {name!r} is invalid")
+        with self._lock:
+            if repo_id in self._repos:
+                h._json(409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"},
+                        {"X-Error-Message": "You already created this model repo"})
+                return
+        private = payload.get("private") or payload.get("visibility") == "private"
+        self.add_files(repo_id, {".gitattributes": _GITATTRIBUTES}, private=bool(private))
+        h._json(200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id})
+
+    def _branch(self, h, repo, branch: str, payload: dict) -> None:
+        with self._lock:
+            if branch in repo.branches:
+                raise _Refusal(409, None, f"Branch {branch} already exists")
+            start = repo.resolve(payload.get("startingPoint") or "main")
+            if start is None:
+                raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {payload.get('startingPoint')}")
+            repo.branches[branch] = start.sha
+        h._json(200, {})
+
+    def _preupload(self, h, repo, revision: str, payload: dict) -> None:
+        with self._lock:
+            commit = repo.resolve(revision)
+        files = []
+        for item in payload.get("files", []):
+            path, size = item["path"], int(item["size"])
+            lfs = path.endswith(self.lfs_suffixes) or size >= self.lfs_min_size
+            present = commit.files.get(path) if commit is not None else None
+            oid = None if present is None else present.sha256 if present.lfs else present.git_oid
+            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
+        h._json(200, {"files": files, "commitOid": commit.sha if commit else None})
+
+    def _batch(self, h, repo_id: str, payload: dict) -> None:
+        with self._lock:
+            repo = self._repos.get(repo_id)
+        if repo is None:
+            raise _Refusal(404, "RepoNotFound", "Repository not found")
+        self._may_write(h, repo_id)
+        if (status := self._take(self._batch_failures)) is not False:
+            raise _Refusal(status, None, f"FakeHub: LFS batch refused ({status})")
+        base = f"{self.endpoint}/lfs/{repo_id}"
+        objects = []
+        for obj in payload.get("objects", []):
+            oid, size = obj["oid"], int(obj["size"])
+            entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if oid not in repo.lfs:
+                upload: dict[str, Any] = {"href": f"{base}/{oid}"}
+                if size >= self.multipart_min_size:
+                    chunk = self.multipart_chunk_size
+                    parts = -(-size // chunk)
+                    upload["header"] = {"chunk_size": str(chunk),
+                                        **{str(k): f"{base}/{oid}/part/{k}" for k in range(1, parts + 1)}}
+                entry["actions"] = {"upload": upload, "verify": {"href": f"{base}/{oid}/verify"}}
+            objects.append(entry)
+        h._json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs(self, h, method: str, parts: list[str], body: bytes) -> None:
+        # parts: org, name, oid[, "part", k | "verify"] (or name, oid, ...)
+        cut = 2 if len(parts) >= 3 and len(parts[1]) != 64 else 1
+        repo_id, oid, rest = "/".join(parts[:cut]), parts[cut], parts[cut + 1:]
+        with self._lock:
+            repo = self._repos.get(repo_id)
+        if repo is None:
+            raise _Refusal(404, "RepoNotFound", "Repository not found")
+        if method == "PUT":
+            failure = self._take(self._put_failures)
+            if failure is None:
+                h.read_body(self.upload_throttle, stop_after=1)
+            data = h.read_body(self.upload_throttle)
+            if failure not in (False, None):
+                raise _Refusal(failure, None, f"FakeHub: upload refused ({failure})")
+            if rest[:1] == ["part"]:
+                with self._lock:
+                    self._parts.setdefault((repo_id, oid), {})[int(rest[1])] = data
+                h._send(200, {"ETag": f'"{hashlib.md5(data).hexdigest()}"'})
+                return
+            self._store(repo, oid, data)
+            h._send(200, {})
+        elif rest == ["verify"]:
+            if json.loads(body)["oid"] not in repo.lfs:
+                raise _Refusal(404, None, f"object {oid} was not uploaded")
+            h._json(200, {})
+        else:  # the completion of a multipart upload
+            with self._lock:
+                pieces = self._parts.pop((repo_id, oid), {})
+            numbers = [p["partNumber"] for p in json.loads(body)["parts"]]
+            self._store(repo, oid, b"".join(pieces[k] for k in numbers))
+            h._json(200, {})
+
+    def _store(self, repo, oid: str, data: bytes) -> None:
+        if hashlib.sha256(data).hexdigest() != oid:
+            raise _Refusal(400, None, f"the uploaded bytes do not hash to {oid}")
+        with self._lock:
+            repo.lfs[oid] = data
+            self.puts.append(oid)
+
+    def _commit_ndjson(self, h, repo, revision: str, body: bytes, create_pr: bool) -> None:
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if (status := self._take(self._commit_failures)) is not False:
+            raise _Refusal(status, None, f"FakeHub: commit refused ({status})")
+        with self._lock:
+            parent = repo.resolve(revision)
+            if parent is None:
+                raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            files = dict(parent.files)
+            header = {}
+            for line in lines:
+                key, value = line["key"], line["value"]
+                if key == "header":
+                    header = value
+                elif key == "file":
+                    files[value["path"]] = HubFile.make(value["path"], base64.b64decode(value["content"]), False)
+                elif key == "lfsFile":
+                    data = repo.lfs.get(value["oid"])
+                    if data is None:
+                        raise _Refusal(422, None, f"{value['path']}: LFS object {value['oid']} was never uploaded")
+                    files[value["path"]] = HubFile.make(value["path"], data, True)
+                elif key == "deletedFile":
+                    if files.pop(value["path"], None) is None:
+                        raise _Refusal(404, "EntryNotFound", f"A file with this name doesn't exist: {value['path']}")
+                elif key == "deletedFolder":
+                    prefix = value["path"].rstrip("/") + "/"
+                    for path in [p for p in files if p.startswith(prefix)]:
+                        del files[path]
+            if header.get("parentCommit") not in (None, parent.sha):
+                raise _Refusal(412, None, "A commit has happened since. Please refresh and try again.")
+            digest = hashlib.sha1(f"{parent.sha}\0{header.get('summary')}\0".encode())
+            for path in sorted(files):
+                digest.update(f"{path}\0{files[path].sha256}\0".encode())
+            sha = digest.hexdigest()
+            repo.commits[sha] = _Commit(sha, files, _EPOCH + timedelta(minutes=len(repo.commits)))
+            reply: dict[str, Any] = {"commitUrl": f"{self.endpoint}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
+                                     "pullRequestUrl": None}
+            if create_pr:
+                number = len(repo.prs) + 1
+                repo.prs[f"refs/pr/{number}"] = sha
+                reply["pullRequestUrl"] = f"{self.endpoint}/{repo.repo_id}/discussions/{number}"
+            else:
+                branch = revision.removeprefix("refs/heads/")
+                repo.branches[branch] = sha
+        h._json(200, reply)
+
+
+# --------------------------------------------------------------------------------------------------
 # The fake Hub
 
 
-class FakeHub:
+class FakeHub(_UploadSide):
     """A threaded HTTP server on 127.0.0.1:<ephemeral port> that answers like the Hub for model repos.
 
     Use as a context manager (or call `start()` / `close()`). State (repos, tokens, failures) may be changed
@@ -374,6 +702,7 @@ class FakeHub:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._port: int = 0
+        self._init_upload_side()
 
     # ---- lifecycle
 
@@ -601,6 +930,8 @@ class FakeHub:
         if path.startswith("/api/models/"):
             self._route_api(h, method, path[len("/api/models/"):], query, body)
             return
+        if self._route_upload(h, method, path, query, body):
+            return
         if "/resolve/" in path and method in ("GET", "HEAD"):
             repo_part, _, rest = path.lstrip("/").partition("/resolve/")
             revision, _, filename = rest.partition("/")
@@ -680,6 +1011,8 @@ class FakeHub:
         stop = start + length if failure is None else start + min(max(failure[0], 0), length)
         view = memoryview(f.data)
         for pos in range(start, stop, _CHUNK):
+            if self.download_throttle is not None:
+                self.download_throttle.take(min(_CHUNK, stop - pos))
             h.wfile.write(view[pos : min(pos + _CHUNK, stop)])
         if failure is not None:
             h._drop(failure[1])
@@ -701,15 +1034,18 @@ class FakeHub:
             self._tree(h, repo, unquote(tail[1]), unquote("/".join(tail[2:])), query)
         elif len(tail) == 2 and tail[0] == "paths-info" and method == "POST":
             self._paths_info(h, repo, unquote(tail[1]), parse_qs(body.decode(), keep_blank_values=True))
+        elif len(tail) >= 2 and tail[0] in ("preupload", "commit", "branch") and method == "POST":
+            self._write_api(h, repo, tail[0], unquote("/".join(tail[1:])), query, body)
         elif tail == ["refs"] and method == "GET":
             with self._lock:
                 branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()]
                 tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in repo.tags.items()]
-            h._json(200, {"branches": branches, "converts": [], "tags": tags, "pullRequests": []})
+                prs = [{"name": r.split("/")[-1], "ref": r, "targetCommit": s} for r, s in repo.prs.items()]
+            h._json(200, {"branches": branches, "converts": [], "tags": tags, "pullRequests": prs})
         else:
             h._error(404, None, f"FakeHub: no route for {method} /api/models/{rest}", head_only=head)
 
-    _API_WORDS = frozenset({"revision", "tree", "paths-info", "refs"})
+    _API_WORDS = frozenset({"revision", "tree", "paths-info", "refs", "preupload", "commit", "branch"})
 
     def _split_repo(self, parts: list[str]) -> tuple[str, list[str]]:
         """("org/name" or "name", the rest of the path) for /api/models/<parts>."""

@@ -346,3 +346,37 @@ def test_subprocess_uses_the_hub_through_env_vars_only(hub, repo_dir, tmp_path):
     assert path == _snapshot(cache, hub.commit_of(REPO)) / "config.json"
     assert path.read_bytes() == (repo_dir / "config.json").read_bytes()
     assert [r.method for r in hub.requests] == ["HEAD", "GET"]  # telemetry off: no /api/agent-harnesses
+
+
+# -- the upload side ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_upload_folder_round_trips_through_lfs_basic_and_multipart(tmp_path, monkeypatch):
+    """HfApi.create_repo + upload_folder with Xet off (preupload, LFS batch, PUT or parts, verify, NDJSON
+    commit), then snapshot_download gives back the same bytes; an object the repo has is not sent again."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with FakeHub() as hub:
+        hub.multipart_min_size, hub.multipart_chunk_size = 300_000, 128_000
+        use_hub(monkeypatch, hub, tmp_path / "cache", token="hf_test_token", fast_retries=True)
+        folder = tmp_path / "src"
+        folder.mkdir()
+        files = {"big.safetensors": np.random.default_rng(0).bytes(700_000), "small.safetensors": b"x" * 1000,
+                 "config.json": b"{}", "README.md": b"---\nlibrary_name: x\n---\nhello\n"}
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        api = HfApi()
+        api.create_repo("me/up", private=True)
+        api.create_repo("me/up", exist_ok=True)
+        info = api.upload_folder(repo_id="me/up", folder_path=folder, commit_message="first")
+        assert info.oid == hub.commit_of("me/up") and hub.commits_of("me/up") == 2
+        assert hub.count("PUT", "/part/") == 6 and hub.count("PUT", "/lfs/") == 7  # 6 parts + 1 basic PUT
+        got = Path(snapshot_download("me/up", local_dir=tmp_path / "got"))
+        assert {n: (got / n).read_bytes() for n in files} == files
+        hub.reset_requests()
+        api.upload_folder(repo_id="me/up", folder_path=folder, commit_message="same bytes", revision="main")
+        assert hub.count("PUT") == 0  # the batch answer says the objects are there
+        with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="401"):
+            api.create_repo("me/other", token="hf_wrong")

@@ -78,6 +78,8 @@ ALLOWED = {
     "sinks.base": {"compute.pieces"},
     "sinks.folder": {"errors", "files", "planning.manifest", "planning.memory", "progress", "sinks.output",
                      "sinks.resume", "sinks.writer"},
+    "sinks.card": {"version"},
+    "sinks.hubrepo": {"errors", "files", "planning.manifest", "planning.memory", "sinks.output"},
     "sinks.tensors": {"compute.arithmetic", "compute.pieces", "errors", "inputs.sources"},
     "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
     "run": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
@@ -90,8 +92,11 @@ ALLOWED = {
                "planning.plan", "planning.recipe", "units", "version"},
     "verify": {"compute.pieces", "dtypes", "errors", "files", "inputs.sources", "inputs.tensorfile", "options",
                "planning.manifest", "planning.plan", "planning.ties", "run", "units"},
+    "push": {"errors", "files", "inputs.hub", "merge", "options", "planning.manifest", "planning.plan", "run", "sinks.card",
+             "sinks.folder", "sinks.hubrepo", "sinks.output", "units"},
     "demo": {"files", "merge"},
-    "cli": {"demo", "dtypes", "errors", "inputs.basemodel", "merge", "report", "units", "verify", "version"},
+    "cli": {"demo", "dtypes", "errors", "inputs.basemodel", "merge", "push", "report", "sinks.hubrepo", "units",
+            "verify", "version"},
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }

@@ -2,14 +2,16 @@
 as `ShardStream`s, and makes the output whole.
 
 A run (`qwen_merge.run`) opens the inputs, makes the plan and produces each output shard's bytes; a sink
-decides where they go and when the output becomes visible. Two sinks exist:
+decides where they go and when the output becomes visible. Three sinks exist:
 
 * `FolderSink` (`sinks.folder`): a local folder. Shards are written, hashed and synced by the `ShardWriter`
   into a hidden partial folder, then the side files, the index and the manifest; one rename publishes it.
   It resumes: `done()` names the shards an interrupted run completed.
 * `TensorSink` (`sinks.tensors`): `iter_merged`. Each tensor is assembled and yielded to the caller.
+* `HubSink` (`sinks.hubrepo`): a Hub repo. Shards go through a `FolderSink`, each uploaded once finished;
+  one commit publishes them with the small files and a model card.
 
-A new sink (a Hub repo, a GGUF file) implements the same two methods: `done()` and `consume(streams)`, and is a
+A new sink (a GGUF file, say) implements the same two methods: `done()` and `consume(streams)`, and is a
 context manager when it holds something that a failure must clean up. It picks the form of the bytes it
 wants per shard: `runs()` (file order, adjacent unchanged bytes as one span, small experts batched: the
 cheapest way to copy a shard) or `tensors()` (tensor by tensor, for a sink that renames, reorders or

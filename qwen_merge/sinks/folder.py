@@ -65,6 +65,11 @@ class FolderSink:
         return self.plan.output_bytes - sum(d.size for d in self.state.done.values())
 
     def consume(self, streams: Iterator[ShardStream]) -> None:
+        self.write_shards(streams)
+        self.complete()
+
+    def write_shards(self, streams: Iterator[ShardStream]) -> None:
+        """Each stream's shard written, hashed, synced and recorded (the first half of `consume`)."""
         plan, state = self.plan, self.state
         bar = progress_bar(sum(s.size for s in plan.shards), "merging", enabled=self.progress)
         bar.update(sum(s.size for s in plan.shards if s.name in state.done))
@@ -79,6 +84,11 @@ class FolderSink:
                 writer.write(stream.shard.name, stream.shard.header, stream.runs())
             if writer is not None:
                 writer.close()
+
+    def complete(self) -> None:
+        """The side files, the index and the manifest, then the folder published at `dest` (the second half
+        of `consume`: a sink built on this one acts between the two, as the Hub sink's uploads finish)."""
+        plan, state = self.plan, self.state
         self._write_side_files()
         shards = {s.name: state.done[s.name] for s in plan.shards}
         write_json_atomic(self.folder / MANIFEST_NAME, manifest(self.identity, plan, shards).to_json())
