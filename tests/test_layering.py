@@ -79,7 +79,7 @@ ALLOWED = {
     "sinks.folder": {"errors", "files", "planning.manifest", "planning.memory", "progress", "sinks.output",
                      "sinks.resume", "sinks.writer"},
     "sinks.card": {"version"},
-    "sinks.hubrepo": {"errors", "files", "planning.manifest", "planning.memory", "sinks.output"},
+    "sinks.hubrepo": {"errors", "files", "inputs.hub", "planning.manifest", "planning.memory", "sinks.output"},
     "sinks.tensors": {"compute.arithmetic", "compute.pieces", "errors", "inputs.sources"},
     "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
     "run": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",

@@ -239,6 +239,15 @@ def _linked_elsewhere(blob: Path, snapshots: Path) -> bool:
     return any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*"))
 
 
+def transfer_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of a failed transfer that huggingface_hub lets through: its HTTP errors, whose class
+    `HfHubHTTPError` derives from its HTTP client's `httpx2.HTTPError`; the client's own transport errors
+    (connection refused or dropped, timeouts), which are `httpx2.HTTPError` too; and OSError."""
+    import httpx2  # huggingface_hub 2's HTTP client
+
+    return httpx2.HTTPError, OSError
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> Iterator[None]:
     """huggingface_hub's exceptions as one-line HubErrors (DownloadError for a network failure)."""
@@ -262,11 +271,7 @@ def hub_errors(repo_id: str, revision: str | None, name: str | None = None) -> I
         raise DownloadError(f"{where}: not in the Hugging Face cache, and the Hub cannot be reached or offline "
                             f"mode is on (HF_HUB_OFFLINE); connect and run again with --resume",
                             reason="not cached") from e
-    except Exception as e:
-        # HTTP errors, OSError, and httpx's transport errors (connection refused or dropped, timeouts)
-        transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11")
-        if not (transport or isinstance(e, (errors.HfHubHTTPError, OSError))):
-            raise
+    except transfer_errors() as e:
         raise DownloadError(f"{where}: download failed ({_reason(e)}); run the same command again with --resume "
                             f"to continue (completed files are kept)", reason=_reason(e)) from e
 

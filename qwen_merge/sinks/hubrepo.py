@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError, HubError, OptionError, UploadError
 from ..files import read_json
+from ..inputs.hub import transfer_errors
 from ..planning.manifest import ShardRecord, read_manifest
 from ..planning.memory import RING_SIZE
 from .output import write_json_atomic
@@ -238,12 +239,9 @@ def _upload_errors(target: HubTarget, doing: str) -> Iterator[None]:
                            f"token (`hf auth login`, or HF_TOKEN) has write access to "
                            f"{target.repo_id.split('/')[0]}") from e
         raise _failed(target, doing, e) from e
-    except Exception as e:
-        # transport errors (connection refused or dropped, timeouts), OSError, and huggingface_hub's RuntimeError
-        # or ValueError around a failed LFS transfer
-        transport = type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11")
-        if not (transport or isinstance(e, (OSError, RuntimeError, ValueError))):
-            raise
+    except (*transfer_errors(), RuntimeError, ValueError) as e:
+        # a dropped connection or a timeout, and huggingface_hub's RuntimeError or ValueError around a failed
+        # LFS transfer
         raise _failed(target, doing, e) from e
 
 
