@@ -16,15 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DiskFullError
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice, check_plan_not_merged_twice
 from .planning.plan import MergePlan
-from .run import Run, input_locations, local_inputs, open_run, without_gc
+from .run import Run, local_inputs, open_run, without_gc
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.output import check_destination
 from .sinks.tensors import TensorSink
-from .units import human_bytes
 
 if TYPE_CHECKING:  # torch is imported lazily, where tensors are made
     import torch
@@ -164,18 +162,15 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
     # runs inside it, and a merge of thousands of tensors makes as many small objects as its plan
     with without_gc(), open_run(base, adapter, options, merging=True) as run:
         plan = run.plan
-        if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
-            check_destination(dest, input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)
-        run.fetch_side_files()
-        run.start_compute_import()
-        ident = run.identity()
+        run.check_destination(dest, base, adapter, overwrite=overwrite, resume=resume)
+        ident = run.ready_to_write()
         if resume and not overwrite and finished_merge(dest, ident):  # nothing to resume: write nothing
             return _report(dest, plan, already_complete=True)
         check_not_merged_twice(ident, plan.base.root, force)
         if progress:
             tell(plan)
         with FolderSink(dest, plan, ident, base_file_stats(plan), resume=resume, progress=progress) as sink:
-            _fill_folder(run, sink, dest, progress)
+            run.write_into(sink, dest, sink.remaining_bytes, progress=progress, what="merge")
     return _report(dest, plan)
 
 
@@ -211,22 +206,11 @@ def tell(plan: MergePlan) -> None:
         print(line, file=sys.stderr)
 
 
-def _fill_folder(run: Run, sink: FolderSink, dest: Path, progress: bool) -> None:
-    """The shards the folder lacks, then its side files, index and manifest; a full disk says how much the
-    merge needs."""
-    needed = sink.remaining_bytes
-    try:
-        run.check_space(dest, needed, sink.done())
-        with run.producing(sink.done(), ring_size=sink.ring_size, threads=1, progress=progress) as producer:
-            sink.consume(producer.streams())
-    except DiskFullError as e:
-        raise DiskFullError(f"{e}; the merge needs {human_bytes(needed)} ({needed} bytes)") from e
-
-
 def _iterate(run: Run, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:
     with stack:
-        producer = stack.enter_context(run.producing())
-        yield from TensorSink().consume(producer.streams())
+        sink = TensorSink()
+        producer = stack.enter_context(run.producing(ring_size=sink.ring_size))
+        yield from sink.consume(producer.streams())
 
 
 def _report(dest: Path, plan: MergePlan, already_complete: bool = False) -> MergeReport:

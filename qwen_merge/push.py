@@ -16,20 +16,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DiskFullError
 from .files import MANIFEST_NAME, read_json
 from .inputs import hub
 from .merge import tell
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice
 from .planning.plan import MergePlan
-from .run import Run, input_locations, local_inputs, open_run, without_gc
+from .run import local_inputs, open_run, without_gc
 from .sinks.card import Source, model_card
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.hubrepo import (CARD, HubSink, HubTarget, Published, UploadRecord, check_credentials, check_repo_id,
                             prepare_repo, record_path_of)
 from .sinks.output import check_destination, partial_folder_of
-from .units import human_bytes
 
 PathLike = str | os.PathLike
 
@@ -107,11 +105,9 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
         _clear_staging(dest)
     with without_gc(), _hub_bars(progress), open_run(base, adapter, options, merging=True) as run:
         plan = run.plan
-        if keep_local and (base is None or plan.base.hub is not None or plan.adapter.hub is not None):
-            check_destination(dest, input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)
-        run.fetch_side_files()
-        run.start_compute_import()
-        ident = run.identity()
+        if keep_local:
+            run.check_destination(dest, base, adapter, overwrite=overwrite, resume=resume)
+        ident = run.ready_to_write()
         finished = resume and not (keep_local and overwrite) and finished_merge(dest, ident)
         if not finished:
             check_not_merged_twice(ident, plan.base.root, force)
@@ -129,7 +125,9 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
         else:
             with FolderSink(dest, plan, ident, base_file_stats(plan), resume=resume, progress=progress) as folder:
                 sink.folder = folder
-                published = _merge_and_push(run, sink, dest, keep_local, progress)
+                remaining = folder.remaining_bytes
+                needed = remaining if keep_local else min(remaining, disk_needed(plan, keep_local=False))
+                published = run.write_into(sink, dest, needed, progress=progress, what="push")
     if not keep_local:
         shutil.rmtree(dest, ignore_errors=True)
     return _report(target, published, sink, dest if keep_local else None, plan)
@@ -172,17 +170,6 @@ def disk_needed(plan: MergePlan, keep_local: bool) -> int:
         return plan.output_bytes
     sizes = sorted((s.size for s in plan.shards), reverse=True)
     return sum(sizes[:2]) + plan.output_bytes - sum(sizes)
-
-
-def _merge_and_push(run: Run, sink: HubSink, dest: Path, keep_local: bool, progress: bool) -> Published:
-    remaining = sink.folder.remaining_bytes
-    needed = remaining if keep_local else min(remaining, disk_needed(run.plan, keep_local=False))
-    try:
-        run.check_space(dest, needed, sink.done())
-        with run.producing(sink.done(), ring_size=sink.ring_size, threads=1, progress=progress) as producer:
-            return sink.consume(producer.streams())
-    except DiskFullError as e:
-        raise DiskFullError(f"{e}; the push needs {human_bytes(needed)} ({needed} bytes) of disk") from e
 
 
 def _new_files(plan: MergePlan) -> frozenset[str]:

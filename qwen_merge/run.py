@@ -21,7 +21,7 @@ from functools import cached_property, partial
 from pathlib import Path
 
 from .compute.pieces import Block, BlockRing
-from .errors import QwenMergeError
+from .errors import DiskFullError, QwenMergeError
 from .files import ADAPTER_CONFIG
 from .inputs import basemodel, hub
 from .inputs.adapter import Adapter, open_adapter
@@ -30,13 +30,13 @@ from .inputs.digest import Hashes
 from .inputs.sources import Files, same_values
 from .options import TOKENIZER_CHOICES, MergeOptions
 from .planning.fetchplan import FetchPlan, fetch_plan
-from .planning.manifest import identity
+from .planning.manifest import MergeIdentity, identity
 from .planning.plan import MergePlan, TensorOp, make_plan
 from .planning.tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
                                  wants_adapter_files)
 from .progress import progress_bar
-from .sinks.base import ShardStream
-from .sinks.output import check_free_space, check_free_space_for
+from .sinks.base import Result, ShardStream, Sink
+from .sinks.output import check_destination, check_free_space, check_free_space_for
 from .units import human_bytes
 
 PathLike = str | os.PathLike
@@ -71,6 +71,32 @@ class Run:
         """Import torch now, beside the first copies, when the plan computes anything."""
         if any(not op.is_raw_copy for op in self.plan.ops):
             self._compute_import.start()
+
+    def ready_to_write(self) -> MergeIdentity:
+        """What a run that writes an output does once planned: a Hub base's side files fetched, torch's
+        import started when the plan computes, and the merge's identity (the adapter hash it waits for)."""
+        self.fetch_side_files()
+        self.start_compute_import()
+        return self.identity()
+
+    def check_destination(self, dest: Path, base: PathLike | None, adapter: PathLike, *, overwrite: bool,
+                          resume: bool) -> None:
+        """`dest` checked against the inputs again, now that the plan knows where they are when the caller's
+        paths did not say: a Hub input's snapshot folder, or BASE taken from the adapter's config."""
+        plan = self.plan
+        if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
+            check_destination(dest, _input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)
+
+    def write_into(self, sink: Sink[Result], dest: Path, needed: int, *, progress: bool, what: str) -> Result:
+        """The shards `sink` lacks, computed on one thread and handed to it, after a check that `dest`'s
+        filesystem has room for `needed` bytes (and the cache for a Hub base's downloads); a full disk says
+        how much the `what` ("merge", "push") needs."""
+        try:
+            self.check_space(dest, needed, sink.done())
+            with self.producing(sink.done(), ring_size=sink.ring_size, threads=1, progress=progress) as producer:
+                return sink.consume(producer.streams())
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}; the {what} needs {human_bytes(needed)} ({needed} bytes) of disk") from e
 
     def check_space(self, dest: Path, needed: int, done: Collection[str]) -> None:
         """Free space for `needed` output bytes at `dest`, and for the base shards a Hub merge downloads
@@ -313,7 +339,7 @@ def local_inputs(base: PathLike | None, adapter: PathLike, options: MergeOptions
     return local
 
 
-def input_locations(base: PathLike | None, adapter: PathLike, plan: MergePlan) -> list[Path]:
+def _input_locations(base: PathLike | None, adapter: PathLike, plan: MergePlan) -> list[Path]:
     """The input locations the destination must stay out of, a Hub input's snapshot folder included."""
     return [plan.base.root if plan.base.hub or base is None else Path(base),
             plan.adapter.root if plan.adapter.hub else Path(adapter)]

@@ -57,6 +57,8 @@ class ShardStream:
 class Sink(Protocol[Result]):
     """Where a run's output goes."""
 
+    ring_size: int  # computed blocks alive at once: more than one when the sink holds blocks while the next compute
+
     def done(self) -> Collection[str]:
         """The output shards already complete (an interrupted run's, when resuming); the run skips them."""
         ...

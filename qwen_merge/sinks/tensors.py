@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # for annotations only: torch is imported where tensors are m
 class TensorSink:
     """`consume(streams)` yields `(name, tensor)` for every tensor of the output, in checkpoint order."""
 
+    ring_size = 1  # a tensor is assembled from each block before the next is computed
+
     def done(self) -> Collection[str]:
         return ()
 
