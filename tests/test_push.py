@@ -19,10 +19,11 @@ import pytest
 from builders import tree_hash
 from hubserver import FakeHub, use_hub
 
-from qwen_merge import HubError, OptionError, UploadError, plan_merge, push_merge
+from qwen_merge import FormatError, HubError, OptionError, UploadError, plan_merge, push_merge
 from qwen_merge.cli import main
+from qwen_merge.planning.manifest import ShardRecord
 from qwen_merge.push import disk_needed, staging_folder_for
-from qwen_merge.sinks.hubrepo import HubTarget
+from qwen_merge.sinks.hubrepo import HubTarget, UploadRecord
 from qwen_merge.units import human_bytes
 
 pytestmark = [pytest.mark.slow,  # merges through a local Hub server
@@ -335,3 +336,25 @@ def test_the_cli_says_what_it_published(hub, capsys):
     assert out.startswith("merged ")
     assert f"uploaded 3 shard(s) and committed {hub.endpoint}/{TARGET}/commit/{commit}" in out
     assert "kept a copy" not in out
+
+
+@pytest.mark.parametrize(("doc", "named"), [
+    ({"repo": "me/merged", "uploaded": {"s.safetensors": {"size": 3}}}, "lacks its sha256 or size"),
+    ({"repo": "me/merged", "uploaded": {"s.safetensors": "x"}}, 'field uploaded["s.safetensors"] must be an object'),
+    ({"repo": "me/merged", "uploaded": []}, "field uploaded must be an object"),
+    ({"repo": 5}, "field repo must be a string"),
+])
+def test_a_damaged_upload_record_is_one_error_naming_the_field(tmp_path, doc, named):
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError) as info:
+        UploadRecord.load(path, "me/merged")
+    assert str(info.value).startswith(f"{path}: ") and named in str(info.value)
+
+
+def test_an_upload_record_of_another_repo_is_not_reused(tmp_path):
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"repo": "other/repo", "uploaded": {"s.safetensors": {"sha256": "ab", "size": 3}}}))
+    assert UploadRecord.load(path, "me/merged").shards == {}
+    path.write_text(json.dumps({"repo": "me/merged", "uploaded": {"s.safetensors": {"sha256": "ab", "size": 3}}}))
+    assert UploadRecord.load(path, "me/merged").shards == {"s.safetensors": ShardRecord("ab", 3)}

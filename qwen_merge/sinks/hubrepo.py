@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from ..errors import FormatError, HubError, OptionError, UploadError
 from ..files import read_json
 from ..inputs.hub import transfer_errors
-from ..planning.manifest import ShardRecord, read_manifest
+from ..planning.manifest import STRING, Fields, ShardRecord, read_manifest
 from ..planning.memory import RING_SIZE
 from .output import write_json_atomic
 
@@ -150,14 +150,13 @@ class UploadRecord:
     def load(cls, path: Path, repo_id: str) -> UploadRecord:
         if not path.is_file():
             return cls(path, repo_id)
-        doc = read_json(path, path.name)
-        try:
-            if doc["repo"] != repo_id:
-                return cls(path, repo_id)
-            shards = {name: ShardRecord(str(v["sha256"]), int(v["size"])) for name, v in doc["uploaded"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FormatError(f"{path}: not a record of uploaded shards ({type(e).__name__}: {e}); remove it and "
-                              f"push again without --resume") from e
+        read = Fields(read_json(path, path.name), path)  # a field of the wrong kind: one FormatError naming it
+        if read.get("repo", STRING) != repo_id:
+            return cls(path, repo_id)
+        shards = read.records("uploaded", ShardRecord.from_json)
+        if lacking := [name for name, shard in shards.items() if shard.sha256 is None or shard.size is None]:
+            raise FormatError(f"{path}: the record of uploaded shard {lacking[0]!r} lacks its sha256 or size; remove "
+                              f"the file and push again without --resume")
         return cls(path, repo_id, shards)
 
     def add(self, name: str, shard: ShardRecord) -> None:
