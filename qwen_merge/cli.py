@@ -32,7 +32,8 @@ ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision
 # The flag of each option keyword, for errors about an option (`OptionError.option`).
 FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
          "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
-         "low_disk": "--low-disk", "tokenizer": "--tokenizer", "push_to_hub": "--push-to-hub"}
+         "low_disk": "--low-disk", "tokenizer": "--tokenizer", "push_to_hub": "--push-to-hub",
+         "outtype": "--outtype", "resume": "--resume", "output": "OUT"}
 # The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
 # the shell shows for a program that SIGPIPE ended.
 BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
@@ -86,6 +87,8 @@ def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.A
 
     if args.command == "merge":
         _check_merge_positionals(args, commands["merge"])
+    if args.command == "plan" and args.out is None and (args.adapter or "").lower().endswith(".gguf"):
+        args.base, args.adapter, args.out = None, args.base, args.adapter  # `plan ADAPTER out.gguf`
     if getattr(args, "base", "") is not None:
         return
     if not may_be_adapter(args.adapter):
@@ -118,6 +121,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan = sub.add_parser("plan", help="show what a merge would do, writing nothing")
     plan.add_argument("base", nargs="?", help=OPTIONAL_BASE_HELP)
     plan.add_argument("adapter", help=ADAPTER_HELP)
+    plan.add_argument("out", nargs="?", help="OUT as for merge: with a path ending in .gguf, also the GGUF file's "
+                      "tensors, types and size")
     shown = plan.add_mutually_exclusive_group()
     shown.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
     shown.add_argument("--json", action="store_true",
@@ -150,6 +155,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     merge.add_argument("--create-pr", action="store_true",
                        help="with --push-to-hub: open a pull request with the commit instead of committing")
     merge.add_argument("--commit-message", metavar="TEXT", help="with --push-to-hub: the commit's message")
+    for p in (plan, merge):
+        p.add_argument("--outtype", metavar="TYPE", help="OUT ending in .gguf: the type of its weights, bf16, f16, "
+                       "f32 or q8_0 (norms, biases and routers stay f32); default auto: bf16 for a bf16 model, "
+                       "else f16")
     merge.add_argument("--low-disk", action="store_true",
                        help="BASE from the Hub: delete each shard this run downloaded once it is merged (disk "
                             "needed: the output plus about two shards); shards already cached are kept")
@@ -237,22 +246,38 @@ def _silence_stdout() -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from .merge import plan_merge
-    from .report import render, to_dict
+    from .report import gguf_dict, gguf_lines, render, to_dict
 
     plan = plan_merge(args.base, args.adapter, force=args.force, **_options(args))
+    layout = _gguf_layout(plan, args)
     if args.json:
         document = to_dict(plan)
         if args.push_to_hub:
             document["push"] = _push_figures(plan, args.push_to_hub)
+        if layout is not None:
+            document["gguf"] = gguf_dict(layout)
         print(json.dumps(document, indent=2))
         return 0
     print(render(plan, detail=args.detail))
+    if layout is not None:
+        print("\n".join(gguf_lines(layout, args.out)))
     if args.push_to_hub:
         push = _push_figures(plan, args.push_to_hub)
         print(f"push to {push['repo']}: uploads {human_bytes(push['upload_bytes'])} in one commit; disk without "
               f"OUT: {human_bytes(push['disk_bytes'])} for the output (about two shards at once), with OUT: "
               f"{human_bytes(plan.output_bytes)}")
     return 0
+
+
+def _gguf_layout(plan, args: argparse.Namespace):
+    """The GGUF file `plan --outtype T BASE ADAPTER out.gguf` describes, or None for a folder OUT."""
+    from .ggufmerge import is_gguf, plan_gguf
+
+    if not is_gguf(args.out):
+        if args.outtype is not None:
+            raise OptionError(f"applies to a GGUF output (OUT ending in .gguf), got {args.out!r}", option="outtype")
+        return None
+    return plan_gguf(plan, args.outtype)
 
 
 def _push_figures(plan, repo_id: str) -> dict:
@@ -272,7 +297,7 @@ def _merge(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
                           resume=args.resume, force=args.force, allow_nonfinite=args.allow_nonfinite,
-                          low_disk=args.low_disk, **_options(args))
+                          low_disk=args.low_disk, outtype=args.outtype, **_options(args))
     if args.quiet:
         return 0
     if report.already_complete:

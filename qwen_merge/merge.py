@@ -9,17 +9,18 @@ a tensor has to be computed: planning, and merges that only copy bytes, run with
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import OptionError
+from .ggufmerge import is_gguf, merge_into_gguf
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice, check_plan_not_merged_twice
 from .planning.plan import MergePlan
-from .run import Run, local_inputs, open_run, without_gc
+from .run import Run, local_inputs, open_run, tell, without_gc
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.output import check_destination
 from .sinks.tensors import TensorSink
@@ -109,7 +110,8 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  allow_nonfinite: bool | None = None, block_bytes: int | None = None,
                  dtype: str | None = None, max_shard_size: int | str | None = None,
-                 low_disk: bool | None = None, tokenizer: str | os.PathLike | None = None) -> MergeReport:
+                 low_disk: bool | None = None, tokenizer: str | os.PathLike | None = None,
+                 outtype: str | None = None) -> MergeReport:
     """Merge a LoRA adapter into a safetensors checkpoint, streaming shard by shard into `output`.
 
     The output has the base's shard names and tensor-to-shard assignment (or `max_shard_size` shards),
@@ -122,7 +124,9 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
         base: a model folder, one `.safetensors` file, or a Hub repo id; None: the model the adapter's
             config names (as for `plan_merge`).
         adapter: a PEFT LoRA folder, or a Hub repo id.
-        output: the folder to create. It must not be, contain or lie inside an input.
+        output: the folder to create. It must not be, contain or lie inside an input. A path ending in
+            `.gguf` writes one GGUF file instead, as llama.cpp's `convert_hf_to_gguf.py` would write it
+            from the merged folder (Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE; needs `qwen-merge[gguf]`).
         overwrite: replace `output` if it is a non-empty folder.
         progress: show progress by bytes on stderr: a bar on a terminal, a plain line every 10% or 10 s
             otherwise (`progress.progress_bar`); before it, the plan's notes and the tokenizer taken from
@@ -137,6 +141,9 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
         low_disk: for a base from the Hub, delete each shard this run downloaded from the cache as soon as
             the output shards that read it are complete (shards cached before the run are kept); free
             disk must then hold the output plus about two shards instead of the whole base.
+        outtype: for a GGUF output, the type of its weight tensors: "bf16", "f16", "f32" or "q8_0";
+            None or "auto": bf16 for a bf16 model, else f16 (as llama.cpp's converter decides). Norms,
+            biases and MoE routers stay f32; a Q8_0 tensor whose rows are not a multiple of 32 values is f16.
 
     The output folder also holds `qwen_merge.json`: tool version, input identity (file sizes, the
     adapter's SHA-256), options, counts and each shard's SHA-256 — nothing that varies between runs.
@@ -157,6 +164,14 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
                               tokenizer=tokenizer)
+    if is_gguf(dest):
+        if resume:
+            raise OptionError("applies to a folder output; a GGUF file is written in one pass", option="resume")
+        run = merge_into_gguf(base, adapter, dest, options, outtype=outtype, overwrite=overwrite, progress=progress,
+                              force=force)
+        return MergeReport(dest, len(run.plan.merges), run.plan.copied, dest.stat().st_size, (dest.name,), run.plan)
+    if outtype is not None:
+        raise OptionError(f"applies to a GGUF output (a path ending in .gguf), got the folder {dest}", option="outtype")
     check_destination(dest, local_inputs(base, adapter, options), overwrite=overwrite, resume=resume)  # before torch
     # the collector stays paused for the whole merge, as for planning (see run.without_gc): no caller code
     # runs inside it, and a merge of thousands of tensors makes as many small objects as its plan
@@ -195,15 +210,6 @@ def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptio
     stack = ExitStack()  # holds the run (a converted pickle, say) until the iteration ends
     run = stack.enter_context(open_run(base, adapter, options))
     return _iterate(run, stack)  # planned now, so errors surface before the first tensor is asked for
-
-
-def tell(plan: MergePlan) -> None:
-    """The plan's notes, and the tokenizer when it is not the base's, on stderr before the progress."""
-    lines = [f"note: {note}" for note in plan.notes]
-    if plan.tokenizer is not None and plan.tokenizer.source != "base":
-        lines.append(f"tokenizer: {plan.tokenizer}")
-    for line in lines:
-        print(line, file=sys.stderr)
 
 
 def _iterate(run: Run, stack: ExitStack) -> Iterator[tuple[str, torch.Tensor]]:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 from .files import MANIFEST_NAME, read_json
 from .inputs import hub
-from .merge import tell
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice
 from .planning.plan import MergePlan
-from .run import local_inputs, open_run, without_gc
+from .run import local_inputs, open_run, tell, without_gc
 from .sinks.card import Source, model_card
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.hubrepo import (CARD, HubSink, HubTarget, Published, UploadRecord, check_credentials, check_repo_id,

@@ -22,6 +22,7 @@ from .version import VERSION
 
 if TYPE_CHECKING:  # for annotations only
     from .inputs.tensorfile import TensorEntry
+    from .planning.gguflayout import GGUFLayout
     from .planning.plan import MergePlan, ShardPlan, TensorOp
 
 EXPERT_INDEX = re.compile(r"\.(experts)\.\d+\.")
@@ -278,3 +279,21 @@ def _delta_dict(op: TensorOp) -> dict:
     return {"kind": pair.kind.value, "rank": pair.rank, "alpha": pair.alpha, "scale": pair.scale,
             "dora": pair.magnitude is not None, "part": op.part.value, "transposed": op.transpose,
             "rounded_first": op.round_delta, "lora_A": pair.a.name, "lora_B": pair.b.name}
+
+
+def gguf_lines(layout: GGUFLayout, out: object) -> Iterator[str]:
+    """The GGUF file a merge into `out` (a .gguf path) writes: architecture, type, tensors by type, size."""
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(layout.type_counts().items()))
+    yield (f"gguf:    {out}: {layout.arch}, {layout.outtype}; {len(layout.tensors)} tensors ({counts}); "
+           f"{human_bytes(layout.data_bytes)} of tensor data plus the header (metadata and vocabulary)")
+    if layout.left_out:
+        yield (f"gguf:    leaves out {len(layout.left_out)} tensor(s) llama.cpp does not read: "
+               f"{', '.join(layout.left_out)}")
+
+
+def gguf_dict(layout: GGUFLayout) -> dict:
+    """The GGUF file for `qwen-merge plan --json BASE ADAPTER out.gguf`: every tensor with its type and bytes."""
+    return {"architecture": layout.arch, "outtype": layout.outtype, "file_type": layout.file_type,
+            "data_bytes": layout.data_bytes, "left_out": list(layout.left_out),
+            "tensors": [{"name": t.name, "shape": list(t.shape), "type": t.ggml_type, "offset": t.offset,
+                         "bytes": t.nbytes} for t in layout.tensors]}

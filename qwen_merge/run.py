@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Collection, Iterator
@@ -343,3 +344,12 @@ def _input_locations(base: PathLike | None, adapter: PathLike, plan: MergePlan) 
     """The input locations the destination must stay out of, a Hub input's snapshot folder included."""
     return [plan.base.root if plan.base.hub or base is None else Path(base),
             plan.adapter.root if plan.adapter.hub else Path(adapter)]
+
+
+def tell(plan: MergePlan) -> None:
+    """The plan's notes, and the tokenizer when it is not the base's, on stderr before the progress."""
+    lines = [f"note: {note}" for note in plan.notes]
+    if plan.tokenizer is not None and plan.tokenizer.source != "base":
+        lines.append(f"tokenizer: {plan.tokenizer}")
+    for line in lines:
+        print(line, file=sys.stderr)

@@ -481,7 +481,7 @@ def test_the_commands_run_include_every_kind():
 
 # The names the Python examples use for their inputs and outputs, and what each stands for on the demo model.
 EXAMPLE_PATHS = {"Qwen3-4B": "base", "Qwen3-VL-8B": "base", "my-lora": "adapter", "Qwen3-4B-merged": "out",
-                 "merged": "out2"}
+                 "merged": "out2", "Qwen3-4B-merged.gguf": "gguf"}
 
 
 class _Writer:
@@ -505,7 +505,8 @@ def test_the_python_examples_run_on_the_demo_model(doc, demo_inputs, tmp_path, m
     for index, source in enumerate(fenced(doc, ("python",))):
         folder = tmp_path / f"block{index}"
         folder.mkdir()
-        paths = {"base": base, "adapter": adapter, "out": folder / "out", "out2": folder / "out2"}
+        paths = {"base": base, "adapter": adapter, "out": folder / "out", "out2": folder / "out2",
+                 "gguf": folder / "out.gguf"}
 
         def bind(m: re.Match) -> str:
             return repr(str(paths[EXAMPLE_PATHS[m[1]]]))

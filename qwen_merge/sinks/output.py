@@ -35,6 +35,21 @@ def check_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool, re
         raise OutputError(f"{dest}: destination folder is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
+def check_file_destination(dest: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
+    """For an output that is one file (a GGUF file): refuse a destination that is or lies inside an input,
+    a folder, or an existing file unless `overwrite`."""
+    target = dest.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or source in target.parents:
+            how = "is" if target == source else "lies inside"
+            raise OutputError(f"{dest}: destination {how} the input {path}; choose a path outside the inputs")
+    if target.is_dir():
+        raise OutputError(f"{dest}: destination is a folder; name the file to write (ending in .gguf)")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{dest}: destination file exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def partial_folder_of(dest: Path) -> Path:
     """Where a merge into `dest` is built: hidden, beside it, with a fixed name so `resume` can find it."""
     return dest.parent / f".{dest.name}.qwen-merge-partial"
