@@ -31,19 +31,19 @@ def hard_values(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("ggml_type", ["F32", "F16", "BF16", "Q8_0"])
 def test_rows_convert_as_the_gguf_package_converts_them(source, ggml_type):
     x = hard_values(12, 96, TORCH[source])
-    ours = bytes(encode(memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B"), source, 96, ggml_type))
+    ours = b"".join(encode(memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B"), source, 96, ggml_type))
     reference = gguf.quants.quantize(x.to(torch.float32).numpy(), QTYPES[ggml_type])
     assert ours == reference.tobytes()
 
 
 def test_nan_is_kept_quiet_with_its_top_bits_as_the_converter_does():
     bits = torch.tensor([0x7F81, 0xFF81, 0x7FC1, 0x3F80] * 8, dtype=torch.int32).to(torch.int16)  # sNaN, quiet, 1.0
-    ours = bytes(encode(memoryview(bits.view(torch.uint8).numpy()).cast("B"), "BF16", 32, "BF16"))
+    ours = b"".join(encode(memoryview(bits.view(torch.uint8).numpy()).cast("B"), "BF16", 32, "BF16"))
     reference = gguf.quants.quantize(bits.view(torch.bfloat16).to(torch.float32).numpy(),
                                      gguf.GGMLQuantizationType.BF16)
     assert ours == reference.tobytes()
     f32 = torch.tensor([float("nan"), -float("nan"), 1.5] * 32, dtype=torch.float32)
     f32.view(torch.int32)[0] = 0x7F800123  # a signalling NaN with low payload bits
-    ours = bytes(encode(memoryview(f32.view(torch.uint8).numpy()).cast("B"), "F32", 96, "BF16"))
+    ours = b"".join(encode(memoryview(f32.view(torch.uint8).numpy()).cast("B"), "F32", 96, "BF16"))
     assert ours == gguf.quants.quantize(f32.numpy(), gguf.GGMLQuantizationType.BF16).tobytes()
     assert np.frombuffer(ours, np.uint16)[0] == 0x7FC0  # quiet bit set, payload's top bits kept

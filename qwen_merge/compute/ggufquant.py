@@ -13,16 +13,28 @@ Each step below is the same IEEE operation on the same fp32 values, so the bytes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..planning.gguflayout import Q8_BLOCK, Q8_BLOCK_BYTES
 
 SOURCE_TYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+CHUNK_VALUES = 1 << 20  # values converted at once: about 4 MiB of fp32, 20 MiB with Q8_0's temporaries
 _BF16_QUIET = 0x0040  # the quiet bit of a bf16 NaN
 
 
-def encode(data: memoryview, dtype: str, cols: int, ggml_type: str) -> memoryview:
-    """Whole rows of `cols` values of safetensors dtype `dtype`, as `ggml_type` bytes."""
+def encode(data: memoryview, dtype: str, cols: int, ggml_type: str) -> Iterator[memoryview]:
+    """Whole rows of `cols` values of safetensors dtype `dtype`, as `ggml_type` bytes, in consecutive parts
+    of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size)."""
+    size = DTYPE_BYTES[dtype]
+    step = max(1, CHUNK_VALUES // max(1, cols)) * cols * size
+    for start in range(0, len(data), step):
+        yield _encode(data[start:start + step], dtype, ggml_type)
+
+
+def _encode(data: memoryview, dtype: str, ggml_type: str) -> memoryview:
     if dtype == "BF16" and ggml_type == "BF16":
         return _quiet_bf16(torch.frombuffer(data, dtype=torch.int16)).numpy().data
     x = torch.frombuffer(data, dtype=SOURCE_TYPES[dtype]).to(torch.float32)
@@ -60,7 +72,8 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     y = blocks * inverse
     a = y.abs()
     whole = a.floor()
-    q = torch.copysign(whole + (2 * (a - whole)).floor(), y)  # half away from zero, in exact steps
+    a.sub_(whole).mul_(2).floor_().add_(whole)  # half away from zero, in exact steps: floor(a) + floor(2 frac(a))
+    q = a.copysign_(y)
     out = torch.empty((blocks.shape[0], Q8_BLOCK_BYTES), dtype=torch.uint8)
     out[:, :2] = d.to(torch.float16).view(torch.uint8)
     out[:, 2:] = q.to(torch.int8).view(torch.uint8)

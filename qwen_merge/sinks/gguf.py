@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # for annotations only
     from ..planning.ggufmeta import MetaField
     from .base import ShardStream
 
-READ_BYTES = 16 << 20  # the span of unchanged bytes read and converted at once
+READ_BYTES = 8 << 20  # the span of unchanged bytes read and converted at once
 
 
 class GGUFSink:
@@ -134,9 +134,10 @@ class GGUFSink:
                 continue
             tensor = self.layout.tensors[p.tensor]
             rows = data[(lo - first) * source_row:(hi - first) * source_row]
-            out = encode(rows, entry.dtype, cols, tensor.ggml_type)
             where = self._data_start + tensor.offset + (p.dest_row + lo - p.source_row) * tensor.row_bytes
-            self._write(out, where)
+            for part in encode(rows, entry.dtype, cols, tensor.ggml_type):
+                self._write(part, where)
+                where += len(part)
 
     def _write(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
