@@ -61,6 +61,7 @@ ALLOWED = {
     "planning.layout": {"dtypes", "files", "inputs.tensorfile"},
     "planning.memory": {"dtypes", "inputs.digest", "inputs.sources"},
     "planning.tokenizer": {"errors", "inputs.digest"},
+    "planning.ggufmeta": {"errors", "files"},
     "planning.manifest": {"errors", "files", "inputs.checkpoint", "inputs.digest", "planning.tokenizer", "version"},
     "planning.plan": {"dtypes", "errors", "files", "inputs.adapter", "inputs.checkpoint", "inputs.tensorfile",
                       "options", "planning.experts", "planning.layout", "planning.manifest", "planning.memory",
