@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import run_python
 
 from qwen_merge.errors import FormatError
 from qwen_merge.planning.ggufmeta import GGUF_ARCHITECTURES, MetaField, gguf_metadata
@@ -134,14 +135,19 @@ GENERATION = {"bos_token_id": 0, "do_sample": True, "eos_token_id": [301, 0], "m
               "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8}
 COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=96, max_position_embeddings=512, tie_word_embeddings=False)
-MODELS = {  # model_type -> (config, outtype)
-    "qwen2": (dict(bos_token_id=0, eos_token_id=301), "bf16"),
+NAMED_TEMPLATES = [{"name": "default", "template": CHAT_TEMPLATE}, {"name": "tool use", "template": "T"}]
+MODELS = {  # model_type -> (config, outtype, tokenizer: write_tokenizer's arguments, special_tokens_map.json)
+    "qwen2": (dict(bos_token_id=0, eos_token_id=301), "bf16", {}, None),
     "qwen3": (dict(head_dim=16, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
                                                  "original_max_position_embeddings": 128, "beta_fast": 16.0,
-                                                 "beta_slow": 2.0}), "f16"),
+                                                 "beta_slow": 2.0}), "f16",
+              dict(config={"add_bos_token": True, "add_eos_token": False}), None),  # the post-processor decides
     "qwen2_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=48), "q8_0"),
-    "qwen3_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "f32"),
+                       shared_expert_intermediate_size=48), "q8_0", dict(config={"chat_template": NAMED_TEMPLATES}),
+                  None),
+    "qwen3_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), "f32",
+                  dict(added=("<think>", "\u2581hi"), config={"unk_token": "hello", "extra_special_tokens": ["<new>"]}),
+                  {"mask_token": "<mmm>"}),  # special tokens transformers adds: a vocabulary one, two new ones
 }
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 
@@ -151,10 +157,13 @@ def build_model(model_type: str, folder: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **COMMON, **MODELS[model_type][0])
+    settings, _, tokenizer, special_map = MODELS[model_type]
+    config = AutoConfig.for_model(model_type, **COMMON, **settings)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    write_tokenizer(folder)
+    write_tokenizer(folder, **tokenizer)
+    if special_map:
+        (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
     (folder / "generation_config.json").write_text(json.dumps(GENERATION, indent=2) + "\n")
     return folder
 
@@ -376,5 +385,4 @@ def test_written_types_and_names(tokenizer_dir, tmp_path):
 
 def test_import_needs_no_gguf():
     code = "import sys, qwen_merge.planning.ggufmeta; assert 'gguf' not in sys.modules and 'torch' not in sys.modules"
-    from builders import run_python
     assert run_python(code).returncode == 0
