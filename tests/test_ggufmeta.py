@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,8 +38,8 @@ def _convert(model_dir: Path, outtype: str) -> Path:
     code = ("import runpy, sys; root = sys.argv.pop(1); sys.path[:0] = [root, root + '/gguf-py'];"
             "import conversion.base as base; base.TextModel.get_vocab_base_pre = lambda self, tok: 'qwen2';"
             "sys.argv[0] = root + '/convert_hf_to_gguf.py'; runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, str(LLAMA_CPP), str(model_dir), "--outfile", str(out),
-                           "--outtype", outtype], capture_output=True, text=True, timeout=600)
+    proc = run_python(code, LLAMA_CPP, model_dir, "--outfile", out, "--outtype", outtype, capture_output=True,
+                      text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
