@@ -363,7 +363,8 @@ def test_refusals_are_one_line(tokenizer_dir, tmp_path):
     tokenizer["model"]["type"] = "Unigram"
     (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
     line = refusal([tmp_path / "tokenizer.json"])
-    assert line.startswith(f"{tmp_path / 'tokenizer.json'}: ") and "needs a BPE tokenizer, found a Unigram model" in line
+    assert line.startswith(f"{tmp_path / 'tokenizer.json'}: ")
+    assert "needs a BPE tokenizer, found a Unigram model" in line
 
     (tmp_path / "tokenizer.model").write_bytes(b"\0")
     line = refusal([tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.model"], arch="qwen2")
