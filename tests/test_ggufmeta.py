@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -342,6 +343,15 @@ def test_named_chat_templates(tokenizer_dir, tmp_path):
     assert [(k, f.value) for k, f in fields.items() if "chat_template" in k] == [
         ("tokenizer.chat_template.tool_use", "T"), ("tokenizer.chat_template.rag", "R"),
         ("tokenizer.chat_templates", ["rag", "tool_use"]), ("tokenizer.chat_template", "D")]
+
+    # chat_template.jinja, with more templates in additional_chat_templates/ (and none in the tokenizer config)
+    folder = shutil.copytree(tokenizer_dir, tmp_path / "more")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "rag.jinja").write_text("R")
+    fields = metadata("qwen3", QWEN3, files_of(folder))
+    assert [(k, f.value) for k, f in fields.items() if "chat_template" in k] == [
+        ("tokenizer.chat_template.rag", "R"), ("tokenizer.chat_templates", ["rag"]),
+        ("tokenizer.chat_template", CHAT_TEMPLATE)]
 
 
 def test_refusals_are_one_line(tokenizer_dir, tmp_path):
