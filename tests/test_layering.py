@@ -62,6 +62,7 @@ ALLOWED = {
     "planning.gguflayout": {"errors", "planning.plan"},
     "planning.memory": {"dtypes", "inputs.digest", "inputs.sources"},
     "planning.tokenizer": {"errors", "inputs.digest"},
+    "planning.ggufmeta": {"errors", "files"},
     "planning.manifest": {"errors", "files", "inputs.checkpoint", "inputs.digest", "planning.tokenizer", "version"},
     "planning.plan": {"dtypes", "errors", "files", "inputs.adapter", "inputs.checkpoint", "inputs.tensorfile",
                       "options", "planning.experts", "planning.layout", "planning.manifest", "planning.memory",
