@@ -87,6 +87,7 @@ def extract_converter(sdist: Path, dest: Path) -> Path:
             tar.extractall(tmp, members=members, **safe)
         if not (Path(tmp) / WANTED[0]).is_file():
             raise RuntimeError(f"{sdist} holds no vendor/llama.cpp/{WANTED[0]}")
+        os.chmod(tmp, 0o755)  # TemporaryDirectory makes it private
         os.replace(tmp, dest)
         Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
     return dest
@@ -107,26 +108,12 @@ def converter_dir() -> Path:
 
 # Runs in the subprocess: argv[1] = converter folder, argv[2] = JSON list of [model_dir, outfile, outtype].
 _DRIVER = r"""
-import json, logging, runpy, sys, types
+import json, logging, runpy, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
 jobs = json.loads(sys.argv[2])
 sys.path[0:0] = [str(root), str(root / "gguf-py")]  # the converter's own gguf-py, as the script itself does
-
-try:
-    import sentencepiece  # noqa: F401
-except ImportError:
-    # Qwen2Model.set_vocab imports sentencepiece before it looks for tokenizer.model (absent here), and only
-    # then falls back to the BPE vocabulary: a stand-in keeps that path without the package.
-    stub = types.ModuleType("sentencepiece")
-
-    class SentencePieceProcessor:
-        def __init__(self, *a, **k):
-            raise RuntimeError("sentencepiece stand-in used: the model has a tokenizer.model")
-
-    stub.SentencePieceProcessor = SentencePieceProcessor
-    sys.modules["sentencepiece"] = stub
 
 import gguf
 assert Path(gguf.__file__).resolve().is_relative_to(root.resolve()), gguf.__file__
@@ -134,6 +121,19 @@ import conversion.base
 
 # Tiny test tokenizers are not in the converter's table of pre-tokenizer hashes; the Qwen ones are "qwen2".
 conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+
+# Qwen2Model.set_vocab tries the sentencepiece vocabulary first and falls back to BPE on FileNotFoundError,
+# but imports sentencepiece before it looks for tokenizer.model: look first, so the package is not needed.
+_sentencepiece_vocab = conversion.base.TextModel._create_vocab_sentencepiece
+
+
+def _create_vocab_sentencepiece(self):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
+    return _sentencepiece_vocab(self)
+
+
+conversion.base.TextModel._create_vocab_sentencepiece = _create_vocab_sentencepiece
 
 script = runpy.run_path(str(root / "convert_hf_to_gguf.py"), run_name="convert_hf_to_gguf")
 logging.basicConfig(level=logging.WARNING)
