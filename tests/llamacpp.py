@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from builders import cli_env, python_argv, run_python
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -56,14 +57,11 @@ def cache_dir() -> Path:
 
 
 def download_sdist(cache: Path) -> Path:
-    """The llama-cpp-python sdist, from the registry through pip (once; it is ~76 MB). Never built."""
+    """The llama-cpp-python sdist, downloaded from the registry by pip into `cache` (~76 MB). Never built."""
     target = cache / SDIST
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"{LLAMA_CPP_PYTHON}=={VERSION}",
-                               "--no-binary", ":all:", "--no-deps", "--disable-pip-version-check", "-d", tmp],
+        proc = subprocess.run(python_argv("-m", "pip", "download", f"{LLAMA_CPP_PYTHON}=={VERSION}", "--no-binary",
+                                          ":all:", "--no-deps", "--disable-pip-version-check", "-d", tmp),
                               capture_output=True, text=True, timeout=900)
         got = Path(tmp) / SDIST
         if proc.returncode != 0 or not got.is_file():
@@ -99,7 +97,8 @@ def converter_dir() -> Path:
     dest = cache / f"llama.cpp-{VERSION}"
     if not (dest / WANTED[0]).is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        extract_converter(download_sdist(cache), dest)
+        sdist = cache / SDIST
+        extract_converter(sdist if sdist.is_file() else download_sdist(cache), dest)
     return dest
 
 
@@ -160,10 +159,9 @@ def convert(jobs: list[Job], *, timeout: float = 600) -> None:
         if "reranker" in str(job.model).lower():
             raise ValueError(f"{job.model}: the converter treats a 'reranker' path as a reranker model")
     spec = json.dumps([[str(j.model), str(j.outfile), j.outtype] for j in jobs])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env = dict(cli_env(), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
     env.pop("NO_LOCAL_GGUF", None)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(root), spec], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = run_python(_DRIVER, root, spec, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
 

@@ -98,6 +98,7 @@ class GGUFWorld:
             from qwen_merge import merge_shards
 
             parent = self.root / "ours" / f"{case}.{outtype}"
+            shutil.rmtree(parent, ignore_errors=True)  # what an earlier failed attempt left
             parent.mkdir(parents=True)
             base, adapter = self.base(case), self.adapters[case]
             before = (tree_hash(base), tree_hash(adapter))
@@ -169,6 +170,30 @@ def test_written_contents_read_back_the_same(tmp_path):
     back = llamacpp.read_gguf(path)
     assert llamacpp.differences(back, contents) == []
     assert [t.data for t in back.tensors] == [t.data for t in contents.tensors]
+
+
+def test_converter_is_taken_from_the_cached_sdist_alone(tmp_path, monkeypatch):
+    """With the sdist in the cache nothing is downloaded, and only the converter's files are extracted."""
+    import io
+    import tarfile
+
+    top = f"llama_cpp_python-{llamacpp.VERSION}"
+    files = {f"{top}/vendor/llama.cpp/convert_hf_to_gguf.py": b"# script", f"{top}/vendor/llama.cpp/conversion/qwen.py":
+             b"# qwen", f"{top}/vendor/llama.cpp/gguf-py/gguf/__init__.py": b"# gguf", f"{top}/vendor/llama.cpp/src/x.c":
+             b"int x;", f"{top}/llama_cpp/__init__.py": b"# bindings", f"{top}/vendor/llama.cpp/conversion.txt": b"no"}
+    with tarfile.open(tmp_path / llamacpp.SDIST, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("QWEN_MERGE_TEST_CACHE", str(tmp_path))
+    monkeypatch.setattr(llamacpp, "download_sdist", lambda cache: pytest.fail("downloaded although cached"))
+    folder = llamacpp.converter_dir()
+    assert folder == tmp_path / f"llama.cpp-{llamacpp.VERSION}"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "conversion/qwen.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([llamacpp.SDIST, folder.name])
+    assert llamacpp.converter_dir() == folder  # extracted once
 
 
 # --------------------------------------------------------------------------------------------------
