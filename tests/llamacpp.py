@@ -4,9 +4,9 @@
   (the llama-cpp-python sdist, which vendors llama.cpp), downloaded once into a cache that survives between
   runs (``$QWEN_MERGE_TEST_CACHE``, else ``~/.cache/qwen-merge-tests``), and only its converter extracted
   (``convert_hf_to_gguf.py``, ``conversion/`` and its own ``gguf-py/``). Nothing is built.
-* :func:`convert`: one or many model folders converted in ONE Python subprocess (torch and transformers are
-  imported once), with the converter's vendored gguf-py, as ``python convert_hf_to_gguf.py DIR --outfile X
-  --outtype T`` would.
+* :func:`convert` / :class:`Converter`: one or many model folders converted in ONE Python subprocess (torch
+  and transformers are imported once), with the converter's vendored gguf-py, as ``python convert_hf_to_gguf.py
+  DIR --outfile X --outtype T`` would.
 * :func:`read_gguf` -> :class:`GGUFContents` (pip ``gguf``'s GGUFReader) and :func:`differences`, a readable
   list of what differs between two files, provenance fields (names, licence, tags, ...) left out.
 * :func:`write_gguf`: a GGUFContents written back with pip ``gguf``'s writer (tests of :func:`differences`).
@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from builders import cli_env, python_argv, run_python
+from builders import cli_env, python_argv
 
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -105,13 +105,13 @@ def converter_dir() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Running it
 
-# Runs in the subprocess: argv[1] = converter folder, argv[2] = JSON list of [model_dir, outfile, outtype].
+# Runs in the subprocess: argv[1] = the converter folder; stdin = JSON list of [model_dir, outfile, outtype],
+# read once everything is imported (the caller may start it early and prepare the models meanwhile).
 _DRIVER = r"""
 import json, logging, runpy, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
-jobs = json.loads(sys.argv[2])
 sys.path[0:0] = [str(root), str(root / "gguf-py")]  # the converter's own gguf-py, as the script itself does
 
 import gguf
@@ -136,6 +136,7 @@ conversion.base.TextModel._create_vocab_sentencepiece = _create_vocab_sentencepi
 
 script = runpy.run_path(str(root / "convert_hf_to_gguf.py"), run_name="convert_hf_to_gguf")
 logging.basicConfig(level=logging.WARNING)
+jobs = json.loads(sys.stdin.read())
 for model, outfile, outtype in jobs:
     sys.argv = [str(root / "convert_hf_to_gguf.py"), model, "--outfile", outfile, "--outtype", outtype]
     script["main"]()
@@ -150,20 +151,40 @@ class Job:
     outtype: str  # f32, f16, bf16, q8_0 or auto
 
 
+class Converter:
+    """llama.cpp's converter in a subprocess started at once (it spends seconds importing torch and
+    transformers) and given all its jobs by :meth:`run`. A context manager: leaving it ends the subprocess."""
+
+    def __init__(self) -> None:
+        root = converter_dir()
+        env = dict(cli_env(), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+        env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, not pip's
+        self.proc = subprocess.Popen(python_argv("-c", _DRIVER, root), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+
+    def run(self, jobs: list[Job], *, timeout: float = 600) -> None:
+        """Convert every job's model folder, in order; raises with the converter's stderr if one fails."""
+        for job in jobs:
+            if "reranker" in str(job.model).lower():
+                raise ValueError(f"{job.model}: the converter treats a 'reranker' path as a reranker model")
+        spec = json.dumps([[str(j.model), str(j.outfile), j.outtype] for j in jobs])
+        _, stderr = self.proc.communicate(spec, timeout=timeout)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {self.proc.returncode}):\n{stderr[-6000:]}")
+
+    def __enter__(self) -> Converter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
 def convert(jobs: list[Job], *, timeout: float = 600) -> None:
     """Convert every job's model folder with llama.cpp's converter, all in one subprocess."""
-    if not jobs:
-        return
-    root = converter_dir()
-    for job in jobs:
-        if "reranker" in str(job.model).lower():
-            raise ValueError(f"{job.model}: the converter treats a 'reranker' path as a reranker model")
-    spec = json.dumps([[str(j.model), str(j.outfile), j.outtype] for j in jobs])
-    env = dict(cli_env(), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    env.pop("NO_LOCAL_GGUF", None)
-    proc = run_python(_DRIVER, root, spec, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    with Converter() as converter:
+        converter.run(jobs, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------------
