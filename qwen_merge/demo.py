@@ -1,7 +1,7 @@
 """`qwen-merge demo`: the whole job on a tiny Qwen3-shaped model built locally, then checked.
 
-Builds a 3-shard bf16 checkpoint with Qwen3 tensor names and config, and a PEFT-format LoRA adapter
-(r=8, alpha=16, all seven projections, non-zero B) — with safetensors and torch only, no network and no
+Builds a 3-shard bf16 checkpoint with Qwen3 tensor names, config and a byte-level tokenizer, and a
+PEFT-format LoRA adapter (r=8, alpha=16, all seven projections, non-zero B) — with safetensors and torch only, no network and no
 transformers. Merges it with `merge_shards`, then recomputes every merged tensor directly from the
 inputs (whole tensor at once, fp32, one rounding) and compares.
 """
@@ -51,6 +51,44 @@ def build_base(folder: Path, generator: torch.Generator) -> None:
     _json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     _json(folder / MODEL_CONFIG, _config())
     _json(folder / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    _write_tokenizer(folder)
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer in Qwen's format (tokenizer.json and tokenizer_config.json): one token per
+    byte, no merges, Qwen's three special tokens after them and a ChatML template. Enough to load with
+    transformers and to write a GGUF file; the model's other ids up to VOCAB are unused, as in Qwen's."""
+    vocab = {char: i for i, char in enumerate(_byte_chars())}
+    added = [{"id": len(vocab) + i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    _json(folder / "tokenizer.json", {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": byte_level, "post_processor": byte_level, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []}})
+    _json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "model_max_length": 256, "chat_template": CHAT_TEMPLATE})
+
+
+def _byte_chars() -> list[str]:
+    """The printable character byte-level BPE writes for each byte 0..255: the byte itself where it is a
+    visible Latin-1 character, else the next unused code point from 256 on."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 256
+    for byte in range(256):
+        if byte in visible:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte], extra = chr(extra), extra + 1
+    return [chars[b] for b in range(256)]
 
 
 def _config() -> dict:

@@ -13,10 +13,10 @@ also have tests of their own that need neither the converter nor transformers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+import llamacpp
 import pytest
 from builders import run_python
 
@@ -24,26 +24,6 @@ from qwen_merge.errors import FormatError
 from qwen_merge.planning.ggufmeta import GGUF_ARCHITECTURES, MetaField, gguf_metadata
 
 gguf = pytest.importorskip("gguf")
-
-LLAMA_CPP = Path(os.environ.get("QWEN_MERGE_LLAMA_CPP",
-                                "/tmp/gguf-research/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-
-
-def _convert(model_dir: Path, outtype: str) -> Path:
-    """llama.cpp's converter on `model_dir` (its own gguf-py, as it runs by default), writing MODEL.OUTTYPE.gguf
-    beside it. Tiny tokenizers are not in its table of pre-tokenizer hashes, so it is told "qwen2", the name it
-    gives every Qwen tokenizer."""
-    if not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file():
-        pytest.skip(f"llama.cpp's converter is not at {LLAMA_CPP} (set QWEN_MERGE_LLAMA_CPP)")
-    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
-    code = ("import runpy, sys; root = sys.argv.pop(1); sys.path[:0] = [root, root + '/gguf-py'];"
-            "import conversion.base as base; base.TextModel.get_vocab_base_pre = lambda self, tok: 'qwen2';"
-            "sys.argv[0] = root + '/convert_hf_to_gguf.py'; runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = run_python(code, LLAMA_CPP, model_dir, "--outfile", out, "--outtype", outtype, capture_output=True,
-                      text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
-
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -167,12 +147,21 @@ def build_model(model_type: str, folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Path]:
+    """Each model of MODELS built and converted by llama.cpp's converter (one process for all): its folder."""
+    root = tmp_path_factory.mktemp("meta")
+    folders = {m: build_model(m, root / f"tiny_{m}") for m in MODELS}
+    llamacpp.convert([llamacpp.Job(f, f.parent / f"{f.name}.gguf", MODELS[m][1]) for m, f in folders.items()])
+    return folders
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(MODELS))
-def test_fields_equal_the_converters(model_type, tmp_path):
-    folder = build_model(model_type, tmp_path / f"tiny_{model_type}")
+def test_fields_equal_the_converters(model_type, converted, tmp_path):
+    folder = converted[model_type]
     outtype = MODELS[model_type][1]
-    theirs = read_kv(_convert(folder, outtype))
+    theirs = read_kv(folder.parent / f"{folder.name}.gguf")
     config = json.loads((folder / "config.json").read_text())
     arch = GGUF_ARCHITECTURES[config["architectures"][0]]
     fields = gguf_metadata(arch, config, files_of(folder), name="tiny", size_label="1K",

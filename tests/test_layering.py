@@ -59,7 +59,7 @@ ALLOWED = {
                          "planning.experts"},
     "planning.quant": {"errors", "inputs.tensorfile", "planning.recipe"},
     "planning.layout": {"dtypes", "files", "inputs.tensorfile"},
-    "planning.gguflayout": {"errors", "planning.plan"},
+    "planning.gguflayout": {"errors", "planning.ggufmeta", "planning.plan"},
     "planning.memory": {"dtypes", "inputs.digest", "inputs.sources"},
     "planning.tokenizer": {"errors", "inputs.digest"},
     "planning.ggufmeta": {"errors", "files"},

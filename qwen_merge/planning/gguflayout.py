@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import FormatError, MismatchError, OptionError
+from .ggufmeta import GGUF_ARCHITECTURES
 
 if TYPE_CHECKING:  # for annotations only
     from .plan import MergePlan
 
-SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe", "Qwen3ForCausalLM": "qwen3",
-             "Qwen3MoeForCausalLM": "qwen3moe"}  # HF architecture -> GGUF architecture
 OUTTYPES = ("auto", "bf16", "f16", "f32", "q8_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (llama.cpp's LlamaFileType)
 GGML_TYPES = {"F32": 0, "F16": 1, "Q8_0": 8, "BF16": 30}  # the tensor types this output writes, by ggml id
@@ -120,11 +119,11 @@ def gguf_architecture(config: Mapping | None, where: object) -> str:
     GGUF output does not support it."""
     names = (config or {}).get("architectures") or []
     arch = names[0] if names else (config or {}).get("model_type", "unknown")
-    if arch not in SUPPORTED:
-        supported = ", ".join(f"{a} ({g})" for a, g in SUPPORTED.items())
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(f"{a} ({g})" for a, g in GGUF_ARCHITECTURES.items())
         raise FormatError(f"{where}: architecture {arch} cannot be written as GGUF by qwen-merge; supported: "
                           f"{supported}; merge into a folder instead (OUT not ending in .gguf)")
-    return SUPPORTED[arch]
+    return GGUF_ARCHITECTURES[arch]
 
 
 def gguf_layout(plan: MergePlan, outtype: str | None = None) -> GGUFLayout:
