@@ -1,9 +1,9 @@
 """`qwen-merge demo`: the whole job on a tiny Qwen3-shaped model built locally, then checked.
 
 Builds a 3-shard bf16 checkpoint with Qwen3 tensor names, config and a byte-level tokenizer, and a
-PEFT-format LoRA adapter (r=8, alpha=16, all seven projections, non-zero B) — with safetensors and torch only, no network and no
-transformers. Merges it with `merge_shards`, then recomputes every merged tensor directly from the
-inputs (whole tensor at once, fp32, one rounding) and compares.
+PEFT-format LoRA adapter (r=8, alpha=16, all seven projections, non-zero B) — with safetensors and torch
+only, no network and no transformers. Merges it with `merge_shards`, then recomputes every merged tensor
+directly from the inputs (whole tensor at once, fp32, one rounding) and compares.
 """
 
 from __future__ import annotations
