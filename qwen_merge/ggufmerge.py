@@ -7,17 +7,19 @@ without it the merge stops before reading anything, with the line that says how 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from .errors import OptionError
 from .options import MergeOptions
 from .planning.gguflayout import GGUFLayout, check_outtype, gguf_layout
-from .planning.manifest import check_not_merged_twice
+from .planning.manifest import base_file_stats, check_not_merged_twice
 from .planning.plan import MergePlan
 from .run import Run, local_inputs, open_run, tell, without_gc
 from .sinks.gguf import GGUFSink
 from .sinks.output import check_file_destination
+from .sinks.resume import ResumeRecord
 
 PathLike = str | os.PathLike
 GGUF_SUFFIX = ".gguf"
@@ -50,7 +52,7 @@ def plan_gguf(plan: MergePlan, outtype: str | None) -> GGUFLayout:
 
 
 def merge_into_gguf(base: PathLike | None, adapter: PathLike, dest: Path, options: MergeOptions, *,
-                    outtype: str | None, overwrite: bool, progress: bool, force: bool) -> Run:
+                    outtype: str | None, overwrite: bool, resume: bool, progress: bool, force: bool) -> Run:
     """The merge of `adapter` into `base` written as the GGUF file `dest`; returns the finished run."""
     check_outtype(outtype)
     require_gguf()
@@ -65,8 +67,11 @@ def merge_into_gguf(base: PathLike | None, adapter: PathLike, dest: Path, option
         fields = metadata(plan, layout)
         if progress:
             tell(plan)
-        with GGUFSink(dest, layout, fields, progress=progress) as sink:
-            run.write_into(sink, dest, sink.file_bytes, progress=progress, what="merge")
+        # the outtype decides the bytes as the options do: a resumed run must have the same one
+        record = ResumeRecord(dataclasses.replace(ident, options={**(ident.options or {}), "outtype": layout.outtype}),
+                              base_file_stats(plan), {})
+        with GGUFSink(dest, layout, fields, record, resume=resume, progress=progress) as sink:
+            run.write_into(sink, dest, sink.remaining_bytes, progress=progress, what="merge")
     return run
 
 

@@ -165,10 +165,8 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
                               tokenizer=tokenizer)
     if is_gguf(dest):
-        if resume:
-            raise OptionError("applies to a folder output; a GGUF file is written in one pass", option="resume")
-        run = merge_into_gguf(base, adapter, dest, options, outtype=outtype, overwrite=overwrite, progress=progress,
-                              force=force)
+        run = merge_into_gguf(base, adapter, dest, options, outtype=outtype, overwrite=overwrite, resume=resume,
+                              progress=progress, force=force)
         return MergeReport(dest, len(run.plan.merges), run.plan.copied, dest.stat().st_size, (dest.name,), run.plan)
     if outtype is not None:
         raise OptionError(f"applies to a GGUF output (a path ending in .gguf), got the folder {dest}", option="outtype")

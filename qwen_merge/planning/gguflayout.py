@@ -76,13 +76,15 @@ class Placement:
 @dataclass(frozen=True, slots=True)
 class GGUFLayout:
     """The tensors of the GGUF file, in file order, and where each checkpoint tensor's rows go
-    (`placements`, by checkpoint name). `left_out`: checkpoint tensors the file does not hold."""
+    (`placements`, by checkpoint name). `left_out`: checkpoint tensors the file does not hold;
+    `shard_bytes`: the GGUF bytes each checkpoint shard's tensors become (for progress and resume)."""
 
     arch: str
     outtype: str
     tensors: tuple[GGUFTensor, ...]
     placements: Mapping[str, tuple[Placement, ...]]
     left_out: tuple[str, ...]
+    shard_bytes: Mapping[str, int]
 
     @property
     def file_type(self) -> int:
@@ -148,7 +150,10 @@ def gguf_layout(plan: MergePlan, outtype: str | None = None) -> GGUFLayout:
                               f"tensors: pass --dtype bfloat16 (dtype='bfloat16') to dequantize the base first")
         builder.add(name, shape, lambda hf: _mapped(name_map, hf, name, plan))
     builder.finish(plan)
-    return GGUFLayout(arch, outtype, tuple(builder.tensors), builder.placements, tuple(builder.left_out))
+    gguf_tensors, placements = tuple(builder.tensors), builder.placements
+    shard_bytes = {shard.name: sum(p.rows * gguf_tensors[p.tensor].row_bytes for e in shard.entries
+                                   for p in placements.get(e.name, ())) for shard in plan.shards}
+    return GGUFLayout(arch, outtype, gguf_tensors, placements, tuple(builder.left_out), shard_bytes)
 
 
 def _resolve(outtype: str, tensors: list[tuple[str, str, tuple[int, ...]]]) -> str:

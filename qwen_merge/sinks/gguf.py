@@ -25,6 +25,7 @@ from ..inputs.sources import read_exact
 from ..planning.gguflayout import ALIGNMENT, GGML_TYPES, GGUFLayout, Placement
 from ..progress import progress_bar
 from .output import _fsync_dir, staging_folder, write_error
+from .resume import ResumeRecord, ResumeState
 
 if TYPE_CHECKING:  # for annotations only
     from ..inputs.tensorfile import TensorEntry
@@ -35,20 +36,28 @@ READ_BYTES = 8 << 20  # the span of unchanged bytes read and converted at once
 
 
 class GGUFSink:
-    """A merge into the GGUF file `dest`, as a context manager: entering creates the partial folder beside
-    `dest`; `consume` writes the header, every tensor, syncs and publishes the file. An error removes the
-    partial folder; an interrupt leaves it (a later run refuses until it is removed)."""
+    """A merge into the GGUF file `dest`, as a context manager: entering creates (or, with `resume`, reopens)
+    the partial folder beside `dest`, its file and resume state; `consume` writes the header and every
+    tensor, records each shard once its bytes are synced, then syncs the file and moves it to `dest`. An
+    error removes a partial folder this run created; an interrupt or a kill leaves it for `resume`."""
 
     ring_size = 1  # each block is converted and written before the next is computed
 
-    def __init__(self, dest: Path, layout: GGUFLayout, fields: Sequence[MetaField], *, progress: bool) -> None:
+    def __init__(self, dest: Path, layout: GGUFLayout, fields: Sequence[MetaField], run: ResumeRecord, *,
+                 resume: bool, progress: bool) -> None:
         self.dest, self.layout, self.fields, self.progress = dest, layout, fields, progress
-        self._stack = ExitStack()
+        self._run, self._resume, self._stack = run, resume, ExitStack()
 
     def __enter__(self) -> GGUFSink:
         with self._stack as stack:
-            folder, _ = stack.enter_context(staging_folder(self.dest, resume=False))
+            folder, fresh = stack.enter_context(staging_folder(self.dest, resume=self._resume))
             self.path = folder / self.dest.name
+            self.state = ResumeState(folder, self._run) if fresh else \
+                ResumeState.load(folder, self._run, shard_files=False)
+            if self.state.done and not self.path.is_file():
+                raise OutputError(f"{self.path}: the interrupted merge recorded shards as written but its file is "
+                                  f"missing; remove {folder} to start over")
+            self.state.save()
             self.fd = _open(self.path)
             stack.callback(os.close, self.fd)
             self._stack = stack.pop_all()
@@ -58,12 +67,12 @@ class GGUFSink:
         return self._stack.__exit__(*exc)
 
     def done(self) -> frozenset[str]:
-        return frozenset()
+        return frozenset(self.state.done)
 
     @property
-    def file_bytes(self) -> int:
-        """The size of the file once written (the header's size is estimated until it is made)."""
-        return _aligned(getattr(self, "_header_bytes", 0) or 1 << 20) + self.layout.data_bytes
+    def remaining_bytes(self) -> int:
+        """The file's bytes still to write (the header counted at most as 64 MiB, a vocabulary's worth)."""
+        return (64 << 20) + self.layout.data_bytes - sum(self.layout.shard_bytes[name] for name in self.state.done)
 
     def consume(self, streams: Iterator[ShardStream]) -> None:
         header = self._header()
@@ -71,9 +80,12 @@ class GGUFSink:
         self._write(memoryview(header), 0)
         bar = progress_bar(self.layout.data_bytes, "writing GGUF", enabled=self.progress)
         with bar:
+            bar.update(sum(self.layout.shard_bytes[name] for name in self.state.done))
             for stream in streams:
                 for entry, pieces in stream.tensors():
                     self._tensor(entry, pieces, stream.shard.source.path, bar.update)
+                self._sync()
+                self.state.record(stream.shard.name, self.layout.shard_bytes[stream.shard.name], None)
                 stream.finished()
         self._finish()
 
@@ -148,6 +160,12 @@ class GGUFSink:
         except OSError as e:
             raise write_error(self.path, e) from e
 
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise write_error(self.path, e) from e
+
     def _finish(self) -> None:
         """Pad the file to its full size, sync it and move it to `dest`."""
         size = self._data_start + self.layout.data_bytes
@@ -156,6 +174,7 @@ class GGUFSink:
             os.fsync(self.fd)
         except OSError as e:
             raise write_error(self.path, e) from e
+        self.state.remove()
         folder = self.path.parent
         try:
             if self.dest.is_dir():
@@ -170,7 +189,7 @@ class GGUFSink:
 
 def _open(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: a resumed run keeps what it has
     except OSError as e:
         raise write_error(path, e) from e
 

@@ -54,9 +54,10 @@ class ResumeState:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, folder: Path, run: ResumeRecord) -> ResumeState:
+    def load(cls, folder: Path, run: ResumeRecord, *, shard_files: bool = True) -> ResumeState:
         """The shards an interrupted run left complete in `folder`, if it ran with the same identity and base
-        files as `run`.
+        files as `run`. `shard_files`: each shard is a file of `folder` (a folder output), checked to be there
+        with its recorded size; False where the shards are parts of one file (a GGUF output).
 
         Raises:
             OutputError: the run had other inputs or options (each difference named), or a shard it
@@ -69,7 +70,7 @@ class ResumeState:
         if changes := differences(state.identity, run.identity, state.base_files, run.base_files):
             raise OutputError(f"{folder}: cannot resume, the interrupted merge had other inputs or options "
                               f"({'; '.join(changes)}); rerun with the same ones, or remove the folder to start over")
-        for name, shard in state.done.items():
+        for name, shard in state.done.items() if shard_files else ():
             if not (folder / name).is_file() or (folder / name).stat().st_size != shard.size:
                 raise OutputError(f"{folder / name}: a shard recorded as complete is missing or has the wrong size")
         return cls(folder, replace(run, done=state.done))
