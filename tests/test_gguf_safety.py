@@ -134,6 +134,7 @@ def big(tmp_path_factory):
 @pytest.mark.slow
 def test_q8_0_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(big):
     growth = big.q8_growth
+    print(f"GGUF q8_0: anonymous peak +{growth:.0f} MiB for a 256 MiB bf16 tensor")
     assert growth < 80, f"q8_0: anonymous peak +{growth:.0f} MiB for a 256 MiB bf16 tensor (512 MiB as fp32)"
     assert big.reference.stat().st_size > 2 * ROWS * COLS  # 34 bytes per 32 values, plus the header
     only_out(big.reference.parent)
@@ -143,6 +144,7 @@ def test_q8_0_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(big):
 def test_bf16_merge_runs_under_the_same_limit(big, tmp_path):
     out = tmp_path / "out.gguf"
     growth = merge_in_limited_child(big.base, big.adapter, out, "bf16")
+    print(f"GGUF bf16: anonymous peak +{growth:.0f} MiB for a 256 MiB bf16 tensor")
     assert growth < 80, f"bf16: anonymous peak +{growth:.0f} MiB for a 256 MiB bf16 tensor (512 MiB as fp32)"
     g = llamacpp.read_gguf(out)
     up = g.tensor("blk.1.ffn_up.weight")
@@ -161,6 +163,7 @@ def test_moe_experts_written_slice_by_slice_stay_under_the_limit(tmp_path):
     adapter = write_synthetic_fused_adapter(tmp_path / "moe-adapter", spec, r=8, alpha=16)
     out = tmp_path / "out" / "moe.gguf"
     growth = merge_in_limited_child(base, adapter, out, "q8_0")
+    print(f"GGUF MoE q8_0: anonymous peak +{growth:.0f} MiB for stacked expert tensors of 64 MiB in bf16")
     assert growth < 60, f"MoE q8_0: anonymous peak +{growth:.0f} MiB for stacked expert tensors of 64 MiB in bf16"
     g = llamacpp.read_gguf(out)
     gate = g.tensor("blk.0.ffn_gate_exps.weight")
@@ -207,9 +210,9 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
     only_out(tmp_path)
 
 
-def nonfinite_adapter(demo_inputs, folder: Path) -> Path:
-    """The demo adapter with one inf in the B factor of a projection in the base's last shard (so the
-    shards before it are written and recorded before the merge fails)."""
+def poisoned_adapter(demo_inputs, folder: Path) -> Path:
+    """The demo adapter with one inf in the B factor of a projection in the base's last shard: factors are
+    checked when first used, so the merge fails there, after the shards before it were written."""
     base, adapter = demo_inputs
     weight_map = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
     last = sorted(set(weight_map.values()))[-1]
@@ -224,17 +227,47 @@ def nonfinite_adapter(demo_inputs, folder: Path) -> Path:
     return folder
 
 
-def test_an_error_during_the_write_leaves_nothing(demo_inputs, tmp_path, capsys):
-    """(e) Non-finite merged values stop the merge: no OUT, no partial folder (API and CLI)."""
+def test_an_error_during_the_write_leaves_nothing(demo_inputs, tmp_path, monkeypatch, capsys):
+    """(e) An inf in the adapter, met in the last shard, stops the merge after the file was begun: no OUT,
+    no partial folder (API and CLI)."""
     base, _ = demo_inputs
-    adapter = nonfinite_adapter(demo_inputs, tmp_path / "inf-adapter")
+    adapter = poisoned_adapter(demo_inputs, tmp_path / "inf-adapter")
     dest = tmp_path / "out" / "model.gguf"
-    with pytest.raises(NonFiniteError):
+    real_pwrite, writes = os.pwrite, []
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append(offset) or real_pwrite(fd, data, offset))
+    with pytest.raises(NonFiniteError, match="lora_B"):
         merge_shards(base, adapter, dest, outtype="q8_0", progress=False)
+    assert len(writes) > 10, writes  # the header and the first shards' tensors were written
     nothing_at(dest)
     line = in_process_error_line(in_process_cli(capsys, "merge", base, adapter, dest, "--quiet"))
-    assert "non-finite" in line or "inf" in line, line
+    assert "--allow-nonfinite" in line, line
     nothing_at(dest)
+
+
+@pytest.mark.xfail(strict=True, reason="the GGUF sink converts to F16 without the finiteness check the folder "
+                                       "output makes for dtype='float16': values beyond 65504 become inf silently")
+def test_an_f16_file_that_overflows_is_refused_like_an_f16_folder(demo_inputs, tmp_path):
+    """A bf16 base whose merged up_proj holds 1e5 (finite in bf16, beyond float16's 65504): written as an
+    F16 GGUF it would hold inf. The folder output with dtype='float16' stops with NonFiniteError; the GGUF
+    output must too, and write it with allow_nonfinite=True."""
+    base, adapter = demo_inputs
+    big = copy_tree(base, tmp_path / "base")
+    name = "model.layers.0.mlp.up_proj.weight"
+    shard = json.loads((big / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+    def enlarge(tensors: dict) -> None:
+        tensors[name][3, 1] = 1e5
+
+    edit_tensors(big / shard, enlarge)
+    with pytest.raises(NonFiniteError, match="allow_nonfinite"):
+        merge_shards(big, adapter, tmp_path / "folder", dtype="float16", progress=False)
+    dest = tmp_path / "out" / "model.gguf"
+    with pytest.raises(NonFiniteError, match="allow_nonfinite"):
+        merge_shards(big, adapter, dest, outtype="f16", progress=False)
+    nothing_at(dest)
+    merge_shards(big, adapter, dest, outtype="f16", allow_nonfinite=True, progress=False)
+    up = llamacpp.read_gguf(dest).tensor("blk.0.ffn_up.weight")
+    assert not torch.frombuffer(bytearray(up.data), dtype=torch.float16).isfinite().all()
 
 
 def test_a_full_disk_during_the_write_leaves_nothing(demo_inputs, tmp_path, monkeypatch, capsys):
