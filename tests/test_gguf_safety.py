@@ -190,7 +190,7 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     # (a) killed after the first shard was recorded: no file at OUT, the partial folder and its state left
-    assert not dest.exists(), "the run finished before it could be killed"
+    assert not dest.exists(), "the run finished before its state file recorded a shard"
     assert list(read_state(partial)["done"]) == ["model-00001-of-00002.safetensors"]
     assert (partial / dest.name).is_file()
     state = (partial / STATE).read_bytes()
@@ -202,12 +202,25 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
     line = one_error_line(run_cli(*args[:-3], "--outtype", "bf16", "--quiet", "--resume"))
     assert str(partial) in line and "outtype" in line and "bf16" in line, line
     assert not dest.exists() and (partial / STATE).read_bytes() == state
+    # a state that records a shard without the file it was written into: refused, saying to start over
+    other = tmp_path / "other" / "out.gguf"
+    partial_of(other).mkdir(parents=True)
+    shutil.copy2(partial / STATE, partial_of(other) / STATE)
+    line = one_error_line(run_cli(*args[:3], other, *args[4:], "--resume"))
+    assert "missing" in line and str(partial_of(other)) in line, line
+    assert not other.exists()
+    shutil.rmtree(other.parent)
 
     # (c) --resume finishes: the file is the uninterrupted run's, byte for byte; the partial folder is gone
     finished = run_cli(*args, "--resume")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert file_sha256(dest) == file_sha256(big.reference)
     only_out(tmp_path)
+    # the file holds no record of its inputs: a second --resume cannot tell it is complete, and leaves it alone
+    written = dest.stat().st_mtime_ns
+    line = one_error_line(run_cli(*args, "--resume"))
+    assert "--overwrite" in line, line
+    assert dest.stat().st_mtime_ns == written
 
 
 def poisoned_adapter(demo_inputs, folder: Path) -> Path:
