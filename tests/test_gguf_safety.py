@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -28,18 +29,19 @@ from pathlib import Path
 import llamacpp
 import pytest
 import torch
-from builders import (SynthSpec, Streamed, copy_tree, edit_json, edit_tensors, file_sha256, in_process_cli,
+from builders import (Streamed, SynthSpec, copy_tree, edit_json, edit_tensors, file_sha256, in_process_cli,
                       in_process_error_line, one_error_line, run_cli, run_python, start_cli, tree_hash,
                       write_checkpoint, write_linear_pair, write_lora_adapter, write_synthetic_fused_adapter,
                       write_synthetic_moe)
 
 from qwen_merge import merge_shards
 from qwen_merge.demo import _write_tokenizer
-from qwen_merge.errors import FormatError, NonFiniteError, OptionError, OutputError, QwenMergeError
+from qwen_merge.errors import NonFiniteError, OptionError, OutputError, QwenMergeError
 
 STATE = "qwen_merge.partial.json"
 ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16 per merged tensor, as in test_memory.py
 LIMIT_MIB = 600
+REAL_PWRITE = os.pwrite  # the tests wrap it to count writes or to fail one
 
 
 def partial_of(dest: Path) -> Path:
@@ -223,6 +225,43 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
     assert dest.stat().st_mtime_ns == written
 
 
+def counting_pwrite(monkeypatch, interrupt_when=None) -> list[int]:
+    """os.pwrite, counted (the offsets written); raising KeyboardInterrupt once `interrupt_when()` holds."""
+    writes = []
+
+    def pwrite(fd, data, offset):
+        if interrupt_when is not None and interrupt_when():
+            raise KeyboardInterrupt
+        writes.append(offset)
+        return REAL_PWRITE(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return writes
+
+
+def test_ctrl_c_leaves_a_resumable_file_and_resume_writes_only_the_rest(demo_inputs, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Ctrl-C once the first shard is recorded: the CLI says to rerun with --resume, OUT is absent; resume
+    (API) writes only the shards not recorded, and the file equals an uninterrupted run's."""
+    base, adapter = demo_inputs
+    reference = tmp_path / "reference" / "model.gguf"
+    full = counting_pwrite(monkeypatch)
+    merge_shards(base, adapter, reference, outtype="q8_0", progress=False)
+
+    dest = tmp_path / "out" / "model.gguf"
+    partial = partial_of(dest)
+    counting_pwrite(monkeypatch, interrupt_when=lambda: bool(read_state(partial).get("done")))
+    proc = in_process_cli(capsys, "merge", base, adapter, dest, "--outtype", "q8_0", "--quiet")
+    assert proc.returncode == 130 and "--resume" in proc.stderr, proc.stderr
+    assert not dest.exists() and list(read_state(partial)["done"]) == ["model-00001-of-00003.safetensors"]
+
+    resumed = counting_pwrite(monkeypatch)
+    merge_shards(base, adapter, dest, outtype="q8_0", progress=False, resume=True)
+    assert dest.read_bytes() == reference.read_bytes()
+    assert 0 < len(resumed) < len(full) - 5, (len(resumed), len(full))  # the first shard's tensors not rewritten
+    only_out(dest.parent, dest.name)
+
+
 def poisoned_adapter(demo_inputs, folder: Path) -> Path:
     """The demo adapter with one inf in the B factor of a projection in the base's last shard: factors are
     checked when first used, so the merge fails there, after the shards before it were written."""
@@ -246,8 +285,7 @@ def test_an_error_during_the_write_leaves_nothing(demo_inputs, tmp_path, monkeyp
     base, _ = demo_inputs
     adapter = poisoned_adapter(demo_inputs, tmp_path / "inf-adapter")
     dest = tmp_path / "out" / "model.gguf"
-    real_pwrite, writes = os.pwrite, []
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append(offset) or real_pwrite(fd, data, offset))
+    writes = counting_pwrite(monkeypatch)
     with pytest.raises(NonFiniteError, match="lora_B"):
         merge_shards(base, adapter, dest, outtype="q8_0", progress=False)
     assert len(writes) > 10, writes  # the header and the first shards' tensors were written
@@ -287,13 +325,13 @@ def test_a_full_disk_during_the_write_leaves_nothing(demo_inputs, tmp_path, monk
     """(e) The destination's disk fills up after the header and some tensors: no OUT, no partial folder."""
     base, adapter = demo_inputs
     dest = tmp_path / "model.gguf"
-    real_pwrite, calls = os.pwrite, []
+    calls = []
 
     def pwrite(fd, data, offset):
         calls.append(offset)
         if len(calls) > 20:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_pwrite(fd, data, offset)
+        return REAL_PWRITE(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(OutputError) as caught:
@@ -353,16 +391,19 @@ NO_GGUF = textwrap.dedent("""
 """)
 
 
-def test_without_the_gguf_package_the_merge_stops_before_writing(demo_inputs, tmp_path, monkeypatch):
-    """(g) One line saying how to install it, from the CLI (merge and plan) and the API; nothing written."""
+def test_without_the_gguf_package_the_merge_stops_before_writing(demo_inputs, tmp_path, monkeypatch, capsys):
+    """(g) One line saying how to install it, from the CLI (merge in a subprocess; plan) and the API; nothing
+    written."""
     base, adapter = demo_inputs
     dest = tmp_path / "out" / "model.gguf"
-    for command in (["merge", base, adapter, dest, "--outtype", "q8_0"], ["plan", base, adapter, dest]):
-        proc = run_python(NO_GGUF, *command, capture_output=True, text=True, timeout=60)
-        line = one_error_line(proc)
-        assert 'pip install "qwen-merge[gguf]"' in line, line
-        assert not dest.parent.exists()
-    monkeypatch.setitem(__import__("sys").modules, "gguf", None)
+    proc = run_python(NO_GGUF, "merge", base, adapter, dest, "--outtype", "q8_0", capture_output=True, text=True,
+                      timeout=60)
+    line = one_error_line(proc)
+    assert 'pip install "qwen-merge[gguf]"' in line, line
+    assert not dest.parent.exists()
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    line = in_process_error_line(in_process_cli(capsys, "plan", base, adapter, dest))
+    assert 'pip install "qwen-merge[gguf]"' in line, line
     with pytest.raises(OptionError, match=r'pip install "qwen-merge\[gguf\]"'):
         merge_shards(base, adapter, dest, progress=False)
     assert not dest.parent.exists()
