@@ -5,8 +5,8 @@
   written slice by slice into stacked tensors larger than the growth allowed stays under it too.
 * Atomicity and resume: a SIGKILL mid-write leaves no file at OUT and the partial folder; a plain rerun is
   refused naming the folder and --resume; a resume with another --outtype is refused; --resume finishes a
-  file byte-identical to an uninterrupted run's. An error during the write (non-finite values, a full disk)
-  leaves neither OUT nor a partial folder.
+  file byte-identical to an uninterrupted run's; after Ctrl-C, resume writes only the shards not recorded. An
+  error during the write (non-finite values, a full disk) leaves neither OUT nor a partial folder.
 * Refusals, one line each: an existing OUT file (unless --overwrite), a folder at OUT, OUT inside an input,
   the gguf package missing (before anything is written), --outtype with a folder OUT or an unknown type,
   an FP8 base without --dtype bfloat16 (which then works).
