@@ -70,7 +70,8 @@ def merge_into_gguf(base: PathLike | None, adapter: PathLike, dest: Path, option
         # the outtype decides the bytes as the options do: a resumed run must have the same one
         record = ResumeRecord(dataclasses.replace(ident, options={**(ident.options or {}), "outtype": layout.outtype}),
                               base_file_stats(plan), {})
-        with GGUFSink(dest, layout, fields, record, resume=resume, progress=progress) as sink:
+        with GGUFSink(dest, layout, fields, record, resume=resume, progress=progress,
+                      allow_nonfinite=options.allow_nonfinite) as sink:
             run.write_into(sink, dest, sink.remaining_bytes, progress=progress, what="merge")
     return run
 

@@ -47,3 +47,23 @@ def test_nan_is_kept_quiet_with_its_top_bits_as_the_converter_does():
     ours = b"".join(encode(memoryview(f32.view(torch.uint8).numpy()).cast("B"), "F32", 96, "BF16"))
     assert ours == gguf.quants.quantize(f32.numpy(), gguf.GGMLQuantizationType.BF16).tobytes()
     assert np.frombuffer(ours, np.uint16)[0] == 0x7FC0  # quiet bit set, payload's top bits kept
+
+
+def test_a_value_that_becomes_inf_in_f16_is_refused_when_asked(monkeypatch):
+    from qwen_merge.compute import ggufquant
+    from qwen_merge.errors import NonFiniteError
+
+    x = torch.ones(4, 32)
+    x[2, 5] = 70000.0
+    data = memoryview(x.view(torch.uint8).numpy()).cast("B")
+    with pytest.raises(NonFiniteError, match="65504"):
+        b"".join(encode(data, "F32", 32, "F16", finite=True))
+    assert np.isinf(np.frombuffer(b"".join(encode(data, "F32", 32, "F16")), np.float16)).sum() == 1
+    x[2, 5] = float("inf")  # already Inf before the conversion: not the conversion's doing
+    b"".join(encode(memoryview(x.view(torch.uint8).numpy()).cast("B"), "F32", 32, "F16", finite=True))
+    monkeypatch.setattr(ggufquant, "CHUNK_VALUES", 32)  # one row per part: the parts join to the same bytes
+    y = hard_values(6, 64, torch.bfloat16)
+    raw = memoryview(y.view(torch.uint8).numpy()).cast("B")
+    parts = list(encode(raw, "BF16", 64, "Q8_0"))
+    assert len(parts) == 6
+    assert b"".join(parts) == gguf.quants.quantize(y.float().numpy(), QTYPES["Q8_0"]).tobytes()

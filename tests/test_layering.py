@@ -72,7 +72,7 @@ ALLOWED = {
     "compute.pieces": {"inputs.sources", "inputs.tensorfile", "planning.memory", "planning.plan"},
     "compute.arithmetic": set(),
     "compute.blockquant": set(),
-    "compute.ggufquant": {"planning.gguflayout"},
+    "compute.ggufquant": {"errors", "planning.gguflayout"},
     "compute.stream": {"compute.arithmetic", "compute.blockquant", "compute.pieces", "dtypes", "errors",
                        "inputs.adapter", "inputs.sources", "inputs.tensorfile", "planning.plan", "planning.quant"},
     "sinks.__init__": set(),

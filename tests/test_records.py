@@ -269,4 +269,4 @@ def test_a_resume_state_without_base_file_stats_names_the_base_files(demo_inputs
         merge_shards(base, adapter, dest, progress=False, resume=True)
     message = str(info.value)
     assert message.startswith(f"{partial}: cannot resume") and "\n" not in message, message
-    assert "base file config.json changed (mtime, inode)" in message and "2 more base files differ" in message
+    assert "base file config.json changed (mtime, inode)" in message and "4 more base files differ" in message

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import NonFiniteError
 from ..planning.gguflayout import Q8_BLOCK, Q8_BLOCK_BYTES
 
 SOURCE_TYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -25,26 +26,37 @@ CHUNK_VALUES = 1 << 20  # values converted at once: about 4 MiB of fp32, 20 MiB 
 _BF16_QUIET = 0x0040  # the quiet bit of a bf16 NaN
 
 
-def encode(data: memoryview, dtype: str, cols: int, ggml_type: str) -> Iterator[memoryview]:
+def encode(data: memoryview, dtype: str, cols: int, ggml_type: str, *, finite: bool = False) -> Iterator[memoryview]:
     """Whole rows of `cols` values of safetensors dtype `dtype`, as `ggml_type` bytes, in consecutive parts
-    of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size)."""
+    of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size).
+    `finite`: raise NonFiniteError where a finite value would become Inf (beyond float16's 65504 in F16, or
+    a Q8_0 block scale beyond it), as a merge into a float16 folder does."""
     size = DTYPE_BYTES[dtype]
     step = max(1, CHUNK_VALUES // max(1, cols)) * cols * size
     for start in range(0, len(data), step):
-        yield _encode(data[start:start + step], dtype, ggml_type)
+        yield _encode(data[start:start + step], dtype, ggml_type, finite)
 
 
-def _encode(data: memoryview, dtype: str, ggml_type: str) -> memoryview:
+def _encode(data: memoryview, dtype: str, ggml_type: str, finite: bool) -> memoryview:
     if dtype == "BF16" and ggml_type == "BF16":
         return _quiet_bf16(torch.frombuffer(data, dtype=torch.int16)).numpy().data
     x = torch.frombuffer(data, dtype=SOURCE_TYPES[dtype]).to(torch.float32)
     if ggml_type == "F32":
         return x.numpy().data
     if ggml_type == "F16":
-        return x.to(torch.float16).view(torch.int16).numpy().data
+        half = x.to(torch.float16)
+        if finite:
+            _check_range(x, half)
+        return half.view(torch.int16).numpy().data
     if ggml_type == "BF16":
         return _bf16(x).numpy().data
-    return _q8_0(x.view(-1, Q8_BLOCK)).numpy().data
+    return _q8_0(x.view(-1, Q8_BLOCK), finite).numpy().data
+
+
+def _check_range(wide: torch.Tensor, half: torch.Tensor) -> None:
+    if bool(torch.isinf(half).any()) and bool((torch.isinf(half) & torch.isfinite(wide)).any()):
+        raise NonFiniteError(f"holds a value beyond float16's range (largest {float(wide.abs().max()):.6g}; float16 "
+                             f"ends at 65504), which becomes Inf")
 
 
 def _quiet_bf16(bits: torch.Tensor) -> torch.Tensor:
@@ -65,9 +77,11 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, top | _BF16_QUIET, rounded)
 
 
-def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+def _q8_0(blocks: torch.Tensor, finite: bool) -> torch.Tensor:
     """fp32 blocks of 32 values as Q8_0 bytes, 34 per block."""
     d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    if finite:
+        _check_range(d, d.to(torch.float16))
     inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
     y = blocks * inverse
     a = y.abs()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..compute.pieces import Block, Piece
-from ..errors import OutputError
+from ..errors import NonFiniteError, OutputError
 from ..inputs.sources import read_exact
 from ..planning.gguflayout import ALIGNMENT, GGML_TYPES, GGUFLayout, Placement
 from ..progress import progress_bar
@@ -44,8 +44,9 @@ class GGUFSink:
     ring_size = 1  # each block is converted and written before the next is computed
 
     def __init__(self, dest: Path, layout: GGUFLayout, fields: Sequence[MetaField], run: ResumeRecord, *,
-                 resume: bool, progress: bool) -> None:
+                 resume: bool, progress: bool, allow_nonfinite: bool = False) -> None:
         self.dest, self.layout, self.fields, self.progress = dest, layout, fields, progress
+        self._finite = not allow_nonfinite  # a value that becomes Inf in F16 stops the merge, as in a folder
         self._run, self._resume, self._stack = run, resume, ExitStack()
 
     def __enter__(self) -> GGUFSink:
@@ -147,9 +148,14 @@ class GGUFSink:
             tensor = self.layout.tensors[p.tensor]
             rows = data[(lo - first) * source_row:(hi - first) * source_row]
             where = self._data_start + tensor.offset + (p.dest_row + lo - p.source_row) * tensor.row_bytes
-            for part in encode(rows, entry.dtype, cols, tensor.ggml_type):
-                self._write(part, where)
-                where += len(part)
+            try:
+                for part in encode(rows, entry.dtype, cols, tensor.ggml_type, finite=self._finite):
+                    self._write(part, where)
+                    where += len(part)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"tensor {entry.name!r} ({tensor.name}, {tensor.ggml_type}) {e}; write "
+                                     f"--outtype bf16, or pass allow_nonfinite=True / --allow-nonfinite to write "
+                                     f"the Inf anyway") from e
 
     def _write(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
