@@ -347,6 +347,7 @@ def test_the_design_thread_table_names_every_thread_a_merge_starts(demo_inputs, 
             "threading.Thread.start = recording\n"
             "from qwen_merge import merge_shards\n"
             "merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n"
+            "merge_shards(sys.argv[1], sys.argv[2], sys.argv[3] + '.gguf', progress=False)\n"  # the GGUF sink's
             "print(' '.join(names))\n")
     done = run_python(code, *demo_inputs, tmp_path / "out", capture_output=True, text=True, check=True)
     started = {re.sub(r"_\d+$", "", name) for name in done.stdout.split() if name.startswith("qwen-merge-")}

@@ -226,13 +226,13 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
 
 
 def counting_pwrite(monkeypatch, interrupt_when=None) -> list[int]:
-    """os.pwrite, counted (the offsets written); raising KeyboardInterrupt once `interrupt_when()` holds."""
+    """os.pwrite, counted (the bytes of each write); raising KeyboardInterrupt once `interrupt_when()` holds."""
     writes = []
 
     def pwrite(fd, data, offset):
         if interrupt_when is not None and interrupt_when():
             raise KeyboardInterrupt
-        writes.append(offset)
+        writes.append(memoryview(data).nbytes)
         return REAL_PWRITE(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
@@ -258,7 +258,7 @@ def test_ctrl_c_leaves_a_resumable_file_and_resume_writes_only_the_rest(demo_inp
     resumed = counting_pwrite(monkeypatch)
     merge_shards(base, adapter, dest, outtype="q8_0", progress=False, resume=True)
     assert dest.read_bytes() == reference.read_bytes()
-    assert 0 < len(resumed) < len(full) - 5, (len(resumed), len(full))  # the first shard's tensors not rewritten
+    assert 0 < sum(resumed) < 0.8 * sum(full), (sum(resumed), sum(full))  # the first shard's tensors not rewritten
     only_out(dest.parent, dest.name)
 
 
@@ -288,7 +288,7 @@ def test_an_error_during_the_write_leaves_nothing(demo_inputs, tmp_path, monkeyp
     writes = counting_pwrite(monkeypatch)
     with pytest.raises(NonFiniteError, match="lora_B"):
         merge_shards(base, adapter, dest, outtype="q8_0", progress=False)
-    assert len(writes) > 10, writes  # the header and the first shards' tensors were written
+    assert len(writes) >= 3, writes  # the header and the first shards' tensors were written
     nothing_at(dest)
     line = in_process_error_line(in_process_cli(capsys, "merge", base, adapter, dest, "--quiet"))
     assert "--allow-nonfinite" in line, line
@@ -327,14 +327,14 @@ def test_a_full_disk_during_the_write_leaves_nothing(demo_inputs, tmp_path, monk
 
     def pwrite(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 20:
+        if len(calls) > 3:  # the header and two runs of tensors written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return REAL_PWRITE(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(OutputError) as caught:
         merge_shards(base, adapter, dest, progress=False)
-    assert len(calls) == 21 and "space" in str(caught.value).lower(), caught.value
+    assert len(calls) == 4 and "space" in str(caught.value).lower(), caught.value
     nothing_at(dest)
     calls.clear()
     line = in_process_error_line(in_process_cli(capsys, "merge", base, adapter, dest, "--quiet"))

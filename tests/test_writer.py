@@ -119,7 +119,7 @@ EIO_MESSAGE = f"{FAILING_SHARD}.part: write failed: Input/output error"
 # thread -> (what to replace, its failing stand-in, the error's message)
 FAILURES = {
     "assembler": ((writer._Assembler, "take"), _fail_taking(writer._Assembler), "injected failure in the assembler"),
-    "disk thread": ((writer, "_write_all"), _fail_on_failing_shard(writer._write_all), EIO_MESSAGE),
+    "disk thread": ((writer, "write_all"), _fail_on_failing_shard(writer.write_all), EIO_MESSAGE),
     "hasher": ((writer._Hasher, "take"), _fail_taking(writer._Hasher), "injected failure in the hasher"),
     "finisher": ((writer, "_fsync"), _fail_on_failing_shard(writer._fsync), EIO_MESSAGE),
 }

@@ -60,10 +60,11 @@ def _check_range(wide: torch.Tensor, half: torch.Tensor) -> None:
 
 
 def _quiet_bf16(bits: torch.Tensor) -> torch.Tensor:
-    """bf16 bits as the converter writes them: unchanged, but a NaN's quiet bit set (bf16 -> fp32 -> bf16)."""
-    nan = (bits & 0x7FFF) > 0x7F80
-    if not bool(nan.any()):
+    """bf16 bits as the converter writes them: unchanged, but a NaN's quiet bit set (bf16 -> fp32 -> bf16).
+    Almost always there is no NaN, which one reduction finds (max propagates NaN) without a temporary."""
+    if not bool(torch.isnan(bits.view(torch.bfloat16).amax())):
         return bits
+    nan = (bits & 0x7FFF) > 0x7F80
     return torch.where(nan, bits | _BF16_QUIET, bits)
 
 

@@ -11,11 +11,14 @@ to it by one rename once complete and synced: a failed or killed run leaves no f
 
 from __future__ import annotations
 
+import math
 import os
+import queue
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +26,11 @@ from ..compute.pieces import Block, Piece
 from ..errors import NonFiniteError, OutputError
 from ..inputs.sources import read_exact
 from ..planning.gguflayout import ALIGNMENT, GGML_TYPES, GGUFLayout, Placement
+from ..planning.memory import RING_SIZE
 from ..progress import progress_bar
 from .output import _fsync_dir, staging_folder, write_error
 from .resume import ResumeRecord, ResumeState
+from .scatter import ScatterWriter
 
 if TYPE_CHECKING:  # for annotations only
     from ..inputs.tensorfile import TensorEntry
@@ -33,6 +38,8 @@ if TYPE_CHECKING:  # for annotations only
     from .base import ShardStream
 
 READ_BYTES = 8 << 20  # the span of unchanged bytes read and converted at once
+QUEUE_ITEMS = 8  # pieces waiting for the converter thread
+_STOP = object()  # the end of the converter's queue
 
 
 class GGUFSink:
@@ -41,7 +48,7 @@ class GGUFSink:
     tensor, records each shard once its bytes are synced, then syncs the file and moves it to `dest`. An
     error removes a partial folder this run created; an interrupt or a kill leaves it for `resume`."""
 
-    ring_size = 1  # each block is converted and written before the next is computed
+    ring_size = RING_SIZE  # computed blocks alive at once: queued, converted and written while the next computes
 
     def __init__(self, dest: Path, layout: GGUFLayout, fields: Sequence[MetaField], run: ResumeRecord, *,
                  resume: bool, progress: bool, allow_nonfinite: bool = False) -> None:
@@ -76,19 +83,32 @@ class GGUFSink:
         return (64 << 20) + self.layout.data_bytes - sum(self.layout.shard_bytes[name] for name in self.state.done)
 
     def consume(self, streams: Iterator[ShardStream]) -> None:
+        """The header, then every piece handed to the converter thread as it is computed: the caller's
+        thread merges while the other converts and writes (two cores, as the folder output's writer uses)."""
         header = self._header()
-        self._data_start = _aligned(len(header))
+        self._data_start = start = _aligned(len(header))
         self._write(memoryview(header), 0)
+        tensors = self.layout.tensors
+        padding = {start + a.offset + a.nbytes: start + b.offset for a, b in zip(tensors, tensors[1:])}
+        self._out = self._stack.enter_context(closing(ScatterWriter(self.path, self.fd, padding)))
         bar = progress_bar(self.layout.data_bytes, "writing GGUF", enabled=self.progress)
-        with bar:
+        with bar, _Converter(self, bar.update) as converter:
             bar.update(sum(self.layout.shard_bytes[name] for name in self.state.done))
             for stream in streams:
                 for entry, pieces in stream.tensors():
-                    self._tensor(entry, pieces, stream.shard.source.path, bar.update)
-                self._sync()
-                self.state.record(stream.shard.name, self.layout.shard_bytes[stream.shard.name], None)
-                stream.finished()
+                    placements = self.layout.placements.get(entry.name)
+                    for piece in pieces:
+                        converter.put((entry, placements, piece, stream.shard.source.path))
+                converter.put(stream)
+            converter.close()
         self._finish()
+
+    def _shard_written(self, stream: ShardStream) -> None:
+        """On the converter thread: every piece of the shard is written; sync and record it."""
+        self._out.flush()
+        self._sync()
+        self.state.record(stream.shard.name, self.layout.shard_bytes[stream.shard.name], None)
+        stream.finished()
 
     def _header(self) -> bytes:
         """The header, metadata and tensor infos, as the `gguf` package's writer makes them."""
@@ -111,51 +131,49 @@ class GGUFSink:
             writer.close()
             return header.read_bytes()
 
-    def _tensor(self, entry: TensorEntry, pieces: Iterator[Piece], path: Path, advance) -> None:
-        placements = self.layout.placements.get(entry.name)
-        cols = entry.shape[-1] if entry.shape else 1
-        source_row = entry.nbytes // max(1, _rows_of(entry))
-        for piece in pieces:
-            if isinstance(piece, Block):
-                try:
-                    if placements is not None:
-                        self._rows(placements, entry, piece.offset // source_row, piece.data, cols)
-                finally:
-                    piece.release()
-                continue
-            if placements is None:
-                continue
-            step = max(1, READ_BYTES // source_row) * source_row
-            buffer = bytearray(min(step, piece.length))
+    def _piece(self, entry: TensorEntry, placements: Sequence[Placement] | None, piece: Piece, path: Path) -> int:
+        """One piece of a checkpoint tensor converted and written; returns the GGUF bytes written. A copied
+        tensor is one span from its first byte; a computed one comes as blocks of whole rows. A tensor the
+        file leaves out (no placements) is dropped."""
+        row = entry.nbytes // max(1, math.prod(entry.shape[:-1]))  # bytes of one checkpoint row
+        if isinstance(piece, Block):
+            try:
+                return self._rows(placements, entry, piece.offset // row, piece.data, row) if placements else 0
+            finally:
+                piece.release()
+        written = 0
+        if placements:
+            step = max(1, READ_BYTES // row) * row
+            buffer = memoryview(bytearray(min(step, piece.length)))
             for start in range(0, piece.length, step):
-                view = memoryview(buffer)[:min(step, piece.length - start)]
+                view = buffer[:min(step, piece.length - start)]
                 read_exact(piece.fd, view, piece.offset + start, path)
-                self._rows(placements, entry, start // source_row, view, cols)
-        if placements is not None:
-            advance(sum(p.rows * self.layout.tensors[p.tensor].row_bytes for p in placements))
+                written += self._rows(placements, entry, start // row, view, row)
+        return written
 
     def _rows(self, placements: Sequence[Placement], entry: TensorEntry, first: int, data: memoryview,
-              cols: int) -> None:
-        """Rows `first`.. of a checkpoint tensor (their bytes in `data`), converted and written where the
-        placements put them."""
+              row: int) -> int:
+        """Rows `first`.. of a checkpoint tensor (`row` bytes each, in `data`), converted and written where
+        the placements put them; returns the GGUF bytes written."""
         from ..compute.ggufquant import encode
 
-        source_row = len(data) // max(1, (count := _count(data, entry)))
+        count, written = len(data) // row, 0
         for p in placements:
             lo, hi = max(first, p.source_row), min(first + count, p.source_row + p.rows)
             if lo >= hi:
                 continue
             tensor = self.layout.tensors[p.tensor]
-            rows = data[(lo - first) * source_row:(hi - first) * source_row]
             where = self._data_start + tensor.offset + (p.dest_row + lo - p.source_row) * tensor.row_bytes
             try:
-                for part in encode(rows, entry.dtype, cols, tensor.ggml_type, finite=self._finite):
-                    self._write(part, where)
-                    where += len(part)
+                for part in encode(data[(lo - first) * row:(hi - first) * row], entry.dtype, tensor.shape[-1],
+                                   tensor.ggml_type, finite=self._finite):
+                    self._out.write(part.cast("B"), where)
+                    where, written = where + len(part), written + len(part)
             except NonFiniteError as e:
                 raise NonFiniteError(f"tensor {entry.name!r} ({tensor.name}, {tensor.ggml_type}) {e}; write "
                                      f"--outtype bf16, or pass allow_nonfinite=True / --allow-nonfinite to write "
                                      f"the Inf anyway") from e
+        return written
 
     def _write(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
@@ -175,6 +193,7 @@ class GGUFSink:
     def _finish(self) -> None:
         """Pad the file to its full size, sync it and move it to `dest`."""
         size = self._data_start + self.layout.data_bytes
+        self._out.flush()
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
@@ -204,12 +223,54 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-def _rows_of(entry: TensorEntry) -> int:
-    rows = 1
-    for n in entry.shape[:-1]:
-        rows *= n
-    return rows
+class _Converter:
+    """The converter thread: takes `(entry, placements, piece, path)` and, after a shard's last piece, its
+    `ShardStream`, in order, from a short queue. A computed block's ring buffer is released once converted
+    and written, so the ring bounds what waits. An error on the thread is raised by the next `put` or by
+    `close`; after it the thread only releases what it is handed, so the caller never waits on a full queue."""
+
+    def __init__(self, sink: GGUFSink, advance: Callable[[int], None]) -> None:
+        self.sink, self.advance = sink, advance
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="qwen-merge-gguf", daemon=True)
+
+    def __enter__(self) -> _Converter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive():  # an error on the caller's side: stop after what is queued
+            self.queue.put(_STOP)
+            self.thread.join()
+
+    def put(self, item: object) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Wait for everything queued to be written; raise the thread's error."""
+        self.queue.put(_STOP)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not _STOP:
+            if self.error is not None:
+                _release(item)
+                continue
+            try:
+                if isinstance(item, tuple):
+                    self.advance(self.sink._piece(*item))
+                else:
+                    self.sink._shard_written(item)
+            except BaseException as e:  # kept for the caller's thread, which raises it
+                self.error = e
+                _release(item)
 
 
-def _count(data: memoryview, entry: TensorEntry) -> int:
-    return len(data) * _rows_of(entry) // entry.nbytes if entry.nbytes else 0
+def _release(item: object) -> None:
+    if isinstance(item, tuple) and isinstance(item[2], Block):
+        item[2].release()

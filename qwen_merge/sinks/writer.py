@@ -455,7 +455,7 @@ class _Disk:
         elif kind is _Begin:
             self.shard = item.shard
             self.fd = os.open(self.shard.part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            self.direct = _open_direct(self.shard.part)
+            self.direct = open_direct(self.shard.part)
         elif kind is _End:
             self.close()
             _set(item.shard.written, item.shard.length)
@@ -476,9 +476,9 @@ class _Disk:
     def _write(self, chunk: _Chunk) -> None:
         whole = chunk.fill - chunk.fill % ALIGN if self.direct >= 0 else 0
         if whole:
-            _write_all(self.direct, chunk.view[:whole], chunk.offset, self.shard.part)
+            write_all(self.direct, chunk.view[:whole], chunk.offset, self.shard.part)
         if whole < chunk.fill:  # the unaligned end of a shard, or no O_DIRECT here: through the page cache
-            _write_all(self.fd, chunk.view[whole:chunk.fill], chunk.offset + whole, self.shard.part)
+            write_all(self.fd, chunk.view[whole:chunk.fill], chunk.offset + whole, self.shard.part)
         self.on_bytes(chunk.fill)
 
 
@@ -510,7 +510,7 @@ class _Hasher:
         pass
 
 
-def _open_direct(path: Path) -> int:
+def open_direct(path: Path) -> int:
     """A second descriptor of the new `.part` file, for writes that bypass the page cache; -1 where the
     filesystem does not offer them (tmpfs, some network filesystems)."""
     if not hasattr(os, "O_DIRECT"):
@@ -523,7 +523,7 @@ def _open_direct(path: Path) -> int:
         raise write_error(path, e) from e
 
 
-def _write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+def write_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
     done = 0
     try:
         while done < len(data):
