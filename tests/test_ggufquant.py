@@ -67,3 +67,16 @@ def test_a_value_that_becomes_inf_in_f16_is_refused_when_asked(monkeypatch):
     parts = list(encode(raw, "BF16", 64, "Q8_0"))
     assert len(parts) == 6
     assert b"".join(parts) == gguf.quants.quantize(y.float().numpy(), QTYPES["Q8_0"]).tobytes()
+
+
+def test_q8_0_rounds_halves_away_from_zero_and_values_just_below_them_down():
+    """A block whose largest magnitude is 127 has scale 1, so its values are rounded as they are: the
+    halves, and the floats just below and above them, are where rounding rules differ."""
+    below_half = np.nextafter(np.float32(0.5), np.float32(0))
+    values = [127.0, 0.5, -0.5, 1.5, 2.5, 126.5, -126.5, float(below_half), -float(below_half),
+              float(np.nextafter(np.float32(2.5), np.float32(0))), float(np.nextafter(np.float32(2.5), np.float32(3))),
+              float(np.nextafter(np.float32(126.5), np.float32(0))), 0.0, -0.0, 3.0, 64.5]
+    x = torch.tensor((values * 2)[:32], dtype=torch.float32).reshape(1, 32)
+    ours = b"".join(encode(memoryview(x.view(torch.uint8).numpy()).cast("B"), "F32", 32, "Q8_0"))
+    assert ours == gguf.quants.quantize(x.numpy(), QTYPES["Q8_0"]).tobytes()
+    assert list(np.frombuffer(ours[2:18], np.int8)) == [127, 1, -1, 2, 3, 127, -127, 0, 0, 2, 3, 126, 0, 0, 3, 65]

@@ -36,7 +36,7 @@ def test_scattered_writes_land_where_they_were_written(tmp_path, monkeypatch, di
         cut = rng.randrange(0, sizes[k])
         writer.write(memoryview(data)[:cut], offsets[k])
         writer.write(memoryview(data)[cut:], offsets[k] + cut)
-    writer.flush()
+    writer.wait()
     writer.close()
     os.ftruncate(fd, at)
     os.close(fd)

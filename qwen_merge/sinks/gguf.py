@@ -89,6 +89,7 @@ class GGUFSink:
         self._data_start = start = _aligned(len(header))
         self._write(memoryview(header), 0)
         tensors = self.layout.tensors
+        self._resize(start + self.layout.data_bytes)  # direct writes inside the file, not extending it, are cheap
         padding = {start + a.offset + a.nbytes: start + b.offset for a, b in zip(tensors, tensors[1:])}
         self._out = self._stack.enter_context(closing(ScatterWriter(self.path, self.fd, padding)))
         bar = progress_bar(self.layout.data_bytes, "writing GGUF", enabled=self.progress)
@@ -105,7 +106,7 @@ class GGUFSink:
 
     def _shard_written(self, stream: ShardStream) -> None:
         """On the converter thread: every piece of the shard is written; sync and record it."""
-        self._out.flush()
+        self._out.wait()
         self._sync()
         self.state.record(stream.shard.name, self.layout.shard_bytes[stream.shard.name], None)
         stream.finished()
@@ -155,9 +156,18 @@ class GGUFSink:
               row: int) -> int:
         """Rows `first`.. of a checkpoint tensor (`row` bytes each, in `data`), converted and written where
         the placements put them; returns the GGUF bytes written."""
+        written = 0
+        for part, where in self._parts(placements, entry, first, data, row):
+            self._out.write(part, where)
+            written += len(part)
+        return written
+
+    def _parts(self, placements: Sequence[Placement], entry: TensorEntry, first: int, data: memoryview,
+               row: int) -> Iterator[tuple[memoryview, int]]:
+        """The GGUF bytes of rows `first`.. of a checkpoint tensor, each with the file offset it goes to."""
         from ..compute.ggufquant import encode
 
-        count, written = len(data) // row, 0
+        count = len(data) // row
         for p in placements:
             lo, hi = max(first, p.source_row), min(first + count, p.source_row + p.rows)
             if lo >= hi:
@@ -167,13 +177,12 @@ class GGUFSink:
             try:
                 for part in encode(data[(lo - first) * row:(hi - first) * row], entry.dtype, tensor.shape[-1],
                                    tensor.ggml_type, finite=self._finite):
-                    self._out.write(part.cast("B"), where)
-                    where, written = where + len(part), written + len(part)
+                    yield part.cast("B"), where
+                    where += len(part)
             except NonFiniteError as e:
                 raise NonFiniteError(f"tensor {entry.name!r} ({tensor.name}, {tensor.ggml_type}) {e}; write "
                                      f"--outtype bf16, or pass allow_nonfinite=True / --allow-nonfinite to write "
                                      f"the Inf anyway") from e
-        return written
 
     def _write(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
@@ -181,6 +190,12 @@ class GGUFSink:
             while data:
                 written = os.pwrite(self.fd, data, offset)
                 data, offset = data[written:], offset + written
+        except OSError as e:
+            raise write_error(self.path, e) from e
+
+    def _resize(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
         except OSError as e:
             raise write_error(self.path, e) from e
 
@@ -193,7 +208,7 @@ class GGUFSink:
     def _finish(self) -> None:
         """Pad the file to its full size, sync it and move it to `dest`."""
         size = self._data_start + self.layout.data_bytes
-        self._out.flush()
+        self._out.wait()
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
@@ -257,6 +272,9 @@ class _Converter:
             raise self.error
 
     def _run(self) -> None:
+        from ..compute.ggufquant import one_thread
+
+        one_thread()
         while (item := self.queue.get()) is not _STOP:
             if self.error is not None:
                 _release(item)
