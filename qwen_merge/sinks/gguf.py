@@ -15,7 +15,6 @@ import math
 import os
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, closing
@@ -29,6 +28,7 @@ from ..planning.gguflayout import ALIGNMENT, GGML_TYPES, GGUFLayout, Placement
 from ..planning.memory import RING_SIZE
 from ..progress import progress_bar
 from .output import _fsync_dir, staging_folder, write_error
+from .ggufheader import header_bytes
 from .resume import ResumeRecord, ResumeState
 from .scatter import ScatterWriter
 
@@ -112,25 +112,8 @@ class GGUFSink:
         stream.finished()
 
     def _header(self) -> bytes:
-        """The header, metadata and tensor infos, as the `gguf` package's writer makes them."""
-        import gguf
-        import numpy
-
-        writer = gguf.GGUFWriter(path=None, arch=self.layout.arch)
-        for field in self.fields:
-            sub_type = gguf.GGUFValueType[field.item_kind] if field.item_kind else None
-            writer.add_key_value(field.key, field.value, gguf.GGUFValueType[field.kind], sub_type=sub_type)
-        for t in self.layout.tensors:
-            # the logical shape with a float dtype: the writer stores it as given (reversed, as ggml counts)
-            writer.add_tensor_info(t.name, t.shape, numpy.float32, t.nbytes,
-                                   raw_dtype=gguf.GGMLQuantizationType(GGML_TYPES[t.ggml_type]))
-        with tempfile.TemporaryDirectory(dir=self.path.parent) as scratch:
-            header = Path(scratch) / "header.gguf"
-            writer.write_header_to_file(path=header)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            writer.close()
-            return header.read_bytes()
+        """The header: metadata and tensor infos."""
+        return header_bytes(self.layout.arch, self.fields, self.layout.tensors, GGML_TYPES)
 
     def _piece(self, entry: TensorEntry, placements: Sequence[Placement] | None, piece: Piece, path: Path) -> int:
         """One piece of a checkpoint tensor converted and written; returns the GGUF bytes written. A copied

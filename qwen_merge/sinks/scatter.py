@@ -5,9 +5,10 @@ sometimes not (a MoE layer's experts go into three stacked tensors in turn).
 `ScatterWriter` gathers each run of adjacent writes in a page-aligned chunk, and its disk thread writes the
 chunk's whole 4 KiB pages with O_DIRECT and its ragged ends through the page cache while the next chunk
 fills, as the folder output's disk thread does: copying 8 GB into the page cache costs about 10
-CPU-seconds on a 2-core VM, direct writes almost none, but each waits for the device. The padding between two tensors continues a run (it is zeros, and nothing else is written there).
-A page is written either whole and directly, or in part and through the cache, never both ways: every
-byte of the file is written once, and a run's direct pages hold only that run's bytes.
+CPU-seconds on a 2-core VM, direct writes almost none, but each waits for the device. The padding between
+two tensors continues a run (it is zeros, and nothing else is written there). A page is written either
+whole and directly, or in part and through the cache, never both ways: every byte of the file is written
+once, and a run's direct pages hold only that run's bytes.
 """
 
 from __future__ import annotations
