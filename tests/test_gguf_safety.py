@@ -334,7 +334,7 @@ def test_a_full_disk_during_the_write_leaves_nothing(demo_inputs, tmp_path, monk
     monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(OutputError) as caught:
         merge_shards(base, adapter, dest, progress=False)
-    assert len(calls) == 4 and "space" in str(caught.value).lower(), caught.value
+    assert len(calls) >= 4 and "space" in str(caught.value).lower(), caught.value  # one per converter after it
     nothing_at(dest)
     calls.clear()
     line = in_process_error_line(in_process_cli(capsys, "merge", base, adapter, dest, "--quiet"))

@@ -16,8 +16,8 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # for annotations only
     from .base import ShardStream
 
 READ_BYTES = 8 << 20  # the span of unchanged bytes read and converted at once
-QUEUE_ITEMS = 8  # pieces waiting for the converter thread
+QUEUE_ITEMS = 4  # pieces waiting for each converter thread
+LANES = 2  # converter threads: Q8_0 takes more CPU than the merge, and spreads over both cores
 _STOP = object()  # the end of the converter's queue
 
 
@@ -83,17 +84,16 @@ class GGUFSink:
         return (64 << 20) + self.layout.data_bytes - sum(self.layout.shard_bytes[name] for name in self.state.done)
 
     def consume(self, streams: Iterator[ShardStream]) -> None:
-        """The header, then every piece handed to the converter thread as it is computed: the caller's
-        thread merges while the other converts and writes (two cores, as the folder output's writer uses)."""
+        """The header, then every piece handed to a converter thread as it is computed: the caller's thread
+        merges while the converters convert and write (Q8_0 costs more CPU than the merge itself)."""
         header = self._header()
         self._data_start = start = _aligned(len(header))
         self._write(memoryview(header), 0)
         tensors = self.layout.tensors
         self._resize(start + self.layout.data_bytes)  # direct writes inside the file, not extending it, are cheap
         padding = {start + a.offset + a.nbytes: start + b.offset for a, b in zip(tensors, tensors[1:])}
-        self._out = self._stack.enter_context(closing(ScatterWriter(self.path, self.fd, padding)))
         bar = progress_bar(self.layout.data_bytes, "writing GGUF", enabled=self.progress)
-        with bar, _Converter(self, bar.update) as converter:
+        with bar, _Converter(self, padding, bar.update) as converter:
             bar.update(sum(self.layout.shard_bytes[name] for name in self.state.done))
             for stream in streams:
                 for entry, pieces in stream.tensors():
@@ -105,8 +105,7 @@ class GGUFSink:
         self._finish()
 
     def _shard_written(self, stream: ShardStream) -> None:
-        """On the converter thread: every piece of the shard is written; sync and record it."""
-        self._out.wait()
+        """On the finisher thread: every piece of the shard is written; sync and record it."""
         self._sync()
         self.state.record(stream.shard.name, self.layout.shard_bytes[stream.shard.name], None)
         stream.finished()
@@ -115,14 +114,15 @@ class GGUFSink:
         """The header: metadata and tensor infos."""
         return header_bytes(self.layout.arch, self.fields, self.layout.tensors, GGML_TYPES)
 
-    def _piece(self, entry: TensorEntry, placements: Sequence[Placement] | None, piece: Piece, path: Path) -> int:
+    def _piece(self, entry: TensorEntry, placements: Sequence[Placement] | None, piece: Piece, path: Path,
+               out: ScatterWriter) -> int:
         """One piece of a checkpoint tensor converted and written; returns the GGUF bytes written. A copied
         tensor is one span from its first byte; a computed one comes as blocks of whole rows. A tensor the
         file leaves out (no placements) is dropped."""
         row = entry.nbytes // max(1, math.prod(entry.shape[:-1]))  # bytes of one checkpoint row
         if isinstance(piece, Block):
             try:
-                return self._rows(placements, entry, piece.offset // row, piece.data, row) if placements else 0
+                return self._rows(placements, entry, piece.offset // row, piece.data, row, out) if placements else 0
             finally:
                 piece.release()
         written = 0
@@ -132,16 +132,16 @@ class GGUFSink:
             for start in range(0, piece.length, step):
                 view = buffer[:min(step, piece.length - start)]
                 read_exact(piece.fd, view, piece.offset + start, path)
-                written += self._rows(placements, entry, start // row, view, row)
+                written += self._rows(placements, entry, start // row, view, row, out)
         return written
 
     def _rows(self, placements: Sequence[Placement], entry: TensorEntry, first: int, data: memoryview,
-              row: int) -> int:
+              row: int, out: ScatterWriter) -> int:
         """Rows `first`.. of a checkpoint tensor (`row` bytes each, in `data`), converted and written where
         the placements put them; returns the GGUF bytes written."""
         written = 0
         for part, where in self._parts(placements, entry, first, data, row):
-            self._out.write(part, where)
+            out.write(part, where)
             written += len(part)
         return written
 
@@ -191,7 +191,6 @@ class GGUFSink:
     def _finish(self) -> None:
         """Pad the file to its full size, sync it and move it to `dest`."""
         size = self._data_start + self.layout.data_bytes
-        self._out.wait()
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
@@ -221,52 +220,105 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-class _Converter:
-    """The converter thread: takes `(entry, placements, piece, path)` and, after a shard's last piece, its
-    `ShardStream`, in order, from a short queue. A computed block's ring buffer is released once converted
-    and written, so the ring bounds what waits. An error on the thread is raised by the next `put` or by
-    `close`; after it the thread only releases what it is handed, so the caller never waits on a full queue."""
+class _ShardEnd:
+    """A shard's end, sent to every lane: the last lane to reach it (each having written its pieces of the
+    shard) syncs and records the shard."""
 
-    def __init__(self, sink: GGUFSink, advance: Callable[[int], None]) -> None:
-        self.sink, self.advance = sink, advance
+    def __init__(self, stream: ShardStream, lanes: int) -> None:
+        self.stream, self._left, self._lock = stream, lanes, threading.Lock()
+
+    def arrive(self) -> bool:
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
+
+
+class _Lane:
+    """One converter thread with its queue and its writer (a disk thread of its own)."""
+
+    def __init__(self, converter: _Converter, sink: GGUFSink, padding: Mapping[int, int]) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_ITEMS)
+        self.out = ScatterWriter(sink.path, sink.fd, padding)
+        self.thread = threading.Thread(target=converter.run, args=(self,), name="qwen-merge-gguf", daemon=True)
+
+
+class _Converter:
+    """The converter threads (`LANES`), each taking `(entry, placements, piece, path)` from its short queue
+    (a piece goes to the emptiest) and writing at the piece's place, which no other piece shares; a
+    shard's `ShardStream` goes to every lane after its pieces. A computed block's ring buffer is released
+    once converted and written, so the ring bounds what waits. An error on a lane is raised by the next
+    `put` or by `close`; after it the lanes only release what they are handed, so the caller never waits
+    on a full queue."""
+
+    def __init__(self, sink: GGUFSink, padding: Mapping[int, int], advance: Callable[[int], None]) -> None:
+        self.sink, self.advance = sink, advance
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="qwen-merge-gguf", daemon=True)
+        self.lanes = [_Lane(self, sink, padding) for _ in range(LANES)]
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()  # shards written, to sync and record
+        self.finisher = threading.Thread(target=self._finish, name="qwen-merge-gguf-sync", daemon=True)
 
     def __enter__(self) -> _Converter:
-        self.thread.start()
+        for lane in self.lanes:
+            lane.thread.start()
+        self.finisher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.thread.is_alive():  # an error on the caller's side: stop after what is queued
-            self.queue.put(_STOP)
-            self.thread.join()
+        self._stop()  # after an error on the caller's side: stop after what is queued
 
     def put(self, item: object) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(item)
+        if isinstance(item, tuple):
+            min(self.lanes, key=lambda lane: lane.queue.qsize()).queue.put(item)
+        else:
+            end = _ShardEnd(item, len(self.lanes))
+            for lane in self.lanes:
+                lane.queue.put(end)
 
     def close(self) -> None:
-        """Wait for everything queued to be written; raise the thread's error."""
-        self.queue.put(_STOP)
-        self.thread.join()
+        """Wait for everything queued to be written; raise a lane's error."""
+        self._stop()
         if self.error is not None:
             raise self.error
 
-    def _run(self) -> None:
+    def _stop(self) -> None:
+        for lane in self.lanes:
+            if lane.thread.is_alive():
+                lane.queue.put(_STOP)
+        for lane in self.lanes:
+            if lane.thread.ident is not None:
+                lane.thread.join()
+            lane.out.close()
+        if self.finisher.is_alive():
+            self.finished.put(_STOP)
+            self.finisher.join()
+
+    def _finish(self) -> None:
+        """The finisher thread: each written shard synced and recorded while the lanes go on (a sync waits
+        for the device)."""
+        while (stream := self.finished.get()) is not _STOP:
+            try:
+                if self.error is None:
+                    self.sink._shard_written(stream)
+            except BaseException as e:  # kept for the caller's thread, which raises it
+                self.error = e
+
+    def run(self, lane: _Lane) -> None:
         from ..compute.ggufquant import one_thread
 
         one_thread()
-        while (item := self.queue.get()) is not _STOP:
+        while (item := lane.queue.get()) is not _STOP:
             if self.error is not None:
                 _release(item)
                 continue
             try:
                 if isinstance(item, tuple):
-                    self.advance(self.sink._piece(*item))
+                    self.advance(self.sink._piece(*item, lane.out))
                 else:
-                    self.sink._shard_written(item)
+                    lane.out.wait()
+                    if item.arrive():
+                        self.finished.put(item.stream)
             except BaseException as e:  # kept for the caller's thread, which raises it
                 self.error = e
                 _release(item)
