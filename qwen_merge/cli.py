@@ -258,9 +258,11 @@ def _plan(args: argparse.Namespace) -> int:
             document["gguf"] = gguf_dict(layout)
         print(json.dumps(document, indent=2))
         return 0
-    print(render(plan, detail=args.detail))
-    if layout is not None:
-        print("\n".join(gguf_lines(layout, args.out)))
+    text = render(plan, detail=args.detail)
+    if layout is not None:  # the file replaces the folder's line
+        text = "\n".join([*(line for line in text.splitlines() if not line.startswith("output:")),
+                          *gguf_lines(layout, args.out)])
+    print(text)
     if args.push_to_hub:
         push = _push_figures(plan, args.push_to_hub)
         print(f"push to {push['repo']}: uploads {human_bytes(push['upload_bytes'])} in one commit; disk without "

@@ -90,16 +90,15 @@ class GGUFSink:
         self._data_start = start = _aligned(len(header))
         self._write(memoryview(header), 0)
         tensors = self.layout.tensors
-        self._resize(start + self.layout.data_bytes)  # direct writes inside the file, not extending it, are cheap
         padding = {start + a.offset + a.nbytes: start + b.offset for a, b in zip(tensors, tensors[1:])}
         bar = progress_bar(self.layout.data_bytes, "writing GGUF", enabled=self.progress)
         with bar, _Converter(self, padding, bar.update) as converter:
             bar.update(sum(self.layout.shard_bytes[name] for name in self.state.done))
             for stream in streams:
                 for entry, pieces in stream.tensors():
-                    placements = self.layout.placements.get(entry.name)
-                    for piece in pieces:
-                        converter.put((entry, placements, piece, stream.shard.source.path))
+                    placements, lane = self.layout.placements.get(entry.name), converter.lane()
+                    for piece in pieces:  # a tensor's pieces to one lane: its writes stay one run
+                        converter.put((entry, placements, piece, stream.shard.source.path), lane)
                 converter.put(stream)
             converter.close()
         self._finish()
@@ -176,12 +175,6 @@ class GGUFSink:
         except OSError as e:
             raise write_error(self.path, e) from e
 
-    def _resize(self, size: int) -> None:
-        try:
-            os.ftruncate(self.fd, size)
-        except OSError as e:
-            raise write_error(self.path, e) from e
-
     def _sync(self) -> None:
         try:
             os.fdatasync(self.fd)
@@ -243,17 +236,18 @@ class _Lane:
 
 
 class _Converter:
-    """The converter threads (`LANES`), each taking `(entry, placements, piece, path)` from its short queue
-    (a piece goes to the emptiest) and writing at the piece's place, which no other piece shares; a
-    shard's `ShardStream` goes to every lane after its pieces. A computed block's ring buffer is released
-    once converted and written, so the ring bounds what waits. An error on a lane is raised by the next
-    `put` or by `close`; after it the lanes only release what they are handed, so the caller never waits
-    on a full queue."""
+    """The converter threads (`LANES` for Q8_0, else one), each taking `(entry, placements, piece, path)` from
+    its short queue (a tensor goes to the emptiest) and writing at the piece's place, which no other piece
+    shares; a shard's `ShardStream` goes to every lane after its pieces. A computed block's ring buffer is
+    released once converted and written, so the ring bounds what waits. An error on a lane is raised by
+    the next `put` or by `close`; after it the lanes only release what they are handed, so the caller never
+    waits on a full queue."""
 
     def __init__(self, sink: GGUFSink, padding: Mapping[int, int], advance: Callable[[int], None]) -> None:
         self.sink, self.advance = sink, advance
         self.error: BaseException | None = None
-        self.lanes = [_Lane(self, sink, padding) for _ in range(LANES)]
+        lanes = LANES if sink.layout.outtype == "q8_0" else 1  # other types convert faster than they merge
+        self.lanes = [_Lane(self, sink, padding) for _ in range(lanes)]
         self.finished: queue.SimpleQueue = queue.SimpleQueue()  # shards written, to sync and record
         self.finisher = threading.Thread(target=self._finish, name="qwen-merge-gguf-sync", daemon=True)
 
@@ -266,11 +260,16 @@ class _Converter:
     def __exit__(self, *exc: object) -> None:
         self._stop()  # after an error on the caller's side: stop after what is queued
 
-    def put(self, item: object) -> None:
+    def lane(self) -> _Lane:
+        """The lane with the shortest queue."""
+        return min(self.lanes, key=lambda lane: lane.queue.qsize())
+
+    def put(self, item: object, lane: _Lane | None = None) -> None:
+        """A piece, to `lane`; or a shard's stream, to every lane."""
         if self.error is not None:
             raise self.error
         if isinstance(item, tuple):
-            min(self.lanes, key=lambda lane: lane.queue.qsize()).queue.put(item)
+            lane.queue.put(item)
         else:
             end = _ShardEnd(item, len(self.lanes))
             for lane in self.lanes:
