@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # for annotations only
 
 READ_BYTES = 8 << 20  # the span of unchanged bytes read and converted at once
 QUEUE_ITEMS = 4  # pieces waiting for each converter thread
-LANES = 2  # converter threads: Q8_0 takes more CPU than the merge, and spreads over both cores
+LANES = 2  # converter threads: Q8_0 takes more CPU than the merge; bf16 measured faster with two as well
 _STOP = object()  # the end of the converter's queue
 
 
@@ -96,9 +96,9 @@ class GGUFSink:
             bar.update(sum(self.layout.shard_bytes[name] for name in self.state.done))
             for stream in streams:
                 for entry, pieces in stream.tensors():
-                    placements, lane = self.layout.placements.get(entry.name), converter.lane()
-                    for piece in pieces:  # a tensor's pieces to one lane: its writes stay one run
-                        converter.put((entry, placements, piece, stream.shard.source.path), lane)
+                    placements = self.layout.placements.get(entry.name)
+                    for piece in pieces:
+                        converter.put((entry, placements, piece, stream.shard.source.path))
                 converter.put(stream)
             converter.close()
         self._finish()
@@ -236,8 +236,8 @@ class _Lane:
 
 
 class _Converter:
-    """The converter threads (`LANES` for Q8_0, else one), each taking `(entry, placements, piece, path)` from
-    its short queue (a tensor goes to the emptiest) and writing at the piece's place, which no other piece
+    """The converter threads (`LANES`), each taking `(entry, placements, piece, path)` from
+    its short queue (a piece goes to the emptiest) and writing at the piece's place, which no other piece
     shares; a shard's `ShardStream` goes to every lane after its pieces. A computed block's ring buffer is
     released once converted and written, so the ring bounds what waits. An error on a lane is raised by
     the next `put` or by `close`; after it the lanes only release what they are handed, so the caller never
@@ -246,8 +246,7 @@ class _Converter:
     def __init__(self, sink: GGUFSink, padding: Mapping[int, int], advance: Callable[[int], None]) -> None:
         self.sink, self.advance = sink, advance
         self.error: BaseException | None = None
-        lanes = LANES if sink.layout.outtype == "q8_0" else 1  # other types convert faster than they merge
-        self.lanes = [_Lane(self, sink, padding) for _ in range(lanes)]
+        self.lanes = [_Lane(self, sink, padding) for _ in range(LANES)]
         self.finished: queue.SimpleQueue = queue.SimpleQueue()  # shards written, to sync and record
         self.finisher = threading.Thread(target=self._finish, name="qwen-merge-gguf-sync", daemon=True)
 
@@ -260,16 +259,13 @@ class _Converter:
     def __exit__(self, *exc: object) -> None:
         self._stop()  # after an error on the caller's side: stop after what is queued
 
-    def lane(self) -> _Lane:
-        """The lane with the shortest queue."""
-        return min(self.lanes, key=lambda lane: lane.queue.qsize())
-
-    def put(self, item: object, lane: _Lane | None = None) -> None:
-        """A piece, to `lane`; or a shard's stream, to every lane."""
+    def put(self, item: object) -> None:
+        """A piece, to the lane with the shortest queue (Q8_0's pieces cost more than the merge made them);
+        or a shard's stream, to every lane."""
         if self.error is not None:
             raise self.error
         if isinstance(item, tuple):
-            lane.queue.put(item)
+            min(self.lanes, key=lambda lane: lane.queue.qsize()).queue.put(item)
         else:
             end = _ShardEnd(item, len(self.lanes))
             for lane in self.lanes:
