@@ -28,7 +28,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_merge import drop_caches, run_timed  # noqa: E402 - benchmarks/ is the script's folder
+from bench_ab import cpu_model  # benchmarks/ is the script's folder
+from bench_merge import drop_caches, run_timed
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache"
@@ -142,13 +143,6 @@ def report(results: dict[str, list[dict]], gb: float, args) -> None:
         vs_cp = f"{med[name] / med['cp']:.2f}" if "cp" in med else "—"
         print(f"| {name} | {med[name]:.2f} ({min(walls):.2f}–{max(walls):.2f}) | {vs_st} | {vs_cp} | {cpu:.1f} | "
               f"{cpu / gb:.2f} | {anon:.0f} |")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

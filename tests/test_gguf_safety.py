@@ -33,14 +33,14 @@ from builders import (Streamed, SynthSpec, copy_tree, edit_json, edit_tensors, f
                       in_process_error_line, one_error_line, run_cli, run_python, start_cli, tree_hash,
                       write_checkpoint, write_linear_pair, write_lora_adapter, write_synthetic_fused_adapter,
                       write_synthetic_moe)
+from test_memory import COLS, RANK, ROWS
+from test_memory import merge_in_limited_child as memory_child
 
 from qwen_merge import merge_shards
 from qwen_merge.demo import _write_tokenizer
 from qwen_merge.errors import NonFiniteError, OptionError, OutputError, QwenMergeError
 
 STATE = "qwen_merge.partial.json"
-ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16 per merged tensor, as in test_memory.py
-LIMIT_MIB = 600
 REAL_PWRITE = os.pwrite  # the tests wrap it to count writes or to fail one
 
 
@@ -70,44 +70,10 @@ def nothing_at(dest: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Memory: merges in a child process under RLIMIT_DATA
 
-CHILD = textwrap.dedent("""
-    import json, resource, sys, threading, time
-    import gguf, gguf.quants
-    import qwen_merge
-    import qwen_merge.compute.ggufquant, qwen_merge.compute.stream, qwen_merge.sinks.gguf
-    from qwen_merge import merge_shards
-
-    def anon_kib():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-
-    limit = int(sys.argv[4]) << 20
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    open("/proc/self/clear_refs", "w").write("5")
-    baseline, peak, done = anon_kib(), [0], []
-
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon_kib())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], outtype=sys.argv[5], progress=False)
-    finally:
-        done.append(1)
-        sampler.join()
-    print(json.dumps({"baseline_mib": baseline / 1024, "peak_mib": peak[0] / 1024}))
-""")
-
-
 def merge_in_limited_child(base: Path, adapter: Path, out: Path, outtype: str) -> float:
     """Merge into the GGUF file `out` in a child process under RLIMIT_DATA; its anonymous growth (MiB)."""
-    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, outtype, capture_output=True, text=True)
-    assert child.returncode == 0, child.stderr[-2000:]
-    numbers = json.loads(child.stdout.strip().splitlines()[-1])
+    numbers = memory_child(base, adapter, out, outtype=outtype,
+                           preload=["gguf", "gguf.quants", "qwen_merge.compute.ggufquant", "qwen_merge.sinks.gguf"])
     return numbers["peak_mib"] - numbers["baseline_mib"]
 
 

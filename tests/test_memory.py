@@ -23,10 +23,14 @@ ROWS, COLS, RANK = 32768, 4096, 16  # 256 MiB of bf16
 LIMIT_MIB = 600
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys, threading, time
+    import importlib, json, resource, sys, threading, time
     import qwen_merge
     import qwen_merge.compute.stream  # torch and the compute code, which the merge imports when it computes
     from qwen_merge import merge_shards
+
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # merge_shards' keyword arguments
+    for module in options.pop("preload", []):  # imported before the baseline, as compute.stream is
+        importlib.import_module(module)
 
     def anon_kib():
         for line in open("/proc/self/status"):
@@ -46,8 +50,7 @@ CHILD = textwrap.dedent("""
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        report = merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False,
-                              dtype=sys.argv[5] if len(sys.argv) > 5 else None)
+        report = merge_shards(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, **options)
     finally:
         done.append(1)
         sampler.join()
@@ -66,9 +69,10 @@ def _build(tmp_path):
     return base, adapter
 
 
-def _merge_in_limited_child(base, adapter, out, *dtype: str) -> dict:
-    """Merge in a child process under RLIMIT_DATA (with `dtype=`, if given); its memory figures (MiB)."""
-    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, *dtype, capture_output=True, text=True)
+def merge_in_limited_child(base, adapter, out, **options) -> dict:
+    """Merge in a child process under RLIMIT_DATA with merge_shards' keyword `options` (and `preload`: modules
+    imported before the baseline is taken); its memory figures (MiB)."""
+    child = run_python(CHILD, base, adapter, out, LIMIT_MIB, json.dumps(options), capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-2000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -76,7 +80,7 @@ def _merge_in_limited_child(base, adapter, out, *dtype: str) -> dict:
 def test_merge_runs_under_a_data_limit_smaller_than_a_tensor_in_fp32(tmp_path):
     base, adapter = _build(tmp_path)
     out = tmp_path / "out"
-    numbers = _merge_in_limited_child(base, adapter, out)
+    numbers = merge_in_limited_child(base, adapter, out)
     growth = numbers["peak_mib"] - numbers["baseline_mib"]
     print(f"anonymous memory: baseline {numbers['baseline_mib']:.0f} MiB, peak {numbers['peak_mib']:.0f} MiB "
           f"(+{growth:.0f} MiB) for a 256 MiB bf16 tensor merged in 8 MiB fp32 row blocks; "
@@ -91,7 +95,7 @@ def test_an_fp32_output_in_float64_stays_within_its_prediction(tmp_path):
     """The same bf16 tensors written as fp32 (`dtype="float32"`): merged in float64 from the split factors,
     with float64 scratch, 8 MiB fp32 blocks in the ring; under the limit and within the prediction."""
     base, adapter = _build(tmp_path)
-    numbers = _merge_in_limited_child(base, adapter, tmp_path / "out", "float32")
+    numbers = merge_in_limited_child(base, adapter, tmp_path / "out", dtype="float32")
     growth = numbers["peak_mib"] - numbers["baseline_mib"]
     print(f"fp32 output: +{growth:.0f} MiB; VmHWM {numbers['hwm_mib']:.0f} MiB, "
           f"predicted {numbers['predicted_mib']:.0f} MiB")
@@ -126,7 +130,7 @@ def test_fp8_merge_runs_under_the_same_data_limit(tmp_path):
     prediction, and requantizes the weight (new scales, new bytes)."""
     base, adapter = _build_fp8(tmp_path)
     out = tmp_path / "out"
-    numbers = _merge_in_limited_child(base, adapter, out)
+    numbers = merge_in_limited_child(base, adapter, out)
     growth = numbers["peak_mib"] - numbers["baseline_mib"]
     print(f"FP8 anonymous memory: +{growth:.0f} MiB for a 128 MiB e4m3 tensor (512 MiB as fp32); "
           f"VmHWM {numbers['hwm_mib']:.0f} MiB, predicted {numbers['predicted_mib']:.0f} MiB")
@@ -144,7 +148,7 @@ def test_batched_experts_stay_within_their_prediction(tmp_path):
     spec = SynthSpec(layers=8, experts=128, hidden=128, moe_intermediate=64, vocab=4096, shards=4)
     base = write_synthetic_moe(tmp_path / "moe-base", spec)
     adapter = write_synthetic_fused_adapter(tmp_path / "moe-adapter", spec, r=8, alpha=16)
-    numbers = _merge_in_limited_child(base, adapter, tmp_path / "out")
+    numbers = merge_in_limited_child(base, adapter, tmp_path / "out")
     print(f"batched experts: {8 * 3 * 128} expert tensors, VmHWM {numbers['hwm_mib']:.0f} MiB, "
           f"predicted {numbers['predicted_mib']:.0f} MiB")
     assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers

@@ -18,9 +18,8 @@ from ..files import MANIFEST_NAME, MODEL_CONFIG
 from ..planning.manifest import FileStat, MergeIdentity, differences, manifest, read_manifest
 from ..planning.memory import RING_SIZE
 from ..progress import progress_bar
-from .output import (copy_side_file, partial_folder_of, publish, staging_folder, write_bytes, write_json,
-                     write_json_atomic)
-from .resume import ResumeRecord, ResumeState
+from .output import copy_side_file, partial_folder_of, publish, write_bytes, write_json, write_json_atomic
+from .resume import ResumeRecord, ResumeState, staged
 from .writer import ShardWriter
 
 if TYPE_CHECKING:  # for annotations only
@@ -45,11 +44,8 @@ class FolderSink:
 
     def __enter__(self) -> FolderSink:
         with self._stack as stack:
-            folder, fresh = stack.enter_context(staging_folder(self.dest, resume=self._resume))
-            self.folder = folder
-            record = self._run_record
-            self.state = ResumeState(folder, record) if fresh else ResumeState.load(folder, record)
-            self.state.save()
+            self.state = staged(stack, self.dest, self._run_record, resume=self._resume)
+            self.folder = self.state.path.parent
             self._stack = stack.pop_all()
         return self
 

@@ -27,9 +27,9 @@ from ..inputs.sources import read_exact
 from ..planning.gguflayout import ALIGNMENT, GGML_TYPES, GGUFLayout, Placement
 from ..planning.memory import RING_SIZE
 from ..progress import progress_bar
-from .output import _fsync_dir, staging_folder, write_error
 from .ggufheader import header_bytes
-from .resume import ResumeRecord, ResumeState
+from .output import _fsync_dir, write_error
+from .resume import ResumeRecord, staged
 from .scatter import ScatterWriter
 
 if TYPE_CHECKING:  # for annotations only
@@ -59,14 +59,12 @@ class GGUFSink:
 
     def __enter__(self) -> GGUFSink:
         with self._stack as stack:
-            folder, fresh = stack.enter_context(staging_folder(self.dest, resume=self._resume))
+            self.state = staged(stack, self.dest, self._run, resume=self._resume, shard_files=False)
+            folder = self.state.path.parent
             self.path = folder / self.dest.name
-            self.state = ResumeState(folder, self._run) if fresh else \
-                ResumeState.load(folder, self._run, shard_files=False)
             if self.state.done and not self.path.is_file():
                 raise OutputError(f"{self.path}: the interrupted merge recorded shards as written but its file is "
                                   f"missing; remove {folder} to start over")
-            self.state.save()
             self.fd = _open(self.path)
             stack.callback(os.close, self.fd)
             self._stack = stack.pop_all()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import OutputError
 from ..files import STATE_NAME, read_json
 from ..planning.manifest import Fields, FileStat, Kind, MergeIdentity, ShardRecord, differences
-from .output import write_json_atomic
+from .output import staging_folder, write_json_atomic
 
 STATS = Kind("an object of [size, mtime, inode] lists of integers",
              lambda v: isinstance(v, dict) and all(isinstance(s, list) and all(type(x) is int for x in s)
@@ -87,3 +88,13 @@ class ResumeState:
 
     def remove(self) -> None:
         self.path.unlink()
+
+
+def staged(stack: ExitStack, dest: Path, run: ResumeRecord, *, resume: bool, shard_files: bool = True) -> ResumeState:
+    """The partial folder beside `dest` entered on `stack` (`output.staging_folder`: an error removes one this
+    run created) and its resume state: a new one, or with `resume` the interrupted run's (`ResumeState.load`),
+    saved at once so a run killed from now on can be resumed."""
+    folder, fresh = stack.enter_context(staging_folder(dest, resume=resume))
+    state = ResumeState(folder, run) if fresh else ResumeState.load(folder, run, shard_files=shard_files)
+    state.save()
+    return state
