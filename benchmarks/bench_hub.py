@@ -79,8 +79,14 @@ def run_once(args: list[str], env: dict, cache: Path, out: Path) -> tuple[float,
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True)
+    return timed(args, env, cache, out.parent)
+
+
+def timed(args: list[str], env: dict, *watched: Path) -> tuple[float, int]:
+    """`qwen-merge ARGS --quiet` after a sync: wall seconds including a trailing sync, and the peak bytes
+    on disk under the `watched` folders."""
     subprocess.run("sync", shell=True, check=True)
-    sampler = PeakDisk(cache, out.parent)
+    sampler = PeakDisk(*watched)
     sampler.start()
     start = time.perf_counter()
     subprocess.run([*cli(), *args, "--quiet"], env=env, check=True)

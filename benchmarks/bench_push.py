@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from bench_hub import GB, PeakDisk, cli  # noqa: E402
+from bench_hub import GB, cli, timed  # noqa: E402
 from hubserver import FakeHub, hub_env  # noqa: E402
 
 TOKEN = "hf_bench_token"
@@ -46,14 +45,7 @@ def run_once(args: list[str], env: dict, work: Path) -> tuple[float, int]:
     for name in ("hf-cache", "hf-home", "out"):
         shutil.rmtree(work / name, ignore_errors=True)
         (work / name).mkdir()
-    subprocess.run("sync", shell=True, check=True)
-    sampler = PeakDisk(work / "hf-cache", work / "hf-home", work / "out")
-    sampler.start()
-    start = time.perf_counter()
-    subprocess.run([*cli(), *args, "--quiet"], env=env, check=True)
-    subprocess.run("sync", shell=True, check=True)
-    wall = time.perf_counter() - start
-    return wall, sampler.stop()
+    return timed(args, env, work / "hf-cache", work / "hf-home", work / "out")
 
 
 def resharded(base: Path, adapter: Path, size: str) -> Path:

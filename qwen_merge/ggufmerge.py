@@ -60,8 +60,7 @@ def merge_into_gguf(base: PathLike | None, adapter: PathLike, dest: Path, option
     with without_gc(), open_run(base, adapter, options, merging=True) as run:
         plan = run.plan
         layout = gguf_layout(plan, outtype)
-        if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
-            check_file_destination(dest, [plan.base.root, plan.adapter.root], overwrite=overwrite)
+        check_file_destination(dest, run.input_locations(base, adapter), overwrite=overwrite)  # where they are now
         ident = run.ready_to_write()
         check_not_merged_twice(ident, plan.base.root, force)
         fields = metadata(plan, layout)

@@ -86,7 +86,14 @@ class Run:
         paths did not say: a Hub input's snapshot folder, or BASE taken from the adapter's config."""
         plan = self.plan
         if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
-            check_destination(dest, _input_locations(base, adapter, plan), overwrite=overwrite, resume=resume)
+            check_destination(dest, self.input_locations(base, adapter), overwrite=overwrite, resume=resume)
+
+    def input_locations(self, base: PathLike | None, adapter: PathLike) -> list[Path]:
+        """The input locations a destination must stay out of, a Hub input's snapshot folder and BASE taken
+        from the adapter's config included."""
+        plan = self.plan
+        return [plan.base.root if plan.base.hub or base is None else Path(base),
+                plan.adapter.root if plan.adapter.hub else Path(adapter)]
 
     def write_into(self, sink: Sink[Result], dest: Path, needed: int, *, progress: bool, what: str) -> Result:
         """The shards `sink` lacks, computed on one thread and handed to it, after a check that `dest`'s
@@ -338,12 +345,6 @@ def local_inputs(base: PathLike | None, adapter: PathLike, options: MergeOptions
     if options.tokenizer not in TOKENIZER_CHOICES:  # a tokenizer folder is an input too
         local.append(Path(options.tokenizer))
     return local
-
-
-def _input_locations(base: PathLike | None, adapter: PathLike, plan: MergePlan) -> list[Path]:
-    """The input locations the destination must stay out of, a Hub input's snapshot folder included."""
-    return [plan.base.root if plan.base.hub or base is None else Path(base),
-            plan.adapter.root if plan.adapter.hub else Path(adapter)]
 
 
 def tell(plan: MergePlan) -> None:

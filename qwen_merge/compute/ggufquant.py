@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 import torch
 
+from ..dtypes import DTYPE_BITS
 from ..errors import NonFiniteError
 from ..planning.gguflayout import Q8_BLOCK, Q8_BLOCK_BYTES
+from .arithmetic import TORCH_DTYPES
 
-SOURCE_TYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 CHUNK_VALUES = 1 << 18  # values converted at once: 1 MiB of fp32, a few MiB with Q8_0's temporaries (cache-sized)
 _BF16_QUIET = 0x0040  # the quiet bit of a bf16 NaN
 _JUST_BELOW_HALF = 0.4999999701976776  # the largest fp32 below 0.5
@@ -39,7 +39,7 @@ def encode(data: memoryview, dtype: str, cols: int, ggml_type: str, *, finite: b
     of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size).
     `finite`: raise NonFiniteError where a finite value would become Inf (beyond float16's 65504 in F16, or
     a Q8_0 block scale beyond it), as a merge into a float16 folder does."""
-    size = DTYPE_BYTES[dtype]
+    size = DTYPE_BITS[dtype] // 8
     step = max(1, CHUNK_VALUES // max(1, cols)) * cols * size
     for start in range(0, len(data), step):
         yield _encode(data[start:start + step], dtype, ggml_type, finite)
@@ -48,7 +48,7 @@ def encode(data: memoryview, dtype: str, cols: int, ggml_type: str, *, finite: b
 def _encode(data: memoryview, dtype: str, ggml_type: str, finite: bool) -> memoryview:
     if dtype == "BF16" and ggml_type == "BF16":
         return _quiet_bf16(torch.frombuffer(data, dtype=torch.int16)).numpy().data
-    x = torch.frombuffer(data, dtype=SOURCE_TYPES[dtype]).to(torch.float32)
+    x = torch.frombuffer(data, dtype=TORCH_DTYPES[dtype]).to(torch.float32)
     if ggml_type == "F32":
         return x.numpy().data
     if ggml_type == "F16":

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..dtypes import FLOATS
 from ..errors import FormatError, MismatchError, OptionError
 from .ggufmeta import GGUF_ARCHITECTURES
 
@@ -34,7 +35,6 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # general.file_type (l
 GGML_TYPES = {"F32": 0, "F16": 1, "Q8_0": 8, "BF16": 30}  # the tensor types this output writes, by ggml id
 ALIGNMENT = 32  # GGUF's default: each tensor's data starts at a multiple of it
 Q8_BLOCK, Q8_BLOCK_BYTES = 32, 34  # Q8_0: 32 values in an fp16 scale and 32 int8
-SOURCE_FLOATS = ("BF16", "F16", "F32", "F64")  # checkpoint dtypes the converter reads as floats
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")  # the converter drops them
 EXPERT_WEIGHTS = ("down_proj", "gate_proj", "up_proj")  # the order the converter writes a layer's stacks in
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<weight>gate_proj|up_proj|down_proj)"
@@ -145,7 +145,7 @@ def gguf_layout(plan: MergePlan, outtype: str | None = None) -> GGUFLayout:
         if name.endswith(SKIPPED_SUFFIXES):
             builder.left_out.append(name)
             continue
-        if dtype not in SOURCE_FLOATS:
+        if dtype not in FLOATS:  # the checkpoint dtypes the converter reads as floats
             raise FormatError(f"{plan.base.root}: tensor {name} is {dtype}; a GGUF file is written from float "
                               f"tensors: pass --dtype bfloat16 (dtype='bfloat16') to dequantize the base first")
         builder.add(name, shape, lambda hf: _mapped(name_map, hf, name, plan))
@@ -258,5 +258,5 @@ def _ggml_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
         return "F32"
     if outtype == "q8_0" and shape[-1] % Q8_BLOCK:
         return "F16"
-    return {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[outtype]
+    return outtype.upper()  # f32, f16, bf16, q8_0: the GGML type's name
 

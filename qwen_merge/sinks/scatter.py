@@ -94,9 +94,11 @@ class ScatterWriter:
         self._raise()
 
     def close(self) -> None:
-        self.flush()
-        self._jobs.put(_STOP)
-        self._thread.join()
+        """Write what is buffered, end the disk thread, free the chunks; a second call does nothing more."""
+        if self._thread.is_alive():
+            self.flush()
+            self._jobs.put(_STOP)
+            self._thread.join()
         for chunk in self._chunks:
             chunk.close()
         if self.direct >= 0:
