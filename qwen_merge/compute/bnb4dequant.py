@@ -1,0 +1,56 @@
+"""bitsandbytes 4-bit dequantization, on spans of packed codes that start on an absmax block.
+
+A 4-bit weight of n values is stored as ceil(n/2) bytes, two codes per byte (the high nibble first), with
+one absmax per `blocksize` consecutive values of the flattened weight (a block may span rows). Its value is
+    W[i] = quant_map[code[i]] · absmax[i // blocksize]
+multiplied in fp32 (one rounding), then rounded to the output dtype: what bitsandbytes' `dequantize_4bit`
+computes. With double quantization the absmax are themselves 8-bit codes:
+    absmax[b] = nested_quant_map[q[b]] · nested_absmax[b // nested_blocksize] + nested_offset
+each step rounded to fp32, as bitsandbytes' `dequantize_blockwise` and its `+= offset` do.
+
+FP4's code 8 (sign bit, zero magnitude) is -0.0 in bitsandbytes' kernels (CUDA and CPU) where its stored
+quant_map says +0.0; it is read as -0.0, so an untouched zero keeps the sign those kernels give it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_NEGATIVE_ZERO = 8
+
+
+def code_table(quant_map: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The 16 values of the codes in fp32, FP4's code 8 as -0.0."""
+    table = quant_map.to(torch.float32).clone()
+    if quant_type == "fp4" and table[FP4_NEGATIVE_ZERO] == 0:
+        table[FP4_NEGATIVE_ZERO] = -0.0
+    return table
+
+
+def absmax32(absmax: torch.Tensor, nested_absmax: torch.Tensor | None = None,
+             nested_quant_map: torch.Tensor | None = None, nested_blocksize: int = 256,
+             nested_offset: float = 0.0) -> torch.Tensor:
+    """Every block's absmax in fp32: as stored (F32), or decoded from double quantization (U8 codes)."""
+    if nested_absmax is None:
+        return absmax.to(torch.float32)
+    values = nested_quant_map.to(torch.float32)[absmax.to(torch.int64)]
+    scales = nested_absmax.to(torch.float32).repeat_interleave(nested_blocksize)[:len(values)]
+    return values.mul_(scales).add_(torch.tensor(nested_offset, dtype=torch.float32))
+
+
+def dequantize(packed: torch.Tensor, first: int, count: int, table: torch.Tensor, absmax: torch.Tensor,
+               blocksize: int, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Values first .. first + count of the weight into `out` (fp32, `count` elements), from `packed`, the
+    bytes that hold them (uint8, starting with the byte of value `first`). `first` is a multiple of
+    `blocksize` (the planner's row blocks hold whole blocks), so every block of the span starts at a block of
+    `out`; the last may be cut short by the end of the weight. `index`: int32 scratch of 2·len(packed)."""
+    pairs = index[:2 * len(packed)].view(-1, 2)
+    torch.bitwise_right_shift(packed, 4, out=pairs[:, 0])
+    torch.bitwise_and(packed, 0xF, out=pairs[:, 1])
+    torch.index_select(table, 0, index[:count], out=out)
+    block0, whole = first // blocksize, count // blocksize
+    if whole:
+        out[:whole * blocksize].view(whole, blocksize).mul_(absmax[block0:block0 + whole].view(whole, 1))
+    if count > whole * blocksize:
+        out[whole * blocksize:].mul_(absmax[block0 + whole])
+    return out

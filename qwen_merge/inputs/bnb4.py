@@ -1,0 +1,119 @@
+"""The per-weight JSON of a bitsandbytes 4-bit checkpoint, read from its shards.
+
+transformers' `save_pretrained` of a `load_in_4bit` model stores beside each quantized weight `X.weight` a
+tensor `X.weight.quant_state.bitsandbytes__nf4` (or `__fp4`): a JSON document stored as uint8 bytes, which
+gives the weight's logical shape, dtype, block size and (with double quantization) the nested block size
+and offset. The planner needs the shape before it can lay out the output, so these small tensors are read
+here, once, when a base says it is bitsandbytes 4-bit; everything else comes from headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from ..errors import FormatError
+from .checkpoint import Checkpoint
+from .sources import read_exact
+
+STATE_MARK = ".quant_state.bitsandbytes__"  # X.weight + this + "nf4" | "fp4"
+QUANT_TYPES = ("nf4", "fp4")
+MAX_STATE_BYTES = 1 << 16  # a quant_state is ~200 bytes of JSON; anything far larger is not one
+
+
+@dataclass(frozen=True, slots=True)
+class QuantState:
+    """What the JSON says of one 4-bit weight: `quant_type` ("nf4" or "fp4"), values per absmax block,
+    the weight's dtype when it was quantized, its logical shape, and for double quantization the nested
+    block size and the offset added to every dequantized absmax (None without)."""
+
+    quant_type: str
+    blocksize: int
+    dtype: str
+    shape: tuple[int, ...]
+    nested_blocksize: int | None = None
+    nested_offset: float | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_blocksize is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def state_names(names) -> dict[str, str]:
+    """weight name -> the name of its quant_state tensor, for every quant_state among `names`."""
+    found = {}
+    for name in names:
+        weight, mark, kind = name.partition(STATE_MARK)
+        if mark and kind in QUANT_TYPES:
+            found[weight] = name
+    return found
+
+
+def read_quant_states(base: Checkpoint) -> dict[str, QuantState]:
+    """weight name -> its QuantState, for every quant_state tensor of `base` (read from disk; a Hub base's
+    shard is fetched only when it holds one and is not cached yet).
+
+    Raises:
+        FormatError: a quant_state that is not the JSON bitsandbytes writes (one line: file, tensor, what).
+    """
+    where = base.locations()
+    states = {}
+    for weight, name in state_names(where).items():
+        file, entry = where[name]
+        path = file.path
+        if base.hub is not None and not path.exists():
+            from .hub import fetch  # a Hub base's shard: its quant_states sit among its tensors
+
+            path = fetch(base.hub, path.name)
+        states[weight] = _parse(path, entry.name, _read(path, file.data_offset + entry.start, entry.nbytes),
+                                name.rsplit("__", 1)[1])
+    return states
+
+
+def _read(path, offset: int, nbytes: int) -> bytes:
+    if nbytes > MAX_STATE_BYTES:
+        raise FormatError(f"{path}: a bitsandbytes quant_state of {nbytes} bytes; expected a JSON document of a "
+                          f"few hundred bytes")
+    buffer = bytearray(nbytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_exact(fd, buffer, offset, path)
+    finally:
+        os.close(fd)
+    return bytes(buffer)
+
+
+def _parse(path, name: str, raw: bytes, kind: str) -> QuantState:
+    """The JSON of tensor `name`, checked field by field."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{path}: tensor {name!r} is not a bitsandbytes quant_state: {what}")
+
+    try:
+        doc = json.loads(raw.rstrip(b"\0").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"its bytes are not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise bad(f"expected a JSON object, found {type(doc).__name__}")
+    quant_type, blocksize, shape = doc.get("quant_type"), doc.get("blocksize"), doc.get("shape")
+    if quant_type != kind:
+        raise bad(f"quant_type {quant_type!r}, expected {kind!r} as its name says")
+    if type(blocksize) is not int or blocksize <= 0 or blocksize % 2:
+        raise bad(f"blocksize {blocksize!r}, expected a positive even integer (e.g. 64)")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)):
+        raise bad(f"shape {shape!r}, expected a list of positive integers")
+    nested = doc.get("nested_blocksize")
+    offset = doc.get("nested_offset")
+    if nested is not None:
+        if type(nested) is not int or nested <= 0 or not isinstance(offset, (int, float)):
+            raise bad(f"nested_blocksize {nested!r} and nested_offset {offset!r}, expected a positive integer "
+                      f"and a number")
+        offset = float(offset)
+    else:
+        offset = None
+    return QuantState(quant_type, blocksize, str(doc.get("dtype")), tuple(shape), nested, offset)
