@@ -95,9 +95,8 @@ ALLOWED = {
     "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
     "run": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
             "inputs.basemodel", "inputs.bnb4", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled",
-            "inputs.sources",
-            "options", "planning.fetchplan", "planning.manifest", "planning.plan", "planning.tokenizer", "progress",
-            "sinks.base", "sinks.output", "units"},
+            "inputs.sources", "options", "planning.fetchplan", "planning.manifest", "planning.plan",
+            "planning.tokenizer", "progress", "sinks.base", "sinks.output", "units"},
     "merge": {"errors", "ggufmerge", "options", "planning.manifest", "planning.plan", "run", "sinks.folder",
               "sinks.output", "sinks.tensors"},
     "ggufmerge": {"errors", "options", "planning.ggufmeta", "planning.gguflayout", "planning.manifest",
@@ -114,11 +113,10 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
-TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.bnb4dequant", "compute.ggufquant", "compute.stream", "inputs.pickled",
-                   "demo"}
-BYTE_READERS = {"inputs.sources", "inputs.bnb4", "compute.pieces", "compute.stream", "sinks.writer", "sinks.tensors", "sinks.gguf",
-                "run",
-                "verify"}
+TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.bnb4dequant", "compute.ggufquant",
+                   "compute.stream", "inputs.pickled", "demo"}
+BYTE_READERS = {"inputs.sources", "inputs.bnb4", "compute.pieces", "compute.stream", "sinks.writer", "sinks.tensors",
+                "sinks.gguf", "run", "verify"}
 
 
 def _folder(module: str) -> str:
