@@ -35,13 +35,16 @@ class Bnb4Spec:
 
 SPECS = {
     # NF4, double quantization, bf16 compute, uint8 storage, several shards
-    "nf4_double": Bnb4Spec("nf4_double"),
+    "nf4_double": Bnb4Spec("nf4_double", lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj",
+                                                                                          "down_proj"]}),
     # FP4 without double quantization, fp16 compute, codes stored as bf16, v_proj left unquantized
     "fp4_bf16_storage": Bnb4Spec("fp4_bf16_storage", "fp4", False, torch.float16, torch.bfloat16,
-                                 ("lm_head", "v_proj"), max_shard_size=None),
+                                 ("lm_head", "v_proj"), max_shard_size=None,
+                                 lora={"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj",
+                                                                                   "down_proj"]}),
     # Qwen3-MoE: attention quantized, the experts and the router left as they are by transformers
     "moe_nf4": Bnb4Spec("moe_nf4", "nf4", False, torch.bfloat16, moe=True,
-                        lora={"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+                        lora={"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "o_proj"]}),
 }
 
 

@@ -8,23 +8,18 @@ computes. With double quantization the absmax are themselves 8-bit codes:
     absmax[b] = nested_quant_map[q[b]] · nested_absmax[b // nested_blocksize] + nested_offset
 each step rounded to fp32, as bitsandbytes' `dequantize_blockwise` and its `+= offset` do.
 
-FP4's code 8 (sign bit, zero magnitude) is -0.0 in bitsandbytes' kernels (CUDA and CPU) where its stored
-quant_map says +0.0; it is read as -0.0, so an untouched zero keeps the sign those kernels give it.
+The values of the codes are the checkpoint's own `quant_map`, as bitsandbytes' reference backend reads them
+(FP4's code 8, sign bit and zero magnitude, is +0.0 there; bitsandbytes' CPU kernel writes -0.0 for it on
+some shapes: a sign of zero, no value, differs).
 """
 
 from __future__ import annotations
 
 import torch
 
-FP4_NEGATIVE_ZERO = 8
-
-
-def code_table(quant_map: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """The 16 values of the codes in fp32, FP4's code 8 as -0.0."""
-    table = quant_map.to(torch.float32).clone()
-    if quant_type == "fp4" and table[FP4_NEGATIVE_ZERO] == 0:
-        table[FP4_NEGATIVE_ZERO] = -0.0
-    return table
+def code_table(quant_map: torch.Tensor) -> torch.Tensor:
+    """The 16 values of the codes, in fp32."""
+    return quant_map.to(torch.float32)
 
 
 def absmax32(absmax: torch.Tensor, nested_absmax: torch.Tensor | None = None,

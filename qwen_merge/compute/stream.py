@@ -194,7 +194,7 @@ class Computer:
         absmax = bnb4dequant.absmax32(whole(packed.absmax), whole(packed.nested_absmax),
                                       whole(packed.nested_quant_map), state.nested_blocksize or 0,
                                       state.nested_offset or 0.0)
-        return bnb4dequant.code_table(whole(packed.quant_map), state.quant_type), absmax
+        return bnb4dequant.code_table(whole(packed.quant_map)), absmax
 
     def _whole(self, file: TensorFile, entry: TensorEntry) -> torch.Tensor:
         """A small tensor read whole into a buffer of its own."""

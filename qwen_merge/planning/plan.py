@@ -429,8 +429,8 @@ class _OpBuilder:
             return {}
         if self.quant.method is not None and not self.quant.fp8 and not self.quant.bnb4:
             raise OptionError(f"{dtype_name(dtype)} cannot convert {self.base.root}, a checkpoint quantized "
-                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
-                              f"dequantized", option="dtype")
+                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") and "
+                              f"bitsandbytes 4-bit bases can be dequantized", option="dtype")
         dropped, converted = set(self.dropped()), {}
         for name, entry in self.entries.items():
             if name in ops or name in dropped:

@@ -35,7 +35,8 @@ FP8 = "F8_E4M3"
 SCALE_SUFFIX = "_scale_inv"
 SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})
 SUPPORTED = ("plain BF16/F16/F32 weights, and FP8 (F8_E4M3) weights with a `weight_scale_inv` block scale "
-             "(quantization_config quant_method \"fp8\" with weight_block_size)")
+             "(quantization_config quant_method \"fp8\" with weight_block_size), and bitsandbytes 4-bit weights "
+             "(quant_method \"bitsandbytes\" with load_in_4bit)")
 
 
 @dataclass(frozen=True, slots=True)
