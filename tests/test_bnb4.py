@@ -18,22 +18,26 @@ import math
 
 import pytest
 import torch
+from bnb_models import (SPECS, STATE_MARK, build_adapter, build_bnb4_base, dequantized_model_factory, plain_state,
+                        stored_tensors, write_dequantized)
+from builders import (check_like_unmerged, disk_tensors, in_process_cli, in_process_error_line, logits, random_ids,
+                      rewrite_checkpoint, write_checkpoint)
+from reference import U32, Exact, check_rounded
+from test_against_peft import MAX_NEAR_BOUNDARY_SHARE
 
-bnb = pytest.importorskip("bitsandbytes")  # noqa: E402  (the test extra installs it)
+from qwen_merge import FormatError, iter_merged, merge_shards, plan_merge, verify_merge
+from qwen_merge.compute import bnb4dequant
+from qwen_merge.report import render, to_dict
 
-from bnb_models import (SPECS, STATE_MARK, build_adapter, build_bnb4_base, dequantized_model_factory,  # noqa: E402
-                        plain_state, stored_tensors, write_dequantized)
-from builders import (check_like_unmerged, disk_tensors, in_process_cli, in_process_error_line, logits,  # noqa: E402
-                      random_ids, rewrite_checkpoint, write_checkpoint)
-from reference import U32, Exact, check_rounded  # noqa: E402
-from test_against_peft import MAX_NEAR_BOUNDARY_SHARE  # noqa: E402
-
-from qwen_merge import FormatError, iter_merged, merge_shards, plan_merge, verify_merge  # noqa: E402
-from qwen_merge.compute import bnb4dequant  # noqa: E402
-from qwen_merge.report import render, to_dict  # noqa: E402
+pytest.importorskip("bitsandbytes")  # the test extra installs it
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (so -0.0 and +0.0 differ)."""
+    return t.view(INT_VIEW[t.dtype])
 
 
 # -- the arithmetic, against bitsandbytes ----------------------------------------------------------------
@@ -88,7 +92,7 @@ def test_dequantization_is_bitsandbytes_bit_for_bit(quant_type, nested):
                 theirs = _dequantize_4bit_compute(packed.view(-1), absmax.float(), state.code.float(), 64, shape, dtype)
             for block_rows in (1, 5, shape[0]):
                 ours = _ours(packed, state, shape, dtype, block_rows)
-                assert torch.equal(ours.view(INT_VIEW[dtype]), theirs.view(INT_VIEW[dtype])), (shape, dtype, block_rows)
+                assert torch.equal(_bits(ours), _bits(theirs)), (shape, dtype, block_rows)
 
 
 
@@ -145,7 +149,7 @@ def test_a_4bit_base_merges_as_peft_does_on_its_dequantized_weights(bnb4, name):
     make = dequantized_model_factory(dequantized, spec.compute)
     from peft import PeftModel
 
-    peft = {k: v.detach() for k, v in PeftModel.from_pretrained(make(), adapter).merge_and_unload().state_dict().items()}
+    peft = PeftModel.from_pretrained(make(), adapter).merge_and_unload().state_dict()
     exact = Exact.of(make, adapter)
     deq = plain_state(base, spec.compute)
     assert set(ours) == set(deq), "the output holds the plain model's tensors, no absmax/quant_map/quant_state"
@@ -156,9 +160,9 @@ def test_a_4bit_base_merges_as_peft_does_on_its_dequantized_weights(bnb4, name):
     for name_, tensor in ours.items():
         assert tensor.dtype == spec.compute, name_
         if name_ not in merged:  # dequantized by bitsandbytes, or a plain tensor in the output dtype
-            assert torch.equal(tensor.view(INT_VIEW[spec.compute]), deq[name_].to(spec.compute).view(INT_VIEW[spec.compute])), name_
+            assert torch.equal(_bits(tensor), _bits(deq[name_].to(spec.compute))), name_
             continue
-        near += check_rounded(tensor, peft[name_], exact.merged[name_], exact.bands(name_, U32))
+        near += check_rounded(tensor, peft[name_].detach(), exact.merged[name_], exact.bands(name_, U32))
     assert near <= MAX_NEAR_BOUNDARY_SHARE * sum(ours[k].numel() for k in merged), "a vacuous band"
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == str(spec.compute).removeprefix("torch.")
