@@ -259,3 +259,22 @@ def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_tensor(bnb4, tmp
     message = str(e.value)
     assert "\n" not in message and message.startswith(str(broken)) and expected in message, message
     assert in_process_error_line(in_process_cli(capsys, "plan", broken, adapter)) == f"error: {message}"
+
+
+@pytest.mark.slow
+def test_a_hub_base_is_planned_from_headers_and_ranges_and_merges_as_the_local_one(bnb4, tmp_path, monkeypatch):
+    """The quant_states a plan needs come with one range request each: planning downloads no shard."""
+    from builders import shard_files, tree_hash
+    from hubserver import FakeHub, use_hub
+
+    base, adapter, out, _ = bnb4("nf4_double")
+    with FakeHub() as server:
+        server.add_repo("org/qwen3-bnb-4bit", base)
+        use_hub(monkeypatch, server, tmp_path / "hf-cache", home=tmp_path / "hf-home", fast_retries=True)
+        plan = plan_merge("org/qwen3-bnb-4bit", adapter)
+        assert any("bitsandbytes NF4" in n for n in plan.notes)
+        assert sum(server.count("GET", name, ranged=False) for name in shard_files(base)) == 0
+        merge_shards("org/qwen3-bnb-4bit", adapter, tmp_path / "out", progress=False)
+    ours, local = tree_hash(tmp_path / "out"), tree_hash(out)
+    ours.pop("qwen_merge.json"), local.pop("qwen_merge.json")
+    assert ours == local

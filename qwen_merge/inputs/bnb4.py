@@ -56,8 +56,8 @@ def state_names(names) -> dict[str, str]:
 
 
 def read_quant_states(base: Checkpoint) -> dict[str, QuantState]:
-    """weight name -> its QuantState, for every quant_state tensor of `base` (read from disk; a Hub base's
-    shard is fetched only when it holds one and is not cached yet).
+    """weight name -> its QuantState, for every quant_state tensor of `base` (read from disk; from a Hub
+    base's shard that is not cached yet with one range request each, as its header was read).
 
     Raises:
         FormatError: a quant_state that is not the JSON bitsandbytes writes (one line: file, tensor, what).
@@ -66,20 +66,21 @@ def read_quant_states(base: Checkpoint) -> dict[str, QuantState]:
     states = {}
     for weight, name in state_names(where).items():
         file, entry = where[name]
-        path = file.path
-        if base.hub is not None and not path.exists():
-            from .hub import fetch  # a Hub base's shard: its quant_states sit among its tensors
+        offset = file.data_offset + entry.start
+        if entry.nbytes > MAX_STATE_BYTES:
+            raise FormatError(f"{file.path}: tensor {name!r} holds {entry.nbytes} bytes; a bitsandbytes quant_state "
+                              f"is a JSON document of a few hundred bytes")
+        if base.hub is not None:
+            from .hub import read_range  # huggingface_hub is imported for Hub bases only
 
-            path = fetch(base.hub, path.name)
-        states[weight] = _parse(path, entry.name, _read(path, file.data_offset + entry.start, entry.nbytes),
-                                name.rsplit("__", 1)[1])
+            raw = read_range(base.hub, file.path.name, offset, entry.nbytes)
+        else:
+            raw = _read(file.path, offset, entry.nbytes)
+        states[weight] = _parse(file.path, entry.name, raw, name.rsplit("__", 1)[1])
     return states
 
 
 def _read(path, offset: int, nbytes: int) -> bytes:
-    if nbytes > MAX_STATE_BYTES:
-        raise FormatError(f"{path}: a bitsandbytes quant_state of {nbytes} bytes; expected a JSON document of a "
-                          f"few hundred bytes")
     buffer = bytearray(nbytes)
     fd = os.open(path, os.O_RDONLY)
     try:
