@@ -30,6 +30,9 @@ class Bnb4Spec:
     skip: tuple[str, ...] | None = None  # llm_int8_skip_modules (None: transformers' default, lm_head)
     moe: bool = False
     max_shard_size: str | None = "40KB"
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
     lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
 
 
@@ -46,17 +49,20 @@ SPECS = {
     "moe_nf4": Bnb4Spec("moe_nf4", "nf4", False, torch.bfloat16, moe=True,
                         lora={"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "o_proj"]}),
 }
+# One layer whose MLP weights are 16M values each (64 MiB in fp32), for the memory test.
+LARGE = Bnb4Spec("large", max_shard_size=None, hidden=1024, intermediate=16384, layers=1,
+                 lora={"r": 16, "lora_alpha": 32, "target_modules": ["up_proj", "down_proj"]})
 
 
 def model_config(spec: Bnb4Spec):
     from transformers import Qwen3Config, Qwen3MoeConfig
 
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
+    common = dict(vocab_size=320, hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False)
     if spec.moe:
-        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                              **common)
-    return Qwen3Config(intermediate_size=128, **common)
+        return Qwen3MoeConfig(intermediate_size=spec.intermediate, moe_intermediate_size=64, num_experts=4,
+                              num_experts_per_tok=2, **common)
+    return Qwen3Config(intermediate_size=spec.intermediate, **common)
 
 
 def build_bnb4_base(spec: Bnb4Spec, root: Path, seed: int = 0) -> tuple[Path, Path]:

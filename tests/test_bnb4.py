@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -176,7 +177,7 @@ def test_the_output_loads_in_transformers_and_computes_what_the_unmerged_adapter
 
     base, adapter, out, dequantized = bnb4(name)
     dtype = SPECS[name].compute
-    ids = random_ids(256)
+    ids = random_ids(320)
     ours = logits(AutoModelForCausalLM.from_pretrained(out), ids)
     make = dequantized_model_factory(dequantized, dtype)
     unmerged = logits(PeftModel.from_pretrained(make(), adapter), ids)
@@ -278,3 +279,41 @@ def test_a_hub_base_is_planned_from_headers_and_ranges_and_merges_as_the_local_o
     ours, local = tree_hash(tmp_path / "out"), tree_hash(out)
     ours.pop("qwen_merge.json"), local.pop("qwen_merge.json")
     assert ours == local
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_the_row_block_not_the_4bit_weight(tmp_path):
+    """A 16384 x 1024 weight (64 MiB in fp32, 32 MiB in the bf16 output) merged under a memory limit with
+    1 MiB row blocks: the merge grows by far less than the weight, and within the plan's prediction."""
+    from bnb_models import LARGE
+    from test_memory import merge_in_limited_child
+
+    base, plain = build_bnb4_base(LARGE, tmp_path)
+    adapter = build_adapter(LARGE, plain, tmp_path / "adapter")
+    numbers = merge_in_limited_child(base, adapter, tmp_path / "out", block_bytes=1 << 20)
+    growth = numbers["peak_mib"] - numbers["baseline_mib"]
+    print(f"4-bit base: +{growth:.0f} MiB for 64 MiB fp32 weights; VmHWM {numbers['hwm_mib']:.0f} MiB, predicted "
+          f"{numbers['predicted_mib']:.0f} MiB")
+    assert growth < 32, numbers
+    assert numbers["hwm_mib"] <= numbers["predicted_mib"], numbers
+
+
+@pytest.mark.slow
+def test_the_gguf_output_holds_the_folder_output_s_tensors(bnb4, tmp_path):
+    """`OUT.gguf` from a 4-bit base (bf16 outtype): the same dequantized and merged tensors as the folder."""
+    from gguf_models import build_tokenizer
+    from llamacpp import read_gguf
+
+    base, adapter, out, _ = bnb4("nf4_double")
+    with_tokenizer = tmp_path / "base"
+    shutil.copytree(base, with_tokenizer)
+    for path in build_tokenizer(tmp_path / "tokenizer").iterdir():
+        shutil.copy(path, with_tokenizer)
+    merge_shards(with_tokenizer, adapter, tmp_path / "out.gguf", outtype="bf16", progress=False)
+    gguf, folder = read_gguf(tmp_path / "out.gguf"), disk_tensors(out)
+    for ours, name in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),  # merged
+                       ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),  # merged
+                       ("blk.1.attn_k.weight", "model.layers.1.self_attn.k_proj.weight")):  # dequantized only
+        tensor = gguf.tensor(ours)
+        assert tensor.ggml_type == "BF16" and tensor.shape == tuple(folder[name].shape), ours
+        assert tensor.data == folder[name].contiguous().view(torch.uint8).numpy().tobytes(), ours
