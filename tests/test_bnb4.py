@@ -61,9 +61,8 @@ def _ours(packed: torch.Tensor, state, shape: tuple[int, int], dtype: torch.dtyp
         n = min(block_rows, rows - row0)
         first, count = row0 * cols, n * cols
         span = codes[first // 2:-(-(first + count) // 2)]
-        values = torch.empty(count)
-        bnb4dequant.dequantize(span, first, count, table, absmax, state.blocksize, values,
-                               torch.empty(2 * len(span), dtype=torch.int32))
+        values = bnb4dequant.dequantize(span, first, count, table, absmax, state.blocksize,
+                                        torch.empty(2 * len(span)), torch.empty(len(span), dtype=torch.int32))
         out[row0:row0 + n] = values.view(n, cols)
     return out
 

@@ -18,8 +18,11 @@ from __future__ import annotations
 import torch
 
 def code_table(quant_map: torch.Tensor) -> torch.Tensor:
-    """The 16 values of the codes, in fp32."""
-    return quant_map.to(torch.float32)
+    """The values of the two codes of every byte, (high, low) in fp32, as 256 8-byte items: one gather per
+    byte makes both values (0.25 against 1.1 ns per value for splitting the nibbles and gathering each,
+    measured on one core)."""
+    values, byte = quant_map.to(torch.float32), torch.arange(256)
+    return torch.stack([values[byte >> 4], values[byte & 0xF]], 1).contiguous().view(torch.float64).view(256)
 
 
 def absmax32(absmax: torch.Tensor, nested_absmax: torch.Tensor | None = None,
@@ -35,14 +38,15 @@ def absmax32(absmax: torch.Tensor, nested_absmax: torch.Tensor | None = None,
 
 def dequantize(packed: torch.Tensor, first: int, count: int, table: torch.Tensor, absmax: torch.Tensor,
                blocksize: int, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Values first .. first + count of the weight into `out` (fp32, `count` elements), from `packed`, the
-    bytes that hold them (uint8, starting with the byte of value `first`). `first` is a multiple of
-    `blocksize` (the planner's row blocks hold whole blocks), so every block of the span starts at a block of
-    `out`; the last may be cut short by the end of the weight. `index`: int32 scratch of 2·len(packed)."""
-    pairs = index[:2 * len(packed)].view(-1, 2)
-    torch.bitwise_right_shift(packed, 4, out=pairs[:, 0])
-    torch.bitwise_and(packed, 0xF, out=pairs[:, 1])
-    torch.index_select(table, 0, index[:count], out=out)
+    """Values first .. first + count of the weight, from `packed`, the bytes that hold them (uint8, starting
+    with the byte of value `first`), written into `out` (fp32, room for 2·len(packed) values) and returned
+    as its first `count`. `first` is a multiple of `blocksize` (the planner's row blocks hold whole blocks),
+    so every block of the span starts at a block of `out`; the last may be cut short by the end of the
+    weight. `table`: `code_table`; `index`: int32 scratch of len(packed)."""
+    index = index[:len(packed)]
+    index.copy_(packed)
+    torch.index_select(table, 0, index, out=out[:2 * len(packed)].view(torch.float64))
+    out = out[:count]
     block0, whole = first // blocksize, count // blocksize
     if whole:
         out[:whole * blocksize].view(whole, blocksize).mul_(absmax[block0:block0 + whole].view(whole, 1))

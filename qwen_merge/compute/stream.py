@@ -408,11 +408,10 @@ class _PackedReader:
         start, end = first // 2, -(-(first + count) // 2)
         view = self.reader.read(self.fd, self.file.data_offset + self.entry.start + start, end - start,
                                 self.file.path)
-        values = self.workspace.tensor("bnb_values", "F32", (count,))
-        bnb4dequant.dequantize(as_tensor(view, "U8", (end - start,)), first, count, self.table, self.absmax,
-                               self.op.packed.state.blocksize, values,
-                               self.workspace.tensor("bnb_codes", "I32", (2 * (end - start),)))
-        values = values.view(rows, cols)
+        values = bnb4dequant.dequantize(as_tensor(view, "U8", (end - start,)), first, count, self.table,
+                                        self.absmax, self.op.packed.state.blocksize,
+                                        self.workspace.tensor("bnb_values", "F32", (2 * (end - start),)),
+                                        self.workspace.tensor("bnb_codes", "I32", (end - start,))).view(rows, cols)
         if self.op.dtype == "F32":
             return values
         return self.workspace.tensor("bnb_rounded", self.op.dtype, (rows, cols)).copy_(values)
