@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import FormatError
@@ -45,7 +46,7 @@ class QuantState:
         return math.prod(self.shape)
 
 
-def state_names(names) -> dict[str, str]:
+def state_names(names: Iterable[str]) -> dict[str, str]:
     """weight name -> the name of its quant_state tensor, for every quant_state among `names`."""
     found = {}
     for name in names:
@@ -56,12 +57,16 @@ def state_names(names) -> dict[str, str]:
 
 
 def read_quant_states(base: Checkpoint) -> dict[str, QuantState]:
-    """weight name -> its QuantState, for every quant_state tensor of `base` (read from disk; from a Hub
-    base's shard that is not cached yet with one range request each, as its header was read).
+    """weight name -> its QuantState, for every quant_state tensor of `base` when its config says it is
+    quantized by bitsandbytes (read from disk; from a Hub base's shard that is not cached yet with one range
+    request each, as its header was read).
 
     Raises:
         FormatError: a quant_state that is not the JSON bitsandbytes writes (one line: file, tensor, what).
     """
+    quantization = (base.config or {}).get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "bitsandbytes":
+        return {}  # another checkpoint's tensors of such a name are not read: they are copied as they are
     where = base.locations()
     states = {}
     for weight, name in state_names(where).items():
