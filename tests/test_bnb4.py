@@ -241,6 +241,10 @@ MALFORMED = {
                          if name == "model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4" else t,
                          "tensor 'model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4' is not a "
                          "bitsandbytes quant_state: its bytes are not JSON"),
+    "missing quant_state": (lambda name, t: None if name == "model.layers.1.mlp.up_proj.weight" + STATE_MARK + "nf4"
+                            else t,
+                            "bitsandbytes 4-bit weight model.layers.1.mlp.up_proj.weight has an absmax but no "
+                            "model.layers.1.mlp.up_proj.weight.quant_state.bitsandbytes__nf4 (or __fp4) tensor"),
     "packed size": (lambda name, t: t[:-1] if name == "model.layers.1.mlp.up_proj.weight" else t,
                     "'model.layers.1.mlp.up_proj.weight' holds 4095 bytes; expected 4096 (two 4-bit codes per byte) "
                     "for a [128, 64] weight"),
