@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..dtypes import DTYPE_BITS, DTYPE_NAMES, DTYPE_OF_NAME
+from ..dtypes import DTYPE_NAMES, DTYPE_OF_NAME
 from ..errors import FormatError, MismatchError
 from ..inputs.tensorfile import TensorEntry
 from .recipe import Source
@@ -140,50 +140,56 @@ def bnb4_weights(quant: Quantization, where: dict[str, tuple], states: dict[str,
     4-bit base, every quantized weight checked against its quant_state from headers alone.
 
     Raises:
-        FormatError: a companion tensor missing, or of the wrong dtype or shape (file, tensor, expected,
+        FormatError: a companion tensor missing, or of the wrong dtype or shape; codes of another size than
+            the quant_state's shape needs; codes with an absmax but no quant_state (file, tensor, expected,
             found).
     """
     if not quant.bnb4:
         return {}, []
     weights, dropped = {}, []
     for name, state in (states or {}).items():
-        kind = f"{name}.quant_state.bitsandbytes__{state.quant_type}"
-        dropped.append(kind)
-        file = where[kind][0].path
-
-        def tensor(suffix: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> Source:
-            full = f"{name}.{suffix}" if suffix else name
-            if full not in where:
-                raise FormatError(f"{file}: bitsandbytes 4-bit weight {name} has no {full!r} tensor; expected "
-                                  f"{' or '.join(dtypes)} {list(shape)}")
-            tensor_file, entry = where[full]
-            if entry.dtype not in dtypes or (suffix and entry.shape != shape):
-                raise FormatError(f"{tensor_file.path}: {full!r} is {entry.dtype} {list(entry.shape)}; expected "
-                                  f"{' or '.join(dtypes)} {list(shape)} for a {list(state.shape)} weight")
-            if suffix:
-                dropped.append(full)
-            return Source(tensor_file, entry, False)
-
-        codes = tensor("", tuple(DTYPE_BITS), ())
-        packed = -(-state.numel // 2)
-        if codes.entry.nbytes != packed:
-            raise FormatError(f"{codes.file.path}: {name!r} holds {codes.entry.nbytes} bytes; expected {packed} "
-                              f"(two 4-bit codes per byte) for a {list(state.shape)} weight ({kind})")
-        blocks = -(-state.numel // state.blocksize)
-        quant_map = tensor("quant_map", ("F32",), (16,))
-        if state.nested:
-            absmax = tensor("absmax", ("U8",), (blocks,))
-            nested = tensor("nested_absmax", ("F32",), (-(-blocks // state.nested_blocksize),))
-            nested_map = tensor("nested_quant_map", ("F32",), (256,))
-            weights[name] = PackedWeight(codes, absmax, quant_map, state, nested, nested_map)
-        else:
-            weights[name] = PackedWeight(codes, tensor("absmax", ("F32",), (blocks,)), quant_map, state)
-    for name, (file, entry) in where.items():  # codes whose JSON is missing would be copied as bytes
+        weights[name] = _packed_weight(name, state, where)
+        dropped += [f"{name}.quant_state.bitsandbytes__{state.quant_type}",
+                    *(s.entry.name for s in weights[name].companions)]
+    for name in where:  # codes whose JSON is missing would be copied as bytes
         weight = name.removesuffix(".absmax")
         if weight != name and weight not in weights and weight in where and where[weight][1].shape[-1:] == (1,):
             raise FormatError(f"{where[weight][0].path}: bitsandbytes 4-bit weight {weight} has an absmax but no "
                               f"{weight}.quant_state.bitsandbytes__nf4 (or __fp4) tensor; expected one, found none")
     return weights, dropped
+
+
+def _packed_weight(name: str, state: QuantState, where: dict[str, tuple]) -> PackedWeight:
+    """Weight `name`'s codes and companion tensors, each checked against what `state` says they hold."""
+    kind = f"{name}.quant_state.bitsandbytes__{state.quant_type}"
+    file = where[kind][0].path
+
+    def tensor(suffix: str, dtype: str, shape: tuple[int, ...]) -> Source:
+        full = f"{name}.{suffix}"
+        if full not in where:
+            raise FormatError(f"{file}: bitsandbytes 4-bit weight {name} has no {full!r} tensor; expected {dtype} "
+                              f"{list(shape)}")
+        tensor_file, entry = where[full]
+        if entry.dtype != dtype or entry.shape != shape:
+            raise FormatError(f"{tensor_file.path}: {full!r} is {entry.dtype} {list(entry.shape)}; expected {dtype} "
+                              f"{list(shape)} for a {list(state.shape)} weight")
+        return Source(tensor_file, entry, False)
+
+    if name not in where:
+        raise FormatError(f"{file}: {kind!r} describes a weight {name!r} the checkpoint does not have; expected "
+                          f"its packed 4-bit codes beside it")
+    codes = Source(*where[name], False)
+    packed = -(-state.numel // 2)
+    if codes.entry.nbytes != packed:
+        raise FormatError(f"{codes.file.path}: {name!r} holds {codes.entry.nbytes} bytes; expected {packed} "
+                          f"(two 4-bit codes per byte) for a {list(state.shape)} weight ({kind})")
+    blocks = -(-state.numel // state.blocksize)
+    quant_map = tensor("quant_map", "F32", (16,))
+    if not state.nested:
+        return PackedWeight(codes, tensor("absmax", "F32", (blocks,)), quant_map, state)
+    return PackedWeight(codes, tensor("absmax", "U8", (blocks,)), quant_map, state,
+                        tensor("nested_absmax", "F32", (-(-blocks // state.nested_blocksize),)),
+                        tensor("nested_quant_map", "F32", (256,)))
 
 
 def bnb4_note(dtype: str, config: dict | None, weights: dict[str, PackedWeight]) -> str:
