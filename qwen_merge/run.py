@@ -26,6 +26,7 @@ from .errors import DiskFullError, QwenMergeError
 from .files import ADAPTER_CONFIG
 from .inputs import basemodel, hub
 from .inputs.adapter import Adapter, open_adapter
+from .inputs.bnb4 import read_quant_states
 from .inputs.checkpoint import Checkpoint, HubOrigin, open_checkpoint
 from .inputs.digest import Hashes
 from .inputs.sources import Files, same_values
@@ -297,8 +298,9 @@ def _plan(base: PathLike | None, adapter: PathLike, options: MergeOptions, scrat
         hashes.start(parsed.file.path)
     if compute_import is not None and (parsed.pairs or parsed.param_pairs):
         compute_import.start()
-    plan = make_plan(checkpoint, parsed, options, partial(same_values, parsed.file), tokenizer=choice)
-    return dataclasses.replace(plan, notes=notes)
+    plan = make_plan(checkpoint, parsed, options, partial(same_values, parsed.file), tokenizer=choice,
+                     quant_states=read_quant_states(checkpoint))
+    return dataclasses.replace(plan, notes=notes + plan.notes)
 
 
 def _open_base(base: PathLike) -> Checkpoint:
