@@ -39,6 +39,7 @@ from test_memory import merge_in_limited_child as memory_child
 from qwen_merge import merge_shards
 from qwen_merge.demo import _write_tokenizer
 from qwen_merge.errors import NonFiniteError, OptionError, OutputError, QwenMergeError
+from qwen_merge.sinks.gguf import GGUFSink
 
 STATE = "qwen_merge.partial.json"
 REAL_PWRITE = os.pwrite  # the tests wrap it to count writes or to fail one
@@ -191,13 +192,11 @@ def test_sigkill_leaves_the_partial_folder_and_resume_finishes_the_same_file(big
     assert dest.stat().st_mtime_ns == written
 
 
-def counting_pwrite(monkeypatch, interrupt_when=None) -> list[int]:
-    """os.pwrite, counted (the bytes of each write); raising KeyboardInterrupt once `interrupt_when()` holds."""
+def counting_pwrite(monkeypatch) -> list[int]:
+    """os.pwrite, counted (the bytes of each write)."""
     writes = []
 
     def pwrite(fd, data, offset):
-        if interrupt_when is not None and interrupt_when():
-            raise KeyboardInterrupt
         writes.append(memoryview(data).nbytes)
         return REAL_PWRITE(fd, data, offset)
 
@@ -207,8 +206,9 @@ def counting_pwrite(monkeypatch, interrupt_when=None) -> list[int]:
 
 def test_ctrl_c_leaves_a_resumable_file_and_resume_writes_only_the_rest(demo_inputs, tmp_path, monkeypatch,
                                                                         capsys):
-    """Ctrl-C once the first shard is recorded: the CLI says to rerun with --resume, OUT is absent; resume
-    (API) writes only the shards not recorded, and the file equals an uninterrupted run's."""
+    """Ctrl-C once the first shard is recorded (it arrives as the second shard is done, before that one is
+    recorded): the CLI says to rerun with --resume, OUT is absent; resume (API) writes only the shards not
+    recorded, and the file equals an uninterrupted run's."""
     base, adapter = demo_inputs
     reference = tmp_path / "reference" / "model.gguf"
     full = counting_pwrite(monkeypatch)
@@ -216,8 +216,16 @@ def test_ctrl_c_leaves_a_resumable_file_and_resume_writes_only_the_rest(demo_inp
 
     dest = tmp_path / "out" / "model.gguf"
     partial = partial_of(dest)
-    counting_pwrite(monkeypatch, interrupt_when=lambda: bool(read_state(partial).get("done")))
+    record = GGUFSink._shard_written
+
+    def interrupted_after_the_first(sink, stream):
+        if read_state(partial).get("done"):
+            raise KeyboardInterrupt
+        record(sink, stream)
+
+    monkeypatch.setattr(GGUFSink, "_shard_written", interrupted_after_the_first)
     proc = in_process_cli(capsys, "merge", base, adapter, dest, "--outtype", "q8_0", "--quiet")
+    monkeypatch.setattr(GGUFSink, "_shard_written", record)
     assert proc.returncode == 130 and "--resume" in proc.stderr, proc.stderr
     assert not dest.exists() and list(read_state(partial)["done"]) == ["model-00001-of-00003.safetensors"]
 
