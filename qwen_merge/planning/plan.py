@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -31,6 +32,7 @@ from .recipe import Pair, Part, Recipe, Source, SumPair, combine
 if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
     from .tokenizer import TokenizerChoice
 
+SameBytes = Callable[[TensorFile, TensorEntry, TensorFile, TensorEntry], bool]
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out); PEFT forces
@@ -252,7 +254,7 @@ class MergePlan:
 
 def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues,
               tokenizer: TokenizerChoice | None = None, *, others: tuple[Adapter, ...] = (),
-              weights: tuple[float, ...] | None = None) -> MergePlan:
+              weights: tuple[float, ...] | None = None, same_bytes: SameBytes | None = None) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
@@ -260,6 +262,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     which the tied-embedding decision needs. `tokenizer`: the tokenizer files the output gets (None: the
     base's side files as they are). `others` and `weights`: several adapters (`adapter` first, then
     `others`), weighted, their LoRA deltas summed (`recipe.combine`); None: `adapter` alone, as it is.
+    `same_bytes(file, entry, file, entry)`: whether two tensors hold the same bytes, for an adapter's saved
+    copy of a base tensor that another adapter changes too.
 
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
@@ -278,7 +282,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
         renames += [r for r in names.renames if r not in renames]
     adapter, recipes = settled[0], per_adapter[0]
     if weights is not None:
-        recipes = combine(per_adapter, settled, weights)
+        recipes = combine(per_adapter, settled, weights, lambda name, source: _base_source(where, name) if (
+            same_bytes is not None and name in where and same_bytes(source.file, source.entry, *where[name])) else None)
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
                                       same_values)
     quant = Quantization.of(base.config, str(base.root / MODEL_CONFIG))

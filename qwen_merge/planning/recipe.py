@@ -9,6 +9,7 @@ The planner turns each recipe into a `plan.TensorOp`, which adds the output dtyp
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -131,12 +132,14 @@ class _Shaped:
     shape: tuple[int, ...]
 
 
-def combine(per_adapter: list[dict[str, Recipe]], adapters: list[Adapter], weights: tuple[float, ...]
-            ) -> dict[str, Recipe]:
+def combine(per_adapter: list[dict[str, Recipe]], adapters: list[Adapter], weights: tuple[float, ...],
+            base_copy: Callable[[str, Source], Source | None] = lambda name, source: None) -> dict[str, Recipe]:
     """The recipes of several adapters as one: the LoRA pairs that land on a tensor become one `SumPair`
     (a single adapter's pair too: its weight applies). A tensor that one adapter replaces (modules_to_save,
     a saved embedding) or sets token rows of is taken as that adapter has it, as PEFT's add_weighted_adapter
-    does; when another adapter changes the same tensor too, there is no sum of deltas to make.
+    does; when another adapter changes the same tensor too, there is no sum of deltas to make, unless the
+    replacement is a byte copy of the base tensor (`base_copy(name, source)` returns the base's source then:
+    PEFT saves the base embedding and lm_head beside LoRA on them), which is then read from the base.
 
     Raises:
         AdapterError: two adapters both change a tensor and one of them replaces it or sets its token rows,
@@ -149,11 +152,13 @@ def combine(per_adapter: list[dict[str, Recipe]], adapters: list[Adapter], weigh
     combined = {}
     for name, ks in owners.items():
         recipes = [per_adapter[k][name] for k in ks]
-        whole = [k for k, r in zip(ks, recipes) if r.tokens is not None or (r.source and r.source.in_adapter)]
+        if len(ks) > 1:
+            recipes = [_unsaved(r, name, base_copy) for r in recipes]
+        whole = [(k, r) for k, r in zip(ks, recipes) if r.tokens is not None or (r.source and r.source.in_adapter)]
         if whole and len(ks) > 1:
-            k = whole[0]
+            k, recipe = whole[0]
             other = next(j for j in ks if j != k)
-            what = "sets trainable-token rows of" if per_adapter[k][name].tokens is not None else "replaces"
+            what = "sets trainable-token rows of" if recipe.tokens is not None else "replaces"
             raise AdapterError(f"{adapters[k].root} {what} {name!r} (modules_to_save / trainable tokens) and "
                                f"{adapters[other].root} changes it too; a replaced tensor is no sum of deltas: "
                                f"merge one of them first, or leave {name!r} out of one adapter")
@@ -172,6 +177,15 @@ def combine(per_adapter: list[dict[str, Recipe]], adapters: list[Adapter], weigh
 
 
 Pair = LoraPair | ExpertPair | SumPair
+
+
+def _unsaved(recipe: Recipe, name: str, base_copy: Callable[[str, Source], Source | None]) -> Recipe:
+    """`recipe` reading the base tensor instead of a saved replacement that is a byte copy of it."""
+    source = recipe.source
+    if source is None or not source.in_adapter or recipe.tokens is not None:
+        return recipe
+    base = base_copy(name, source)
+    return dataclasses.replace(recipe, source=base) if base is not None else recipe
 
 
 def refuse_uncombinable(adapters: list[Adapter], weights: tuple[float, ...]) -> None:
