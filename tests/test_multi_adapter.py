@@ -282,7 +282,7 @@ def test_refusals_are_one_line_each(zoo, multi, tmp_path, capsys):
             PREFIX + "lm_head.weight", torch.full((256, 64), 0.01 * (k + 1), dtype=torch.bfloat16)))
         edit_json(folder / "adapter_config.json", {"modules_to_save": ["lm_head"]})
         saved.append(folder)
-    assert plan_merge(base, saved[:1], weights=[0.5]).merges  # one replacement alone is kept, as PEFT keeps it
+    assert plan_merge(base, saved[:1], weights=[0.5]).merges  # one replacement alone: kept as it is
     line = in_process_error_line(in_process_cli(capsys, "plan", base, *saved))
     assert "replaces 'lm_head.weight'" in line and "changes it too" in line
     line = in_process_error_line(in_process_cli(capsys, "plan", base, saved[0], multi["adapters"][1]))

@@ -136,8 +136,8 @@ def combine(per_adapter: list[dict[str, Recipe]], adapters: list[Adapter], weigh
             base_copy: Callable[[str, Source], Source | None] = lambda name, source: None) -> dict[str, Recipe]:
     """The recipes of several adapters as one: the LoRA pairs that land on a tensor become one `SumPair`
     (a single adapter's pair too: its weight applies). A tensor that one adapter replaces (modules_to_save,
-    a saved embedding) or sets token rows of is taken as that adapter has it, as PEFT's add_weighted_adapter
-    does; when another adapter changes the same tensor too, there is no sum of deltas to make, unless the
+    a saved embedding) or sets token rows of is taken as that adapter has it (its weight scales deltas only);
+    when another adapter changes the same tensor too, there is no sum of deltas to make, unless the
     replacement is a byte copy of the base tensor (`base_copy(name, source)` returns the base's source then:
     PEFT saves the base embedding and lm_head beside LoRA on them), which is then read from the base.
 
