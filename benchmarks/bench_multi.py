@@ -7,8 +7,9 @@ rank (N·16) per block, and the factors read from N files. N = 1 is the plain me
 
 The extra adapters are built once beside the cached inputs (``benchmarks/.cache/<preset>/adapter-<k>``): r=16,
 alpha 32 on the seven projections, like the first, with other random values. Each run spot-checks two merged
-tensors of the N = 2 output against W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ computed in float64 and rounded once (within one unit in the
-last place for bf16), and that untouched tensors are byte copies.
+tensors of the N = 2 output against W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ computed in float64 and rounded once (bf16: within one unit in
+the last place plus the fp32 arithmetic's band, (R + 4)·2^-24 of the summed magnitudes, which matters where the sum
+nearly cancels; fp32: equal), and that untouched tensors are byte copies.
 
 Usage::
 
@@ -52,7 +53,8 @@ def extra_adapters(cfg, first: Path, count: int) -> list[Path]:
         tensors = {}
         for layer in range(cfg["layers"]):
             for t in TARGETS:
-                mod = f"model.layers.{layer}.{'self_attn' if t.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{t}"
+                sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                mod = f"model.layers.{layer}.{sub}.{t}"
                 out_f, in_f = shapes[mod + ".weight"]
                 tensors[f"base_model.model.{mod}.lora_A.weight"] = (torch.randn(LORA_R, in_f, generator=gen)
                                                                     / math.sqrt(in_f)).contiguous()
@@ -69,8 +71,8 @@ def extra_adapters(cfg, first: Path, count: int) -> list[Path]:
 
 
 def spot_check(base: Path, adapters: list[Path], weights: tuple[float, ...], out: Path) -> dict:
-    """Two merged tensors against the float64 sum rounded once (bf16: within 1 ulp; fp32: equal), and the
-    untouched tensors' bytes."""
+    """Two merged tensors against the float64 sum rounded once (bf16: within 1 ulp plus the fp32 band; fp32:
+    equal), and the untouched tensors' bytes."""
     import torch
     from safetensors import safe_open
 
@@ -83,21 +85,23 @@ def spot_check(base: Path, adapters: list[Path], weights: tuple[float, ...], out
             w = f.get_tensor(name)
         with safe_open(str(ours[name][0]), "pt") as f:
             got = f.get_tensor(name)
-        exact = w.double()
+        exact, terms = w.double(), w.double().abs()
         for adapter, weight in zip(adapters, weights):
             with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
                 module = "base_model.model." + name[:-len(".weight")]
                 a, b = f.get_tensor(module + ".lora_A.weight"), f.get_tensor(module + ".lora_B.weight")
             exact += weight * scale * (b.double() @ a.double())
+            terms += abs(weight * scale) * (b.double().abs() @ a.double().abs())
         want = exact.to(w.dtype)
         if w.dtype == torch.float32:
             worst = max(worst, int((got != want).sum()))
         else:
             ulp = (torch.nextafter(want.abs(), torch.tensor(float("inf"), dtype=w.dtype)) - want.abs()).double()
-            worst = max(worst, int(((got.double() - want.double()).abs() > ulp).sum()))
+            band = (LORA_R * len(adapters) + 4) * 2.0 ** -24 * terms
+            worst = max(worst, int(((got.double() - exact).abs() > ulp + band).sum()))
     copies = [n for n in theirs if ".layers." not in n or "norm" in n][:4]
     same = all(_bytes(theirs[n]) == _bytes(ours[n]) for n in copies)
-    return {"beyond_1ulp": worst, "copies_identical": same, "ok": worst == 0 and same}
+    return {"beyond_band": worst, "copies_identical": same, "ok": worst == 0 and same}
 
 
 def _bytes(where) -> bytes:
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
                     log(f"spot-check (2 adapters): {checks['n2']}")
                 shutil.rmtree(out, ignore_errors=True)
     cp = median([r["wall_s"] for r in results.get("cp", [])])
-    print(f"\n### Several adapters in one pass ({cfg['key']}, {args.repeat} run(s), median; code {code_fingerprint()})\n")
+    print(f"\n### Several adapters in one pass ({cfg['key']}, {args.repeat} run(s), median; "
+          f"code {code_fingerprint()})\n")
     print("| step | wall s | CPU s | peak RssAnon MiB | × cp |")
     print("|---|---:|---:|---:|---:|")
     for label, runs in results.items():

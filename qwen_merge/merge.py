@@ -206,8 +206,8 @@ def iter_merged(base: PathLike | None, adapter: Adapters, *, weights: Sequence[f
 
     Tensors are merged on the fly; only the tensor being yielded is held, so a converter (GGUF, ...)
     can consume a model larger than memory. The plan is checked before the first tensor is yielded.
-    `adapter`, `weights` and the options are those of `plan_merge`: with `dtype`, tensors come in that dtype; an FP8 base without it
-    yields FP8 weights and their (new) block scales, as they would be written.
+    `adapter`, `weights` and the options are those of `plan_merge`: with `dtype`, tensors come in that dtype;
+    an FP8 base without it yields FP8 weights and their (new) block scales, as they would be written.
 
     Example:
         >>> for name, tensor in iter_merged("Qwen3-0.6B", "my-lora"):  # doctest: +SKIP

@@ -311,9 +311,9 @@ def without_gc() -> Iterator[None]:
 @contextmanager
 def open_run(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, *, merging: bool = False
              ) -> Iterator[Run]:
-    """The run of a plan of `adapter` (one, or `WeightedAdapters`) onto `base`, with a pickled adapter converted to a temporary
-    safetensors file for its lifetime. A `str` that is not an existing path but reads `org/name[@revision]`
-    is a Hugging Face Hub repo; `base` None: the model the adapter's config names.
+    """The run of a plan of `adapter` (one, or `WeightedAdapters`) onto `base`, with a pickled adapter
+    converted to a temporary safetensors file for its lifetime. A `str` that is not an existing path but reads
+    `org/name[@revision]` is a Hugging Face Hub repo; `base` None: the model the adapter's config names.
     `merging`: the plan will be carried out, so work it will need starts while it is made: loading torch
     (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest.
     The garbage collector is paused while planning (see `without_gc`), not while the caller iterates;

@@ -70,7 +70,7 @@ def check_narrow(ours: torch.Tensor, exact: Float64Sum, name: str) -> int:
     ref, width = exact.values[name], (exact.ranks[name] + 4) * U32 * exact.terms[name]
     boundary = near_boundary(ref, width, ours.dtype)
     differ = ours != ref.to(ours.dtype)
-    assert not (differ & ~boundary).any(), f"{name}: {int((differ & ~boundary).sum())} elements off away from a boundary"
+    assert not (differ & ~boundary).any(), f"{name}: {int((differ & ~boundary).sum())} off away from a boundary"
     wide = width + ref.abs() * 2.0 ** -22
     assert not ((ours < (ref - wide).to(ours.dtype)) | (ours > (ref + wide).to(ours.dtype))).any(), name
     return int(boundary.sum())
@@ -139,8 +139,8 @@ def test_fp32_is_the_float64_sum_rounded_once_and_does_not_depend_on_the_order(m
 def test_peft_cat_merge_differs_only_by_its_extra_roundings(multi):
     """On a bf16 model PEFT's cat adapter is itself bf16: wᵢ·sᵢ·Aᵢ and Bᵢ are rounded to bf16 (2^-9 each) before
     the fp32 GEMM, and the delta again before the add, so its merge lies in a band of 3·2^-9 of the terms around
-    the float64 sum (2^-7 allowed), and ours (rounded once) is closer on average. On an fp32 model its factors are fp32, and ours is nowhere further from the float64 sum than its
-    merge (beyond the float64 band)."""
+    the float64 sum (2^-7 allowed), and ours (rounded once) is closer on average. On an fp32 model its factors
+    are fp32, and ours is nowhere further from the float64 sum than its merge (beyond the float64 band)."""
     exact = multi["exact"]
     peft = peft_cat(multi["base"], multi["adapters"], WEIGHTS, torch.bfloat16)
     merged = {k: v.detach() for k, v in peft.merge_and_unload(adapter_names=["cat"]).state_dict().items()}
