@@ -17,11 +17,13 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
-from builders import (DTYPES, build_peft_adapter, disk_tensors, edit_json, edit_tensors, in_process_cli,
-                      in_process_error_line, input_ids, load_base_model, logits, tree_hash)
+from builders import (DTYPES, TINY, build_fused_adapter, build_moe_base, build_peft_adapter, disk_tensors, edit_json,
+                      edit_tensors, fuse_checkpoint, fused_reference_deltas, in_process_cli, in_process_error_line,
+                      input_ids, load_base_model, logits, rewrite_adapter, tree_hash)
 from reference import U32, U_WIDE, check_fp32, near_boundary
 
 from qwen_merge import AdapterError, OptionError, merge_shards, plan_merge, verify_merge
@@ -33,6 +35,14 @@ EXTRA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], 
              alpha_pattern={"q_proj": 3})
 FP32_RSLORA = dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
 PREFIX = "base_model.model."
+
+
+class Sums(NamedTuple):
+    """Float64 sums by tensor name, the magnitudes of their terms, and the summed rank (`check_narrow`)."""
+
+    values: dict[str, torch.Tensor]
+    terms: dict[str, torch.Tensor]
+    ranks: dict[str, int]
 
 
 class Float64Sum:
@@ -63,7 +73,7 @@ class Float64Sum:
             self.values[key], self.terms[key], self.ranks[key] = value, terms, rank
 
 
-def check_narrow(ours: torch.Tensor, exact: Float64Sum, name: str) -> int:
+def check_narrow(ours: torch.Tensor, exact: Float64Sum | Sums, name: str) -> int:
     """A bf16/fp16 output: the float64 sum rounded once, except where a rounding boundary lies within the fp32
     band (R + 4)·2^-24 of the terms (fp32 fold of wᵢ·sᵢ, the GEMM over the summed rank R, the add), where it may
     be either neighbour; never outside the rounding of that band. Returns the count of such elements."""
@@ -329,6 +339,46 @@ def test_two_hub_adapters(multi, tmp_path, monkeypatch):
         manifest = json.loads((out / "qwen_merge.json").read_text())
         assert [a["hub"]["repo"] for a in manifest["adapters"]] == ["org/lora0", "org/lora1"]
         assert verify_merge(out, "org/base", ["org/lora0", "org/lora1"]).ok
+
+
+@pytest.mark.slow
+def test_fused_expert_adapters_add_up(tmp_path):
+    """target_parameters LoRA (fused experts; PEFT's add_weighted_adapter refuses these) of two ranks and other
+    targets, on a per-expert base and on transposed fused 3-D experts: the float64 sum rounded once."""
+    h, i, e = TINY["hidden"], TINY["moe_intermediate"], TINY["experts"]
+    base = build_moe_base(tmp_path / "base", seed=0)
+    adapters = [build_fused_adapter(base, tmp_path / "a1", seed=41, r=4, alpha=8),
+                build_fused_adapter(base, tmp_path / "a2", seed=42, r=3, alpha=5,
+                                    target_parameters=("mlp.experts.down_proj",), target_modules=("q_proj", "k_proj"))]
+    weights = (0.8, -1.25)
+    w = disk_tensors(base)
+    values = {n: t.double() for n, t in w.items()}
+    terms = {n: t.double().abs() for n, t in w.items()}
+    ranks, touched = dict.fromkeys(w, 0), set()
+    for adapter, weight, rank in zip(adapters, weights, (4, 3)):
+        deltas = fused_reference_deltas(adapter, hidden=h, moe_intermediate=i, experts=e, rank=rank)
+        sizes = fused_reference_deltas(rewrite_adapter(adapter, tmp_path / (adapter.name + "-abs"),
+                                                       transform=lambda k, t: t.abs()),
+                                       hidden=h, moe_intermediate=i, experts=e, rank=rank)
+        for name, delta in deltas.items():
+            values[name] = values[name] + weight * delta
+            terms[name] = terms[name] + abs(weight) * sizes[name]
+            ranks[name] += rank
+            touched.add(name)
+    exact = Sums(*({n: d[n] for n in touched} for d in (values, terms, ranks)))
+    ours = disk_tensors(merge_shards(base, adapters, tmp_path / "out", weights=weights, progress=False).output)
+    assert any(".experts.3.gate_proj" in n for n in touched) and any(".router" in n or ".gate.weight" in n
+                                                                     for n in touched)
+    for name in touched:
+        check_narrow(ours[name], exact, name)
+    fused = fuse_checkpoint(base, tmp_path / "fused", transposed=True)
+    ours3 = disk_tensors(merge_shards(fused, adapters, tmp_path / "out3", weights=weights, progress=False).output)
+    for layer in range(TINY["layers"]):
+        module = f"model.layers.{layer}.mlp.experts"
+        parts = [[f"{module}.{k}.gate_proj.weight", f"{module}.{k}.up_proj.weight"] for k in range(e)]
+        stacked = Sums(*({module: torch.stack([torch.cat([d[a], d[b]]) for a, b in parts]).transpose(1, 2)}
+                         for d in (values, terms)), {module: 4})
+        check_narrow(ours3[f"{module}.gate_up_proj"], stacked, module)
 
 
 def test_weights_are_checked_before_anything_is_read(tmp_path):
