@@ -86,8 +86,11 @@ def adapter_spec(adapter: PathLike | Sequence[PathLike], weights: Sequence[float
     return WeightedAdapters(paths, weights)
 
 
-def adapter_paths(adapter: AdapterSpec) -> tuple[PathLike, ...]:
-    return adapter.paths if isinstance(adapter, WeightedAdapters) else (adapter,)
+def adapter_paths(adapter: AdapterSpec | Sequence[PathLike]) -> tuple[PathLike, ...]:
+    """The adapters' paths or repo ids, in order."""
+    if isinstance(adapter, WeightedAdapters):
+        return adapter.paths
+    return (adapter,) if isinstance(adapter, str | os.PathLike) else tuple(adapter)
 
 
 class Run:
@@ -318,6 +321,8 @@ def open_run(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions,
     (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest.
     The garbage collector is paused while planning (see `without_gc`), not while the caller iterates;
     `merge_shards` and `verify_merge`, which run no caller code, pause it for their whole run."""
+    if not isinstance(adapter, WeightedAdapters | str | os.PathLike):  # a list given without weights
+        adapter = adapter_spec(adapter)
     hashes, compute_import = Hashes(), _ComputeImport()
     with ExitStack() as stack:
         stack.callback(compute_import.join)
