@@ -65,8 +65,13 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
     yield from _tensor_lines(plan, detail)
-    groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
-    summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
+    if plan.adapters:  # several adapters: how many tensors each combination of them changes
+        sets = Counter(tuple(t.index + 1 for t in m.pair.terms) for m in plan.merges)
+        summary = "; ".join(f"{n} by adapter{'s' * (len(k) > 1)} {', '.join(map(str, k))}"
+                            for k, n in sorted(sets.items(), key=lambda item: (-item[1], item[0])))
+    else:
+        groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
+        summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
     yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
     others = sum(1 for op in plan.ops if op.pair is None and not _bulk(op))
     if others:

@@ -233,6 +233,7 @@ def test_plan_lists_the_adapters_of_each_tensor(multi):
     assert "adapters 1 (r=8 w·s=1.4), 2 (r=4 w·s=-0.3), 3 (r=8" in line
     head = next(x for x in text.splitlines() if " lm_head.weight" in x)
     assert "adapters 2 (r=4" in head and "adapters 1" not in head
+    assert "merged:  29 tensors (20 by adapters 1, 3; 8 by adapters 1, 2, 3; 1 by adapter 2)" in text
     doc = to_dict(plan)
     assert [a["weight"] for a in doc["adapters"]] == list(WEIGHTS)
     tensor = next(t for t in doc["tensors"] if t["name"] == "model.layers.0.self_attn.v_proj.weight")
