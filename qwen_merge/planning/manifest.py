@@ -398,7 +398,8 @@ def differences(old: MergeIdentity, new: MergeIdentity, old_stats: Mapping[str, 
 def _weights_text(ident: MergeIdentity) -> str:
     if not ident.adapters:
         return "one adapter"
-    return f"{len(ident.adapters)} adapters, weights {', '.join(f'{r.weight:g}' for r in ident.adapters)}"
+    weights = ", ".join("?" if r.weight is None else f"{r.weight:g}" for r in ident.adapters)
+    return f"{len(ident.adapters)} adapters, weights {weights}"
 
 
 def _hub_text(hub: HubRecord | None) -> str:
