@@ -390,3 +390,24 @@ def test_weights_are_checked_before_anything_is_read(tmp_path):
     with pytest.raises(OptionError, match="no adapter"):
         plan_merge(tmp_path / "base", [])
     assert DTYPES  # builders' tables are importable in the fast tier
+
+
+def test_the_adapters_record_reads_back_and_a_bad_field_is_named(tmp_path):
+    import dataclasses
+
+    from qwen_merge import FormatError
+    from qwen_merge.planning.manifest import AdapterRecord, BaseRecord, MergeIdentity, differences
+
+    first = AdapterRecord("a" * 64, 10, "c" * 64, None)
+    listed = (dataclasses.replace(first, weight=0.5), AdapterRecord("b" * 64, 20, "d" * 64, None, -1.0))
+    ident = MergeIdentity("qwen-merge", "0", BaseRecord({"model.safetensors": 1}, (), None), first, {}, None, listed)
+    doc = ident.to_json()
+    assert "weight" not in doc["adapter"] and [a["weight"] for a in doc["adapters"]] == [0.5, -1.0]
+    assert MergeIdentity.from_json(doc, tmp_path / "qwen_merge.json") == ident
+    changed = dataclasses.replace(ident, adapters=(listed[0], dataclasses.replace(listed[1], weight=1.0)))
+    assert differences(ident, changed) == ["the adapters or their weights changed (2 adapters, weights 0.5, -1 -> "
+                                           "2 adapters, weights 0.5, 1)"]
+    single = dataclasses.replace(ident, adapters=())
+    assert "adapters" not in single.to_json()
+    with pytest.raises(FormatError, match=r"adapters\[1\]\.weight must be a number"):
+        MergeIdentity.from_json({**doc, "adapters": [doc["adapters"][0], {"weight": "x"}]}, tmp_path / "m.json")
