@@ -1,5 +1,5 @@
 """GGUF output against the safetensors merge of the same inputs, and against `cp` of the same bytes, side by
-side in one run:
+side in one run, then a check that what was timed is right (the GGUF tensors against the folder merge's):
 
     python benchmarks/bench_merge.py --preset 4b --build-only    # once: the ~8 GB Qwen3-4B-shaped inputs
     python benchmarks/bench_gguf.py --repeat 3                   # warm page cache
@@ -86,18 +86,55 @@ def write_tokenizer(folder: Path) -> None:
                                             "{{ m['content'] }}<|im_end|>\n{% endfor %}"}))
 
 
+OUTPUTS = {"cp": WORK / "cp", "safetensors": WORK / "folder", "gguf bf16": WORK / "out.bf16.gguf",
+           "gguf q8_0": WORK / "out.q8_0.gguf"}
+
+
 def workloads(base: Path, adapter: Path) -> dict[str, list[str]]:
     shards = sorted(str(p) for p in base.glob("*.safetensors"))
     merge = [sys.executable, "-m", "qwen_merge", "merge", str(base), str(adapter)]
-    return {"cp": ["cp", *shards, str(WORK / "cp")],
-            "safetensors": [*merge, str(WORK / "folder"), "--quiet"],
-            "gguf bf16": [*merge, str(WORK / "out.bf16.gguf"), "--outtype", "bf16", "--quiet"],
-            "gguf q8_0": [*merge, str(WORK / "out.q8_0.gguf"), "--outtype", "q8_0", "--quiet"]}
+    return {"cp": ["cp", *shards, str(OUTPUTS["cp"])],
+            "safetensors": [*merge, str(OUTPUTS["safetensors"]), "--quiet"],
+            "gguf bf16": [*merge, str(OUTPUTS["gguf bf16"]), "--outtype", "bf16", "--quiet"],
+            "gguf q8_0": [*merge, str(OUTPUTS["gguf q8_0"]), "--outtype", "q8_0", "--quiet"]}
 
 
-def clean() -> None:
-    shutil.rmtree(WORK, ignore_errors=True)
-    (WORK / "cp").mkdir(parents=True)
+def clean(name: str) -> None:
+    """The workload's earlier output removed; the others' stay, so that `check_outputs` sees the last of each."""
+    out = OUTPUTS[name]
+    shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+    OUTPUTS["cp"].mkdir(parents=True, exist_ok=True)
+
+
+def check_outputs() -> None:
+    """What was timed is right: every tensor of the bf16 GGUF equals the folder merge's bytes, and every
+    fourth tensor of the Q8_0 GGUF equals the `gguf` package's quantization of the folder merge's."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    folder = OUTPUTS["safetensors"]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, blocks)
+    hf_name = {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in index}
+    for path, every in ((OUTPUTS["gguf bf16"], 1), (OUTPUTS["gguf q8_0"], 4)):
+        if not path.is_file():
+            continue
+        tensors = gguf.GGUFReader(path).tensors[::every]
+        for t in tensors:
+            name = hf_name[t.name]
+            with safe_open(folder / index[name], "pt") as f:
+                merged = f.get_tensor(name)
+            if t.tensor_type.name == "Q8_0":
+                want = gguf.quants.quantize(merged.float().numpy(), t.tensor_type).tobytes()
+            else:
+                want = merged.to(torch.float32 if t.tensor_type.name == "F32" else merged.dtype).view(-1).view(
+                    torch.uint8).numpy().tobytes()
+            if np.asarray(t.data).tobytes() != want:
+                sys.exit(f"{path.name}: tensor {t.name} differs from the folder merge's")
+        print(f"[bench] {path.name}: {len(tensors)} tensors equal the folder merge's")
 
 
 def main() -> None:
@@ -117,13 +154,15 @@ def main() -> None:
     try:
         for r in range(args.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order each round
-                clean()
+                clean(name)
                 if args.cold:
                     drop_caches()
                 res = run_timed(name.replace(" ", "-"), jobs[name], env=env)
                 if res["rc"] != 0:
                     sys.exit(f"{name} failed: {res.get('error_tail', '')}")
                 results[name].append(res)
+        if "safetensors" in jobs:
+            check_outputs()
     finally:
         shutil.rmtree(WORK, ignore_errors=True)
     report(results, gb, args)

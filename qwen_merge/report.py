@@ -82,7 +82,8 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
         yield f"tied embeddings: {plan.tie}"
     if plan.config is not None:
         changed = {k: v for k, v in plan.config.items() if (base.config or {}).get(k) != v and k != "text_config"}
-        yield f"config.json: {', '.join(f'{k}={v}' for k, v in changed.items())}"
+        removed = [f"{k} removed" for k in (base.config or {}) if k not in plan.config]
+        yield f"config.json: {', '.join([*(f'{k}={v}' for k, v in changed.items()), *removed])}"
     if plan.options.rounding is not Rounding.SINGLE:
         yield (f"rounding: {plan.options.rounding.value} (PEFT's double rounding for embedding LoRA, "
                f"target_parameters and MiCA)")
@@ -132,7 +133,7 @@ def describe(op: TensorOp, name: str | None = None) -> str:
     """One line: what is done to the tensor (`name` replaces the op's own, e.g. with the expert index
     replaced by `*`)."""
     parts = []
-    fp8 = op.dequant is not None or op.kind in _FP8_KINDS
+    fp8 = op.dequant is not None or op.kind in _FP8_KINDS or op.packed is not None
     if op.source.in_adapter or op.source.entry.name != op.name:
         parts.append(f"from {op.source.entry.name}")
     if op.source.entry.dtype != op.dtype and not fp8:
@@ -173,7 +174,7 @@ def _bulk(op: TensorOp) -> bool:
 def _format_lines(plan: MergePlan) -> Iterator[str]:
     """What the output's dtype and FP8 handling do, with the error bound of each."""
     converted = Counter(op.source.entry.dtype for op in plan.ops
-                        if _action(op) in ("convert", "duplicate") and op.dequant is None)
+                        if _action(op) in ("convert", "duplicate") and op.dequant is None and op.packed is None)
     dequantized = sum(1 for op in plan.ops if op.dequant is not None)
     requantized = sum(1 for op in plan.ops if op.kind is OpKind.REQUANT)
     if plan.options.dtype:
@@ -183,12 +184,23 @@ def _format_lines(plan: MergePlan) -> Iterator[str]:
         yield (f"fp8:     {dequantized} FP8 tensors dequant → {plan.options.dtype} (f32(Q)·S, plus ΔW where merged, "
                f"one rounding: within 1 ulp of the exact value); {len(plan.dropped)} block scales and "
                f"quantization_config dropped")
+    yield from _bnb4_lines(plan)
     if requantized:
         block = next(op.requant.block for op in plan.ops if op.kind is OpKind.REQUANT)
         yield (f"fp8:     {requantized} merged FP8 weights dequant → merge → requant per {block[0]}x{block[1]} block "
                f"with fresh scales (amax/448; a block whose amax is unchanged keeps its scale): each value within "
                f"half an e4m3 step (≤ 1/16 of its magnitude) of the exact merged value; other FP8 tensors and "
                f"their scales copied byte for byte")
+
+
+def _bnb4_lines(plan: MergePlan) -> Iterator[str]:
+    """What happens to a bitsandbytes 4-bit base's weights."""
+    packed = [op for op in plan.ops if op.packed is not None]
+    if packed:
+        merged = sum(1 for op in packed if op.pair is not None)
+        yield (f"bnb4:    {len(packed)} 4-bit weights dequant → {plan.options.dtype} (quant_map[code]·absmax in fp32, "
+               f"as bitsandbytes' dequantize_4bit), {merged} of them merged onto those values with one rounding; "
+               f"{len(plan.dropped)} absmax/quant_map/quant_state tensors and quantization_config dropped")
 
 
 # -- the plan as a JSON document ------------------------------------------------------------------------
@@ -285,7 +297,7 @@ def _tensor_dict(shard: ShardPlan, entry: TensorEntry) -> dict:
             if source else {"name": entry.name, "dtype": entry.dtype, "adapter": False},
             "delta": _delta_dict(op) if op is not None and op.pair is not None else None,
             "token_rows": len(op.tokens.indices) if op is not None and op.tokens is not None else None,
-            "dequant": op is not None and op.dequant is not None,
+            "dequant": op is not None and (op.dequant is not None or op.packed is not None),
             "requant": op is not None and op.kind is OpKind.REQUANT,
             "scales_of": op.scales_of.name if op is not None and op.scales_of is not None else None}
 

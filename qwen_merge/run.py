@@ -28,6 +28,7 @@ from .errors import DiskFullError, OptionError, QwenMergeError
 from .files import ADAPTER_CONFIG
 from .inputs import basemodel, hub
 from .inputs.adapter import Adapter, open_adapter
+from .inputs.bnb4 import read_quant_states
 from .inputs.checkpoint import Checkpoint, HubOrigin, open_checkpoint
 from .inputs.digest import Hashes
 from .inputs.sources import Files, same_values
@@ -353,9 +354,10 @@ def _plan(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, sc
     if compute_import is not None and any(one.pairs or one.param_pairs for one in parsed):
         compute_import.start()
     compare = partial(same_values, parsed[0].file) if weights is None else _same_values_across(parsed)
-    plan = make_plan(checkpoint, parsed[0], options, compare, tokenizer=choice, others=tuple(parsed[1:]),
-                     weights=weights, same_bytes=_same_bytes)
-    return dataclasses.replace(plan, notes=notes)
+    plan = make_plan(checkpoint, parsed[0], options, compare, tokenizer=choice,
+                     quant_states=read_quant_states(checkpoint), others=tuple(parsed[1:]), weights=weights,
+                     same_bytes=_same_bytes)
+    return dataclasses.replace(plan, notes=notes + plan.notes)
 
 
 def _open_adapter(adapter: PathLike, options: MergeOptions, scratch: Path) -> Adapter:

@@ -66,6 +66,7 @@ def test_a_value_that_becomes_inf_in_f16_is_refused_when_asked(monkeypatch):
     raw = memoryview(y.view(torch.uint8).numpy()).cast("B")
     parts = list(encode(raw, "BF16", 64, "Q8_0"))
     assert len(parts) == 6
+    assert [len(p) for p in parts] == [68] * 6  # flat bytes: the sink advances its file offset by len()
     assert b"".join(parts) == gguf.quants.quantize(y.float().numpy(), QTYPES["Q8_0"]).tobytes()
 
 

@@ -50,6 +50,7 @@ ALLOWED = {
     "inputs.basemodel": {"errors", "files", "inputs.adapter", "inputs.checkpoint", "inputs.hub"},
     "inputs.pickled": {"errors", "files", "inputs.adapter"},
     "inputs.sources": {"dtypes", "errors", "inputs.tensorfile"},
+    "inputs.bnb4": {"errors", "inputs.checkpoint", "inputs.hub", "inputs.sources"},
     "planning.__init__": set(),
     "planning.names": {"errors", "inputs.architectures"},
     "planning.recipe": {"errors", "inputs.adapter", "inputs.tensorfile"},
@@ -57,7 +58,7 @@ ALLOWED = {
     "planning.experts": {"errors", "inputs.adapter", "inputs.tensorfile"},
     "planning.targets": {"errors", "files", "inputs.adapter", "inputs.architectures", "inputs.tensorfile",
                          "planning.experts"},
-    "planning.quant": {"errors", "inputs.tensorfile", "planning.recipe"},
+    "planning.quant": {"dtypes", "errors", "inputs.tensorfile", "planning.recipe"},
     "planning.layout": {"dtypes", "files", "inputs.tensorfile"},
     "planning.gguflayout": {"dtypes", "errors", "planning.ggufmeta", "planning.plan"},
     "planning.memory": {"dtypes", "inputs.digest", "inputs.sources"},
@@ -72,10 +73,11 @@ ALLOWED = {
     "compute.pieces": {"inputs.sources", "inputs.tensorfile", "planning.memory", "planning.plan"},
     "compute.arithmetic": set(),
     "compute.blockquant": set(),
+    "compute.bnb4dequant": set(),
     "compute.ggufquant": {"compute.arithmetic", "dtypes", "errors", "planning.gguflayout"},
-    "compute.stream": {"compute.arithmetic", "compute.blockquant", "compute.pieces", "dtypes", "errors",
-                       "inputs.adapter", "inputs.sources", "inputs.tensorfile", "planning.plan", "planning.quant",
-                       "planning.recipe"},
+    "compute.stream": {"compute.arithmetic", "compute.blockquant", "compute.bnb4dequant", "compute.pieces", "dtypes",
+                       "errors", "inputs.adapter", "inputs.sources", "inputs.tensorfile", "planning.plan",
+                       "planning.quant", "planning.recipe"},
     "sinks.__init__": set(),
     "sinks.output": {"errors", "files", "units"},
     "sinks.resume": {"errors", "files", "planning.manifest", "sinks.output"},
@@ -92,10 +94,10 @@ ALLOWED = {
     "sinks.tensors": {"compute.arithmetic", "compute.pieces", "errors", "inputs.sources"},
     "sinks.writer": {"compute.pieces", "errors", "inputs.sources", "planning.memory", "sinks.output", "sinks.resume"},
     "run": {"compute.arithmetic", "compute.pieces", "compute.stream", "errors", "files", "inputs.adapter",
-            "inputs.basemodel", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled", "inputs.sources",
-            "inputs.tensorfile", "options", "planning.fetchplan", "planning.manifest", "planning.plan",
-            "planning.recipe", "planning.tokenizer", "progress",
-            "sinks.base", "sinks.output", "units"},
+            "inputs.basemodel", "inputs.bnb4", "inputs.checkpoint", "inputs.digest", "inputs.hub", "inputs.pickled",
+            "inputs.sources", "inputs.tensorfile", "options", "planning.fetchplan", "planning.manifest",
+            "planning.plan", "planning.recipe", "planning.tokenizer", "progress", "sinks.base", "sinks.output",
+            "units"},
     "merge": {"errors", "ggufmerge", "options", "planning.manifest", "planning.plan", "run", "sinks.folder",
               "sinks.output", "sinks.tensors"},
     "ggufmerge": {"errors", "options", "planning.ggufmeta", "planning.gguflayout", "planning.manifest",
@@ -112,11 +114,10 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"version"},  # the public names are imported on first use
 }
-TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.ggufquant", "compute.stream", "inputs.pickled",
-                   "demo"}
-BYTE_READERS = {"inputs.sources", "compute.pieces", "compute.stream", "sinks.writer", "sinks.tensors", "sinks.gguf",
-                "run",
-                "verify"}
+TORCH_AT_IMPORT = {"compute.arithmetic", "compute.blockquant", "compute.bnb4dequant", "compute.ggufquant",
+                   "compute.stream", "inputs.pickled", "demo"}
+BYTE_READERS = {"inputs.sources", "inputs.bnb4", "compute.pieces", "compute.stream", "sinks.writer", "sinks.tensors",
+                "sinks.gguf", "run", "verify"}
 
 
 def _folder(module: str) -> str:

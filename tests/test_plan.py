@@ -274,7 +274,7 @@ def test_dtype_on_a_base_quantized_otherwise_than_fp8_is_refused():
                       {"quantization_config": {"quant_method": "bitsandbytes"}})
     assert refusal(OptionError, lambda: plan(base, lora(Q), dtype="bfloat16")) == (
         f"dtype: bfloat16 cannot convert {BASE}, a checkpoint quantized with quant_method 'bitsandbytes'; only "
-        f"block-wise FP8 (\"fp8\") bases can be dequantized")
+        f"block-wise FP8 (\"fp8\") and bitsandbytes 4-bit bases can be dequantized")
 
 
 # Without torch

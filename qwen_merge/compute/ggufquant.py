@@ -35,14 +35,14 @@ def one_thread() -> None:
 
 
 def encode(data: memoryview, dtype: str, cols: int, ggml_type: str, *, finite: bool = False) -> Iterator[memoryview]:
-    """Whole rows of `cols` values of safetensors dtype `dtype`, as `ggml_type` bytes, in consecutive parts
-    of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size).
+    """Whole rows of `cols` values of safetensors dtype `dtype`, as `ggml_type` bytes (flat byte views, so
+    that `len` is their size in bytes), in consecutive parts of at most about CHUNK_VALUES values (the fp32 temporaries of a conversion are a few times its size).
     `finite`: raise NonFiniteError where a finite value would become Inf (beyond float16's 65504 in F16, or
     a Q8_0 block scale beyond it), as a merge into a float16 folder does."""
     size = DTYPE_BITS[dtype] // 8
     step = max(1, CHUNK_VALUES // max(1, cols)) * cols * size
     for start in range(0, len(data), step):
-        yield _encode(data[start:start + step], dtype, ggml_type, finite)
+        yield _encode(data[start:start + step], dtype, ggml_type, finite).cast("B")
 
 
 def _encode(data: memoryview, dtype: str, ggml_type: str, finite: bool) -> memoryview:

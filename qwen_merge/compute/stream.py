@@ -19,9 +19,9 @@ from ..inputs.adapter import Kind
 from ..inputs.sources import Files, ReadAhead, read_exact
 from ..inputs.tensorfile import TensorEntry, TensorFile
 from ..planning.plan import OpKind, TensorOp
-from ..planning.quant import BlockScale
+from ..planning.quant import BlockScale, PackedWeight
 from ..planning.recipe import Pair, SumPair
-from . import blockquant
+from . import blockquant, bnb4dequant
 from .arithmetic import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
                          all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
                          finish_column_norms, make_factors, merge_rows, split_experts, sum_factors, widen)
@@ -138,7 +138,9 @@ class Computer:
         beyond = torch.nonzero(ratio.view(-1) > 1).view(-1)
         return len(beyond), int(beyond[0]) if len(beyond) else -1, float(ratio.max())
 
-    def _row_reader(self, op: TensorOp) -> _RowReader:
+    def _row_reader(self, op: TensorOp) -> _RowReader | _PackedReader:
+        if op.packed is not None:
+            return _PackedReader(op, self.files, self.reader, self.workspace, *self._packed_tables(op.packed))
         scales = self._scales32(op.dequant) if op.dequant is not None else None
         return _RowReader(op, self.files, self.reader, self.workspace, op.matrix, scales)
 
@@ -189,6 +191,18 @@ class Computer:
     def _scales32(self, scale: BlockScale) -> torch.Tensor:
         """A base tensor's block scales (small: one value per block), read whole, in fp32."""
         return self._whole(scale.source.file, scale.source.entry).to(torch.float32)
+
+    def _packed_tables(self, packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 4-bit weight's code values and its absmax in fp32 (small: 16 values, and one per block), read
+        whole."""
+        def whole(source):
+            return self._whole(source.file, source.entry) if source is not None else None
+
+        state = packed.state
+        absmax = bnb4dequant.absmax32(whole(packed.absmax), whole(packed.nested_absmax),
+                                      whole(packed.nested_quant_map), state.nested_blocksize or 0,
+                                      state.nested_offset or 0.0)
+        return bnb4dequant.code_table(whole(packed.quant_map)), absmax
 
     def _whole(self, file: TensorFile, entry: TensorEntry) -> torch.Tensor:
         """A small tensor read whole into a buffer of its own."""
@@ -398,3 +412,29 @@ class _RowReader:
         if self.op.source_round is None:
             return w
         return self.workspace.tensor("source", self.op.source_round, w.shape).copy_(w)
+
+
+class _PackedReader:
+    """Rows of a bitsandbytes 4-bit weight (`op.packed`): the bytes of their codes read, dequantized in fp32
+    (`bnb4dequant.dequantize`) and rounded to the output dtype, the base tensor's values in this merge."""
+
+    def __init__(self, op: TensorOp, files: Files, reader: ReadAhead, workspace: Workspace, table: torch.Tensor,
+                 absmax: torch.Tensor) -> None:
+        self.op, self.reader, self.workspace, self.table, self.absmax = op, reader, workspace, table, absmax
+        self.fd, self.file, self.entry = files.fd(op.source.file.path), op.source.file, op.source.entry
+        self.shape = op.matrix
+
+    def rows(self, row0: int, rows: int) -> torch.Tensor:
+        """The rows, valid until the next read (of this op or another)."""
+        cols = self.shape[1]
+        first, count = row0 * cols, rows * cols  # first: a multiple of the block size (`_block_rows`)
+        start, end = first // 2, -(-(first + count) // 2)
+        view = self.reader.read(self.fd, self.file.data_offset + self.entry.start + start, end - start,
+                                self.file.path)
+        values = bnb4dequant.dequantize(as_tensor(view, "U8", (end - start,)), first, count, self.table,
+                                        self.absmax, self.op.packed.state.blocksize,
+                                        self.workspace.tensor("bnb_values", "F32", (2 * (end - start),)),
+                                        self.workspace.tensor("bnb_codes", "I32", (end - start,))).view(rows, cols)
+        if self.op.dtype == "F32":
+            return values
+        return self.workspace.tensor("bnb_rounded", self.op.dtype, (rows, cols)).copy_(values)

@@ -208,6 +208,16 @@ def shard_header(origin: HubOrigin, name: str) -> TensorFile:
     return parse_header(path, first, size)
 
 
+def read_range(origin: HubOrigin, name: str, offset: int, length: int) -> bytes:
+    """`length` bytes of file `name` from `offset`, from the cache or with one range request (the file is not
+    downloaded): the small tensors a planner needs from a shard not fetched yet."""
+    if name in origin.cached:
+        with open(origin.folder / name, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    return _range(origin, name, offset, offset + length - 1)
+
+
 def _range(origin: HubOrigin, name: str, start: int, end: int) -> bytes:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status

@@ -46,6 +46,7 @@ def base_reads(shard: ShardPlan) -> frozenset[str]:
             paths.add(shard.copy_source(entry.name)[0].path)
         while op is not None:
             sources = [op.source] + [s.source for s in (op.dequant, op.requant) if s is not None]
+            sources += op.packed.companions if op.packed is not None else ()
             paths.update(s.file.path for s in sources if not s.in_adapter)
             op = op.scales_of
     return frozenset(p.name for p in paths)

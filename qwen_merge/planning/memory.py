@@ -47,6 +47,7 @@ def _shape_key(op: TensorOp) -> tuple:
     pair = op.pair
     return (op.matrix, op.dtype, op.block_rows, pair and (pair.a.shape, pair.b.shape, pair.magnitude is not None),
             op.tokens and op.tokens.values.shape, op.shape, op.dequant is not None, op.requant is not None,
+            op.packed and tuple(s.entry.nbytes for s in op.packed.companions),
             op.scales_of and _shape_key(op.scales_of))
 
 
@@ -66,6 +67,9 @@ def _working_set(op: TensorOp) -> int:
     row_bytes = row_elems * DTYPE_BITS[op.dtype] // 8
     widen = 2 if op.wide else 1  # float64 scratch holds as many rows as the fp32 one: twice the bytes
     scratch = 3 * widen * max(SUB_BLOCK_BYTES, 8 * row_elems) + op.block_rows * row_elems
+    if op.packed is not None:  # each byte's index (int32), the values in fp32 and in the output dtype; the tables
+        scratch += (2 + 4 + DTYPE_BITS[op.dtype] // 8) * op.block_rows * row_elems
+        scratch += sum(8 * s.entry.nbytes for s in op.packed.companions)  # as stored, in fp32 and decoded
     if op.dequant is not None or op.requant is not None:  # fp32 rows: dequantized, and merged before requant
         scratch += 2 * 4 * op.block_rows * row_elems + 2 * (op.dequant or op.requant).source.entry.nbytes
     return extra + (1 + RING_SIZE) * op.block_rows * max(row_bytes, 1) + scratch

@@ -26,10 +26,12 @@ from ..planning.manifest import output_files
 from . import experts, layout, memory, targets, ties
 from .layout import PendingEntry, index_json
 from .names import NameMap, resolve_names
-from .quant import FP8, BlockScale, Quantization, fp8_scales, refuse_target, scale_name
+from .quant import (FP8, BlockScale, PackedWeight, Quantization, bnb4_note, bnb4_weights, fp8_scales, refuse_target,
+                    scale_name)
 from .recipe import Pair, Part, Recipe, Source, SumPair, combine
 
-if TYPE_CHECKING:  # the planner is handed the tokenizer decision; it does not make it
+if TYPE_CHECKING:  # the planner is handed the tokenizer decision and the quant_states; it reads neither
+    from ..inputs.bnb4 import QuantState
     from .tokenizer import TokenizerChoice
 
 SameBytes = Callable[[TensorFile, TensorEntry, TensorFile, TensorEntry], bool]
@@ -46,7 +48,7 @@ class OpKind(Enum):
 
     * COPY: the source's bytes as they are (an adapter tensor that replaces the base tensor in its dtype,
       or another base tensor: the embedding, as an untied lm_head);
-    * CONVERT: the source's values in another dtype (an FP8 source dequantized);
+    * CONVERT: the source's values in another dtype (an FP8 or bitsandbytes 4-bit source dequantized);
     * TOKENS: the source's values, in the output dtype, with trainable-token rows set;
     * MERGE: W + ΔW of a LoRA pair (Linear, Embedding, convolution, DoRA, one expert's slice of a fused
       LoRA), then the token rows a tied lm_head with its own LoRA takes from the embedding;
@@ -90,6 +92,9 @@ class TensorOp:
 
     TOKENS (and MERGE, for a tied lm_head) overwrite the `tokens` rows last.
 
+    `packed`: the source is a bitsandbytes 4-bit weight (`source` its codes), read as its values
+    `quant_map[code] · absmax[block]` (fp32) rounded to `dtype`, which then stand for the base tensor.
+
     REQUANT: `requant` is the base block scale of the F8_E4M3 output, requantized per block (a block whose
     largest magnitude is unchanged keeps the base's scale); the SCALES op with `scales_of` set to it writes
     its new block scales."""
@@ -117,6 +122,7 @@ class TensorOp:
     # REQUANT, SCALES
     requant: BlockScale | None = None
     scales_of: TensorOp | None = None
+    packed: PackedWeight | None = None
 
     @property
     def rank(self) -> int | None:
@@ -136,7 +142,7 @@ class TensorOp:
         """What happens to the tensor, in words: `dequant → merge → requant`, `merge`, `→ BF16`, ..."""
         if self.kind is OpKind.SCALES:
             return f"new block scales of {self.scales_of.name}"
-        steps = ["dequant"] if self.dequant else []
+        steps = ["dequant"] if self.dequant or self.packed else []
         if self.pair is not None or self.tokens is not None:
             steps.append("merge")
         elif self.source.in_adapter:
@@ -253,14 +259,17 @@ class MergePlan:
 
 
 def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues,
-              tokenizer: TokenizerChoice | None = None, *, others: tuple[Adapter, ...] = (),
-              weights: tuple[float, ...] | None = None, same_bytes: SameBytes | None = None) -> MergePlan:
+              tokenizer: TokenizerChoice | None = None, quant_states: dict[str, QuantState] | None = None, *,
+              others: tuple[Adapter, ...] = (), weights: tuple[float, ...] | None = None,
+              same_bytes: SameBytes | None = None) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
     `same_values(x, y, transposed)` says whether two adapter tensors hold the same values (y transposed),
     which the tied-embedding decision needs. `tokenizer`: the tokenizer files the output gets (None: the
-    base's side files as they are). `others` and `weights`: several adapters (`adapter` first, then
+    base's side files as they are). `quant_states`: the quant_state JSON of a bitsandbytes 4-bit base's
+    weights (`inputs.bnb4.read_quant_states`); such a base is written dequantized, in its compute dtype
+    unless `options.dtype` says another. `others` and `weights`: several adapters (`adapter` first, then
     `others`), weighted, their LoRA deltas summed (`recipe.combine`); None: `adapter` alone, as it is.
     `same_bytes(file, entry, file, entry)`: whether two tensors hold the same bytes, for an adapter's saved
     copy of a base tensor that another adapter changes too.
@@ -287,7 +296,11 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
                                       same_values)
     quant = Quantization.of(base.config, str(base.root / MODEL_CONFIG))
-    builder = _OpBuilder(base, adapter, entries, where, options, quant, fp8_scales(quant, where, entries))
+    packed, companions = bnb4_weights(quant, where, quant_states)
+    if quant.bnb4 and options.dtype is None:  # a 4-bit base is always dequantized: one dtype out
+        options = dataclasses.replace(options, dtype=quant.compute_dtype)
+    builder = _OpBuilder(base, adapter, entries, where, options, quant, fp8_scales(quant, where, entries), packed,
+                         tuple(companions))
     try:
         ops = {name: builder.op(name, recipe) for name, recipe in recipes.items()}
     except MismatchError as e:  # the checks speak of tensors; name the adapter they come from too
@@ -307,7 +320,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
                      renames=tuple(renames), tie=tie, predicted_peak_bytes=memory.predict_peak(in_order, tensors),
                      index_json=index_json(_index_document(base, shards, tuple(dropped))) if index_name else b"",
                      index_name=index_name, dropped=tuple(dropped), tokenizer=tokenizer,
-                     adapters=tuple(settled) if weights is not None else (), weights=weights or ())
+                     adapters=tuple(settled) if weights is not None else (), weights=weights or (),
+                     notes=(bnb4_note(options.dtype, base.config, packed),) if quant.bnb4 else ())
 
 
 def _adapter_recipes(base: Checkpoint, adapter: Adapter, options: MergeOptions, entries: dict[str, TensorEntry],
@@ -337,7 +351,9 @@ def _total_size(shards: tuple[ShardPlan, ...]) -> int:
 
 def _index_document(base: Checkpoint, shards: tuple[ShardPlan, ...], dropped: tuple[str, ...]) -> dict:
     metadata = {**base.index_metadata, "total_size": _total_size(shards)}
-    if "total_parameters" in metadata and dropped:
+    if "total_parameters" in metadata and any(op.packed for s in shards for op in s.ops.values()):
+        metadata["total_parameters"] = sum(math.prod(e.shape) for s in shards for e in s.entries)  # 4-bit: all new
+    elif "total_parameters" in metadata and dropped:
         entries = base.entries()
         metadata["total_parameters"] -= sum(math.prod(entries[n].shape) for n in dropped)
     return {"metadata": metadata, "weight_map": {e.name: s.name for s in shards for e in s.entries}}
@@ -385,10 +401,16 @@ class _OpBuilder:
     options: MergeOptions
     quant: Quantization
     scales: dict[str, BlockScale]  # FP8 weight -> its block scale
+    packed: dict[str, PackedWeight] = dataclasses.field(default_factory=dict)  # bitsandbytes 4-bit weights
+    companions: tuple[str, ...] = ()  # their absmax, quant_map, ... tensors: not in the output
 
     def op(self, name: str, recipe: Recipe) -> TensorOp:
         source = recipe.source
         existing = self.entries.get(name)
+        packed = self.packed.get(name)
+        if packed is not None:  # its values stand for an fp32 tensor of its logical shape
+            existing = dataclasses.replace(existing, dtype="F32", shape=packed.state.shape)
+            packed = packed if not source.in_adapter else None
         # a tensor the base does not have (an untied lm_head) takes the dtype of the one it is made from
         dtype = (existing or self.entries.get(recipe.shard_of) or source.entry).dtype
         fp8 = self.scales.get(name)
@@ -401,7 +423,7 @@ class _OpBuilder:
         else:
             out_dtype = dtype
         _check_replacement(name, existing, source, dtype if fp8 is None else "F32")
-        shape = source.entry.shape
+        shape = source.entry.shape if packed is None else packed.state.shape
         rows, cols = matrix_view(shape, recipe.pair, recipe.part)
         shard = self.base.weight_map.get(name) or self.base.weight_map[recipe.shard_of]
         round_delta = (self.options.rounding is Rounding.PEFT and recipe.pair is not None
@@ -419,11 +441,12 @@ class _OpBuilder:
             _check_tokens(name, shape, recipe.tokens)
         source_round = (dtype if source.in_adapter and source.entry.dtype != dtype and dtype in FLOATS
                         else None)
-        kind = _kind(recipe, source.entry.dtype != out_dtype or dequant is not None, requant)
-        return TensorOp(name, shard, kind, out_dtype, shape, source, self._block_rows(rows, cols, dequant or requant),
-                        (rows, cols), not self.options.allow_nonfinite, dequant, source_round, recipe.pair,
-                        recipe.part, transpose, round_delta, _batchable(kind, recipe, source, out_dtype),
-                        recipe.tokens, requant)
+        kind = _kind(recipe, source.entry.dtype != out_dtype or dequant is not None or packed is not None, requant)
+        return TensorOp(name, shard, kind, out_dtype, shape, source,
+                        self._block_rows(rows, cols, dequant or requant, packed), (rows, cols),
+                        not self.options.allow_nonfinite, dequant, source_round, recipe.pair, recipe.part, transpose,
+                        round_delta, _batchable(kind, recipe, source, out_dtype) and packed is None, recipe.tokens,
+                        requant, packed=packed)
 
     def conversions(self, ops: dict[str, TensorOp]) -> dict[str, TensorOp]:
         """With an output dtype: an op for every other tensor that changes, a float tensor stored in another
@@ -435,13 +458,18 @@ class _OpBuilder:
         dtype = self.options.dtype
         if dtype is None:
             return {}
-        if self.quant.method is not None and not self.quant.fp8:
+        if self.quant.method is not None and not self.quant.fp8 and not self.quant.bnb4:
             raise OptionError(f"{dtype_name(dtype)} cannot convert {self.base.root}, a checkpoint quantized "
-                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") bases can be "
-                              f"dequantized", option="dtype")
+                              f"with quant_method {self.quant.method!r}; only block-wise FP8 (\"fp8\") and "
+                              f"bitsandbytes 4-bit bases can be dequantized", option="dtype")
         dropped, converted = set(self.dropped()), {}
         for name, entry in self.entries.items():
-            if name in ops or name in dropped or entry.dtype == dtype:
+            if name in ops or name in dropped:
+                continue
+            if name in self.packed:
+                converted[name] = self._dequantized(name, self.packed[name], dtype)
+                continue
+            if entry.dtype == dtype:
                 continue
             dequant = self.scales.get(name)
             if dequant is None and entry.dtype not in FLOATS:
@@ -472,14 +500,27 @@ class _OpBuilder:
         return made
 
     def dropped(self) -> list[str]:
-        """The block scales a dequantized output no longer needs."""
+        """The block scales a dequantized output no longer needs, and a 4-bit base's absmax, quant_map, ..."""
         if self.options.dtype is None:
             return []
-        return [scale.name for scale in self.scales.values()]
+        return [scale.name for scale in self.scales.values()] + list(self.companions)
 
-    def _block_rows(self, rows: int, cols: int, scale: BlockScale | None) -> int:
-        """Rows per block: `block_bytes` of fp32; for FP8, whole rows of scale blocks."""
+    def _dequantized(self, name: str, packed: PackedWeight, dtype: str) -> TensorOp:
+        """A bitsandbytes 4-bit weight no adapter touches: its values, in `dtype`."""
+        shape = packed.state.shape
+        rows, cols = as_matrix(shape)
+        return TensorOp(name, self.base.weight_map[name], OpKind.CONVERT, dtype, shape, packed.source,
+                        self._block_rows(rows, cols, None, packed), matrix=(rows, cols),
+                        check_finite=not self.options.allow_nonfinite, packed=packed)
+
+    def _block_rows(self, rows: int, cols: int, scale: BlockScale | None, packed: PackedWeight | None = None
+                    ) -> int:
+        """Rows per block: `block_bytes` of fp32; for FP8, whole rows of scale blocks; for a 4-bit weight, a
+        multiple of the rows that hold whole absmax blocks (each block then starts on a block and a byte)."""
         block_rows = max(1, min(rows, self.options.block_bytes // max(4 * cols, 1)))
+        if packed is not None:
+            step = packed.state.blocksize // math.gcd(cols, packed.state.blocksize)
+            return min(max(step, block_rows // step * step), -(-rows // step) * step)
         if scale is None:
             return block_rows
         step = scale.block[0]

@@ -157,7 +157,7 @@ class GGUFSink:
             try:
                 for part in encode(data[(lo - first) * row:(hi - first) * row], entry.dtype, tensor.shape[-1],
                                    tensor.ggml_type, finite=self._finite):
-                    yield part.cast("B"), where
+                    yield part, where
                     where += len(part)
             except NonFiniteError as e:
                 raise NonFiniteError(f"tensor {entry.name!r} ({tensor.name}, {tensor.ggml_type}) {e}; write "
