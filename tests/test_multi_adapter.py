@@ -411,3 +411,23 @@ def test_the_adapters_record_reads_back_and_a_bad_field_is_named(tmp_path):
     assert "adapters" not in single.to_json()
     with pytest.raises(FormatError, match=r"adapters\[1\]\.weight must be a number"):
         MergeIdentity.from_json({**doc, "adapters": [doc["adapters"][0], {"weight": "x"}]}, tmp_path / "m.json")
+
+
+@pytest.mark.slow
+def test_several_adapters_on_a_4bit_base_merge_onto_its_dequantized_weights(tmp_path):
+    """A QLoRA base (bitsandbytes NF4, double quantization): the sum merges onto bitsandbytes' own dequantized
+    weights, as onto a plain checkpoint of them."""
+    from bnb_models import SPECS, build_adapter, build_bnb4_base, write_dequantized
+
+    spec = SPECS["nf4_double"]
+    base, plain = build_bnb4_base(spec, tmp_path)
+    adapters = [build_adapter(spec, plain, tmp_path / "a1", seed=1),
+                build_peft_adapter(plain, tmp_path / "a2", dict(r=2, lora_alpha=5, use_rslora=True,
+                                                                target_modules=["q_proj", "down_proj"]), seed=2)]
+    dequantized = write_dequantized(base, tmp_path / "dequantized", spec.compute)
+    ours = disk_tensors(merge_shards(base, adapters, tmp_path / "out", weights=(0.6, -1.0), progress=False).output)
+    plain_merge = merge_shards(dequantized, adapters, tmp_path / "plain", weights=(0.6, -1.0), progress=False)
+    theirs = disk_tensors(plain_merge.output)
+    assert set(ours) == set(theirs) and plain_merge.merged > 0
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
