@@ -33,7 +33,10 @@ ADAPTER_HELP = "PEFT adapter folder, or Hugging Face repo id (org/name[@revision
 FLAGS = {"rounding": "--rounding", "key_map": "--map", "allow_pickle": "--allow-pickle",
          "allow_nonfinite": "--allow-nonfinite", "dtype": "--dtype", "max_shard_size": "--max-shard-size",
          "low_disk": "--low-disk", "tokenizer": "--tokenizer", "push_to_hub": "--push-to-hub",
-         "outtype": "--outtype", "resume": "--resume", "output": "OUT"}
+         "outtype": "--outtype", "resume": "--resume", "output": "OUT", "weights": "--weights",
+         "adapter": "ADAPTER"}
+WEIGHTS_HELP = ("with several adapters: one weight per adapter, in order, separated by commas (default 1 each); "
+                "a negative weight subtracts that adapter's delta (write --weights=-0.5,1 when the first is negative)")
 # The exit status when the reader of stdout goes away (`qwen-merge plan ... | head`): 128 + SIGPIPE, what
 # the shell shows for a program that SIGPIPE ended.
 BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
@@ -89,6 +92,8 @@ def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.A
         _check_merge_positionals(args, commands["merge"])
     if args.command == "plan" and args.out is None and (args.adapter or "").lower().endswith(".gguf"):
         args.base, args.adapter, args.out = None, args.base, args.adapter  # `plan ADAPTER out.gguf`
+    if args.command == "plan":
+        _several_plan_adapters(args)
     if getattr(args, "base", "") is not None:
         return
     if not may_be_adapter(args.adapter):
@@ -99,8 +104,12 @@ def _check_omitted_base(args: argparse.Namespace, commands: dict[str, argparse.A
 def _check_merge_positionals(args: argparse.Namespace, merge: argparse.ArgumentParser) -> None:
     """`merge`'s positionals as meant: argparse fills them from the left. OUT is required unless
     --push-to-hub; two words are ADAPTER OUT without it, BASE ADAPTER with it."""
-    words = [w for w in (args.base, args.adapter, args.out) if w is not None]
-    if not args.push_to_hub:
+    words = [w for w in (args.base, args.adapter, args.out, *args.more) if w is not None]
+    if len(words) > 3:  # BASE ADAPTER ADAPTER... OUT: several adapters, summed with --weights
+        if args.push_to_hub:
+            raise _UsageError("--push-to-hub merges one adapter; merge several into OUT, then push OUT's model", merge)
+        args.base, args.adapter, args.out = words[0], words[1:-1], words[-1]
+    elif not args.push_to_hub:
         if len(words) < 2:
             raise _UsageError("the following arguments are required: out", merge)
         args.base, args.adapter, args.out = ([None, *words])[-3:]  # ADAPTER OUT, or BASE ADAPTER OUT
@@ -109,6 +118,21 @@ def _check_merge_positionals(args: argparse.Namespace, merge: argparse.ArgumentP
     for flag in ("private", "revision", "create_pr", "commit_message"):
         if getattr(args, flag) and not args.push_to_hub:
             raise _UsageError(f"--{flag.replace('_', '-')} applies only with --push-to-hub", merge)
+
+
+def _several_plan_adapters(args: argparse.Namespace) -> None:
+    """`plan BASE ADAPTER ADAPTER... [OUT]`: the words after BASE are adapters while they name one (a folder
+    with adapter_config.json, or a Hub repo id); a last word that does not (a folder to create, a .gguf
+    file) is OUT, as with one adapter."""
+    from .inputs.basemodel import may_be_adapter
+
+    words = [w for w in (args.out, *args.more) if w is not None]
+    if not words:
+        return
+    out = words.pop() if words[-1].lower().endswith(".gguf") or not may_be_adapter(words[-1]) else None
+    args.out = out
+    if words:
+        args.adapter = [args.adapter, *words]
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -123,6 +147,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     plan.add_argument("adapter", help=ADAPTER_HELP)
     plan.add_argument("out", nargs="?", help="OUT as for merge: with a path ending in .gguf, also the GGUF file's "
                       "tensors, types and size")
+    plan.add_argument("more", nargs="*", metavar="ADAPTER", help="more adapters, after BASE and the first: their "
+                      "weighted sum is merged (see --weights); then OUT, if given, last")
     shown = plan.add_mutually_exclusive_group()
     shown.add_argument("--detail", action="store_true", help="also list every tensor that is copied unchanged")
     shown.add_argument("--json", action="store_true",
@@ -136,6 +162,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     merge.add_argument("adapter", help=ADAPTER_HELP)
     merge.add_argument("out", nargs="?", help="output folder (created; must not be inside an input); may be "
                        "omitted with --push-to-hub (then no local copy is kept)")
+    merge.add_argument("more", nargs="*", metavar="ADAPTER", help="several adapters: BASE ADAPTER ADAPTER... OUT "
+                       "(BASE required), their weighted sum merged in one pass (see --weights)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it is a non-empty folder; with "
                        "--push-to-hub, also a repo that holds a model (its old files are deleted in the same commit)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -167,10 +195,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                         "of the merge are those OUT/qwen_merge.json records, unless given.")
     verify.add_argument("out", help="the merged model folder to check")
     verify.add_argument("--base", required=True, help="the base it was merged from: " + BASE_HELP)
-    verify.add_argument("--adapter", required=True, help="the adapter it was merged with: " + ADAPTER_HELP)
+    verify.add_argument("--adapter", required=True, action="append", help="the adapter it was merged with: "
+                        + ADAPTER_HELP + "; repeat it for each of several adapters, in their order")
     verify.add_argument("--full", action="store_true", help="recompute every row block of merged tensors "
                         "(default: the first, middle and last block of each)")
     for p in (plan, merge, verify):
+        p.add_argument("--weights", metavar="W1,W2,...", help=WEIGHTS_HELP + ("; default for verify: the weights "
+                       "OUT/qwen_merge.json records" if p is verify else ""))
         p.add_argument("--rounding", choices=("single", "peft"),
                        help="single: fp32 accumulation, one rounding (default); peft: PEFT's double rounding "
                             "where PEFT does it (embedding LoRA, target_parameters experts), for byte-identical "
@@ -248,7 +279,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .merge import plan_merge
     from .report import gguf_dict, gguf_lines, render, to_dict
 
-    plan = plan_merge(args.base, args.adapter, force=args.force, **_options(args))
+    plan = plan_merge(args.base, args.adapter, weights=_weights(args), force=args.force, **_options(args))
     layout = _gguf_layout(plan, args)
     if args.json:
         document = to_dict(plan)
@@ -297,7 +328,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_shards
 
     start = time.perf_counter()
-    report = merge_shards(args.base, args.adapter, args.out, overwrite=args.overwrite, progress=not args.quiet,
+    report = merge_shards(args.base, args.adapter, args.out, weights=_weights(args), overwrite=args.overwrite,
+                          progress=not args.quiet,
                           resume=args.resume, force=args.force, allow_nonfinite=args.allow_nonfinite,
                           low_disk=args.low_disk, outtype=args.outtype, **_options(args))
     if args.quiet:
@@ -314,6 +346,9 @@ def _merge(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from .push import push_merge
 
+    if args.weights is not None:
+        raise OptionError("--push-to-hub merges one adapter as it is; merge weighted adapters into OUT first",
+                          option="weights")
     start = time.perf_counter()
     report = push_merge(args.base, args.adapter, args.push_to_hub, args.out, private=args.private,
                         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
@@ -331,11 +366,23 @@ def _push(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_merge
 
-    report = verify_merge(args.out, args.base, args.adapter, full=args.full, **_options(args))
+    adapter = args.adapter[0] if len(args.adapter) == 1 else args.adapter
+    report = verify_merge(args.out, args.base, adapter, weights=_weights(args), full=args.full, **_options(args))
     for problem in report.problems:
         print(problem)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _weights(args: argparse.Namespace) -> list[float] | None:
+    """--weights as numbers (None when not given)."""
+    if args.weights is None:
+        return None
+    try:
+        return [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise OptionError(f"{args.weights!r}: expected numbers separated by commas, one per adapter, e.g. "
+                          f"0.7,0.3", option="weights") from None
 
 
 def _options(args: argparse.Namespace) -> dict:

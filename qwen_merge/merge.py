@@ -9,7 +9,7 @@ a tensor has to be computed: planning, and merges that only copy bytes, run with
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from .ggufmerge import is_gguf, merge_into_gguf
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice, check_plan_not_merged_twice
 from .planning.plan import MergePlan
-from .run import Run, local_inputs, open_run, tell, without_gc
+from .run import Run, adapter_spec, local_inputs, open_run, tell, without_gc
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.output import check_destination
 from .sinks.tensors import TensorSink
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported lazily, where tensors are made
     import torch
 
 PathLike = str | os.PathLike
+Adapters = PathLike | Sequence[PathLike]  # one adapter, or several merged as a weighted sum (`weights`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,8 @@ class MergeReport:
     already_complete: bool = False  # `resume` found this merge finished at `output` and wrote nothing
 
 
-def plan_merge(base: PathLike | None, adapter: PathLike, *, force: bool = False,
+def plan_merge(base: PathLike | None, adapter: Adapters, *, weights: Sequence[float] | None = None,
+               force: bool = False,
                options: MergeOptions | None = None,
                rounding: str | None = None, key_map: dict[str, str] | None = None,
                allow_pickle: bool | None = None, block_bytes: int | None = None,
@@ -61,7 +63,11 @@ def plan_merge(base: PathLike | None, adapter: PathLike, *, force: bool = False,
             HF_HUB_CACHE / HF_HOME and HF_ENDPOINT apply as in every huggingface_hub tool.
             None: the model the adapter's config names (`base_of(adapter)`: its base_model_name_or_path).
         adapter: a PEFT LoRA folder (`adapter_config.json` + `adapter_model.safetensors`), or a Hub repo
-            id holding one.
+            id holding one; or a list of them, merged in one pass as W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ (task arithmetic:
+            what PEFT's `add_weighted_adapter(..., combination_type="cat")` and a merge compute, rounded
+            once). With several adapters and `base` None, BASE is the model the first adapter names.
+        weights: one number per adapter (default 1.0 each; negative subtracts a task). A single adapter
+            with weight 1 is merged exactly as without a list.
         force: plan even when the base's manifest shows this adapter was already merged into it (as
             `merge_shards`' `force`).
         options: a `MergeOptions`; the keyword arguments below, when given, are set on top of it.
@@ -99,12 +105,13 @@ def plan_merge(base: PathLike | None, adapter: PathLike, *, force: bool = False,
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size,
                               tokenizer=tokenizer)
-    with open_run(base, adapter, options) as run:
+    with open_run(base, adapter_spec(adapter, weights), options) as run:
         check_plan_not_merged_twice(run.plan, force)
         return run.plan
 
 
-def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, overwrite: bool = False,
+def merge_shards(base: PathLike | None, adapter: Adapters, output: PathLike, *,
+                 weights: Sequence[float] | None = None, overwrite: bool = False,
                  progress: bool = True, resume: bool = False, force: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
@@ -123,7 +130,8 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
     Args:
         base: a model folder, one `.safetensors` file, or a Hub repo id; None: the model the adapter's
             config names (as for `plan_merge`).
-        adapter: a PEFT LoRA folder, or a Hub repo id.
+        adapter: a PEFT LoRA folder, or a Hub repo id; or a list of them with `weights` (as for `plan_merge`).
+        weights: one number per adapter (as for `plan_merge`).
         output: the folder to create. It must not be, contain or lie inside an input. A path ending in
             `.gguf` writes one GGUF file instead, as llama.cpp's `convert_hf_to_gguf.py` would write it
             from the merged folder (Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE; needs `qwen-merge[gguf]`).
@@ -160,6 +168,7 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
         (196, 115)
     """
     dest = Path(output)
+    adapter = adapter_spec(adapter, weights)
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               allow_nonfinite=allow_nonfinite, block_bytes=block_bytes,
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
@@ -187,7 +196,8 @@ def merge_shards(base: PathLike | None, adapter: PathLike, output: PathLike, *, 
     return _report(dest, plan)
 
 
-def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptions | None = None,
+def iter_merged(base: PathLike | None, adapter: Adapters, *, weights: Sequence[float] | None = None,
+                options: MergeOptions | None = None,
                 rounding: str | None = None, key_map: dict[str, str] | None = None,
                 allow_pickle: bool | None = None, block_bytes: int | None = None,
                 dtype: str | None = None, max_shard_size: int | str | None = None
@@ -196,8 +206,8 @@ def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptio
 
     Tensors are merged on the fly; only the tensor being yielded is held, so a converter (GGUF, ...)
     can consume a model larger than memory. The plan is checked before the first tensor is yielded.
-    Options are those of `plan_merge`: with `dtype`, tensors come in that dtype; an FP8 base without it
-    yields FP8 weights and their (new) block scales, as they would be written.
+    `adapter`, `weights` and the options are those of `plan_merge`: with `dtype`, tensors come in that dtype;
+    an FP8 base without it yields FP8 weights and their (new) block scales, as they would be written.
 
     Example:
         >>> for name, tensor in iter_merged("Qwen3-0.6B", "my-lora"):  # doctest: +SKIP
@@ -206,7 +216,7 @@ def iter_merged(base: PathLike | None, adapter: PathLike, *, options: MergeOptio
     options = MergeOptions.of(options, rounding=rounding, key_map=key_map, allow_pickle=allow_pickle,
                               block_bytes=block_bytes, dtype=dtype, max_shard_size=max_shard_size)
     stack = ExitStack()  # holds the run (a converted pickle, say) until the iteration ends
-    run = stack.enter_context(open_run(base, adapter, options))
+    run = stack.enter_context(open_run(base, adapter_spec(adapter, weights), options))
     return _iterate(run, stack)  # planned now, so errors surface before the first tensor is asked for
 
 

@@ -16,7 +16,7 @@ from .options import Rounding
 from .planning.fetchplan import fetch_plan
 from .planning.manifest import output_files
 from .planning.plan import OpKind
-from .planning.recipe import Part
+from .planning.recipe import Part, SumPair
 from .units import human_bytes
 from .version import VERSION
 
@@ -53,15 +53,25 @@ def _lines(plan: MergePlan, detail: bool) -> Iterator[str]:
     n_tensors = sum(len(s.entries) for s in base.shards)
     size = sum(s.entries[-1].end for s in base.shards if s.entries)
     yield f"base:    {_where(base.root, base.hub)}  ({len(base.shards)} shard(s), {n_tensors} tensors, {human_bytes(size)})"
-    yield f"adapter: {_where(adapter.root, adapter.hub)}  ({_adapter_summary(adapter)})"
+    if plan.adapters:  # several, weighted: each with its number, which the tensor lines use
+        for k, (one, weight) in enumerate(zip(plan.adapters, plan.weights), 1):
+            yield f"adapter {k}: {_where(one.root, one.hub)}  ({_adapter_summary(one)}), weight {weight:g}"
+        yield "sum:     W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ over the adapters that change a tensor, rounded once"
+    else:
+        yield f"adapter: {_where(adapter.root, adapter.hub)}  ({_adapter_summary(adapter)})"
     for note in plan.notes:
         yield f"note:    {note}"
     yield from _download_lines(plan)
     for old, new in plan.renames:
         yield f"rename:  adapter names {old}* -> base names {new}*"
     yield from _tensor_lines(plan, detail)
-    groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
-    summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
+    if plan.adapters:  # several adapters: how many tensors each combination of them changes
+        sets = Counter(tuple(t.index + 1 for t in m.pair.terms) for m in plan.merges)
+        summary = "; ".join(f"{n} by adapter{'s' * (len(k) > 1)} {', '.join(map(str, k))}"
+                            for k, n in sorted(sets.items(), key=lambda item: (-item[1], item[0])))
+    else:
+        groups = Counter((m.rank, round(m.scale, 9)) for m in plan.merges)
+        summary = ", ".join(f"{n} at r={r} scale={s:.6g}" for (r, s), n in sorted(groups.items()))
     yield f"merged:  {len(plan.merges)} tensors ({summary or 'none'})"
     others = sum(1 for op in plan.ops if op.pair is None and not _bulk(op))
     if others:
@@ -142,6 +152,10 @@ def describe(op: TensorOp, name: str | None = None) -> str:
 
 def _delta(op: TensorOp) -> str:
     pair = op.pair
+    if isinstance(pair, SumPair):
+        what = "bias" if op.part == Part.BIAS else pair.kind.value
+        terms = ", ".join(f"{t.index + 1} (r={t.pair.rank} w·s={t.factor:.6g})" for t in pair.terms)
+        return f"{what} adapters {terms}{' transposed' if op.transpose and pair.kind != Kind.EMBEDDING else ''}"
     what = "dora" if pair.magnitude is not None else "bias" if op.part == Part.BIAS else pair.kind.value
     if pair.kind == Kind.EXPERTS and pair.experts == 1:
         what = f"parameter {pair.param}"
@@ -208,6 +222,8 @@ def to_dict(plan: MergePlan) -> dict:
         "qwen_merge": VERSION,
         "base": _base_dict(plan),
         "adapter": _adapter_dict(plan.adapter),
+        **({"adapters": [{**_adapter_dict(one), "weight": weight} for one, weight in zip(plan.adapters, plan.weights)]}
+           if plan.adapters else {}),
         "options": {**plan.options.identity(), "allow_pickle": plan.options.allow_pickle},
         "notes": list(plan.notes),
         "tokenizer": None if plan.tokenizer is None else {
@@ -288,6 +304,13 @@ def _tensor_dict(shard: ShardPlan, entry: TensorEntry) -> dict:
 
 def _delta_dict(op: TensorOp) -> dict:
     pair = op.pair
+    if isinstance(pair, SumPair):  # several adapters: what each adds (adapter numbers count from 1)
+        return {"kind": pair.kind.value, "rank": pair.rank, "alpha": pair.alpha, "scale": pair.scale,
+                "dora": False, "part": op.part.value, "transposed": op.transpose, "rounded_first": op.round_delta,
+                "lora_A": None, "lora_B": None,
+                "adapters": [{"adapter": t.index + 1, "weight": t.weight, "rank": t.pair.rank,
+                              "alpha": t.pair.alpha, "scale": t.pair.scale, "lora_A": t.pair.a.name,
+                              "lora_B": t.pair.b.name} for t in pair.terms]}
     return {"kind": pair.kind.value, "rank": pair.rank, "alpha": pair.alpha, "scale": pair.scale,
             "dora": pair.magnitude is not None, "part": op.part.value, "transposed": op.transpose,
             "rounded_first": op.round_delta, "lora_A": pair.a.name, "lora_B": pair.b.name}

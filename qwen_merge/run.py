@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
 from .compute.pieces import Block, BlockRing
-from .errors import DiskFullError, QwenMergeError
+from .errors import DiskFullError, OptionError, QwenMergeError
 from .files import ADAPTER_CONFIG
 from .inputs import basemodel, hub
 from .inputs.adapter import Adapter, open_adapter
@@ -30,10 +32,12 @@ from .inputs.bnb4 import read_quant_states
 from .inputs.checkpoint import Checkpoint, HubOrigin, open_checkpoint
 from .inputs.digest import Hashes
 from .inputs.sources import Files, same_values
+from .inputs.tensorfile import TensorEntry, TensorFile
 from .options import TOKENIZER_CHOICES, MergeOptions
 from .planning.fetchplan import FetchPlan, fetch_plan
 from .planning.manifest import MergeIdentity, identity
 from .planning.plan import MergePlan, TensorOp, make_plan
+from .planning.recipe import refuse_uncombinable
 from .planning.tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
                                  wants_adapter_files)
 from .progress import progress_bar
@@ -42,6 +46,52 @@ from .sinks.output import check_destination, check_free_space, check_free_space_
 from .units import human_bytes
 
 PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedAdapters:
+    """Several adapters (or one with a weight other than 1), merged as one weighted sum of their deltas,
+    W + Σ wᵢ·sᵢ·Bᵢ·Aᵢ: what `adapter_spec` makes of a list of adapters and their weights."""
+
+    paths: tuple[PathLike, ...]
+    weights: tuple[float, ...]
+
+
+AdapterSpec = PathLike | WeightedAdapters
+
+
+def adapter_spec(adapter: PathLike | Sequence[PathLike], weights: Sequence[float] | None = None) -> AdapterSpec:
+    """The adapter argument of the public functions as a run takes it: one adapter (a path or repo id) merged
+    as it is, or `WeightedAdapters` for a list of several, or for any adapter given a weight other than 1.
+
+    Raises:
+        OptionError: no adapter, a weight count other than the adapter count, or a weight that is not a
+            finite number.
+    """
+    paths = (adapter,) if isinstance(adapter, str | os.PathLike) else tuple(adapter)
+    if not paths:
+        raise OptionError("no adapter given; expected one adapter or a list of them", option="adapter")
+    if weights is None:
+        weights = (1.0,) * len(paths)
+    elif isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+        raise OptionError(f"expected a list of numbers, one per adapter, found {weights!r}", option="weights")
+    if len(weights) != len(paths):
+        raise OptionError(f"{len(weights)} weights for {len(paths)} adapters; give one weight per adapter, in "
+                          f"the adapters' order", option="weights")
+    bad = next((w for w in weights if type(w) not in (int, float) or not math.isfinite(w)), None)
+    if bad is not None or any(type(w) is bool for w in weights):
+        raise OptionError(f"weight {bad!r} is not a finite number", option="weights")
+    weights = tuple(float(w) for w in weights)
+    if len(paths) == 1 and weights == (1.0,):
+        return paths[0]
+    return WeightedAdapters(paths, weights)
+
+
+def adapter_paths(adapter: AdapterSpec | Sequence[PathLike]) -> tuple[PathLike, ...]:
+    """The adapters' paths or repo ids, in order."""
+    if isinstance(adapter, WeightedAdapters):
+        return adapter.paths
+    return (adapter,) if isinstance(adapter, str | os.PathLike) else tuple(adapter)
 
 
 class Run:
@@ -81,20 +131,20 @@ class Run:
         self.start_compute_import()
         return self.identity()
 
-    def check_destination(self, dest: Path, base: PathLike | None, adapter: PathLike, *, overwrite: bool,
+    def check_destination(self, dest: Path, base: PathLike | None, adapter: AdapterSpec, *, overwrite: bool,
                           resume: bool) -> None:
         """`dest` checked against the inputs again, now that the plan knows where they are when the caller's
         paths did not say: a Hub input's snapshot folder, or BASE taken from the adapter's config."""
         plan = self.plan
-        if base is None or plan.base.hub is not None or plan.adapter.hub is not None:
+        if base is None or plan.base.hub is not None or any(a.hub is not None for a in _adapters(plan)):
             check_destination(dest, self.input_locations(base, adapter), overwrite=overwrite, resume=resume)
 
-    def input_locations(self, base: PathLike | None, adapter: PathLike) -> list[Path]:
+    def input_locations(self, base: PathLike | None, adapter: AdapterSpec) -> list[Path]:
         """The input locations a destination must stay out of, a Hub input's snapshot folder and BASE taken
         from the adapter's config included."""
         plan = self.plan
         return [plan.base.root if plan.base.hub or base is None else Path(base),
-                plan.adapter.root if plan.adapter.hub else Path(adapter)]
+                *(one.root if one.hub else Path(given) for one, given in zip(_adapters(plan), adapter_paths(adapter)))]
 
     def write_into(self, sink: Sink[Result], dest: Path, needed: int, *, progress: bool, what: str) -> Result:
         """The shards `sink` lacks, computed on one thread and handed to it, after a check that `dest`'s
@@ -212,7 +262,8 @@ class LazyComputer:
 
             if self.threads is not None:
                 self.stack.enter_context(compute_threads(self.threads))
-            self._computer = Computer(self.plan.adapter.file, self.files, self.ring)
+            self._computer = Computer(self.plan.adapter.file, self.files, self.ring,
+                                      others=tuple(a.file for a in self.plan.adapters[1:]))
             self.stack.callback(self._computer.close)
         return self._computer
 
@@ -262,15 +313,17 @@ def without_gc() -> Iterator[None]:
 
 
 @contextmanager
-def open_run(base: PathLike | None, adapter: PathLike, options: MergeOptions, *, merging: bool = False
+def open_run(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, *, merging: bool = False
              ) -> Iterator[Run]:
-    """The run of a plan of `adapter` onto `base`, with a pickled adapter converted to a temporary
-    safetensors file for its lifetime. A `str` that is not an existing path but reads `org/name[@revision]`
-    is a Hugging Face Hub repo; `base` None: the model the adapter's config names.
+    """The run of a plan of `adapter` (one, or `WeightedAdapters`) onto `base`, with a pickled adapter
+    converted to a temporary safetensors file for its lifetime. A `str` that is not an existing path but reads
+    `org/name[@revision]` is a Hugging Face Hub repo; `base` None: the model the adapter's config names.
     `merging`: the plan will be carried out, so work it will need starts while it is made: loading torch
     (longer than planning) when the adapter has LoRA factors, and hashing the adapter for the manifest.
     The garbage collector is paused while planning (see `without_gc`), not while the caller iterates;
     `merge_shards` and `verify_merge`, which run no caller code, pause it for their whole run."""
+    if not isinstance(adapter, WeightedAdapters | str | os.PathLike):  # a list given without weights
+        adapter = adapter_spec(adapter)
     hashes, compute_import = Hashes(), _ComputeImport()
     with ExitStack() as stack:
         stack.callback(compute_import.join)
@@ -282,25 +335,70 @@ def open_run(base: PathLike | None, adapter: PathLike, options: MergeOptions, *,
         yield Run(plan, hashes, compute_import)
 
 
-def _plan(base: PathLike | None, adapter: PathLike, options: MergeOptions, scratch: Path, hashes: Hashes | None,
+def _plan(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, scratch: Path, hashes: Hashes | None,
           compute_import: _ComputeImport | None) -> MergePlan:
     checkpoint = _open_base(base) if base is not None else None
+    given = adapter_paths(adapter)
+    parsed = [_open_adapter(one, options, scratch / str(k) if len(given) > 1 else scratch)
+              for k, one in enumerate(given)]
+    weights = adapter.weights if isinstance(adapter, WeightedAdapters) else None
+    checkpoint, notes = _base_and_notes(checkpoint, parsed[0])
+    if weights is not None:
+        refuse_uncombinable(parsed, weights)
+        kept = notes if base is None else ()  # BASE taken from the first adapter; else a note per adapter
+        notes = (*kept, *basemodel.combined_notes([(a.config, a.root / ADAPTER_CONFIG) for a in parsed], checkpoint))
+    choice = _tokenizer(checkpoint, parsed[0], options)
+    if hashes is not None:
+        for one in parsed:
+            hashes.start(one.file.path)
+    if compute_import is not None and any(one.pairs or one.param_pairs for one in parsed):
+        compute_import.start()
+    compare = partial(same_values, parsed[0].file) if weights is None else _same_values_across(parsed)
+    plan = make_plan(checkpoint, parsed[0], options, compare, tokenizer=choice,
+                     quant_states=read_quant_states(checkpoint), others=tuple(parsed[1:]), weights=weights,
+                     same_bytes=_same_bytes)
+    return dataclasses.replace(plan, notes=notes + plan.notes)
+
+
+def _open_adapter(adapter: PathLike, options: MergeOptions, scratch: Path) -> Adapter:
     adapter_folder, adapter_hub = _adapter_folder(adapter, options)
     weights = None
     if options.allow_pickle:
         from .inputs.pickled import unpickle_adapter  # torch.load: only when pickles are allowed
 
+        scratch.mkdir(exist_ok=True)
         weights = unpickle_adapter(adapter_folder, scratch)
-    parsed = dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
-    checkpoint, notes = _base_and_notes(checkpoint, parsed)
-    choice = _tokenizer(checkpoint, parsed, options)
-    if hashes is not None:
-        hashes.start(parsed.file.path)
-    if compute_import is not None and (parsed.pairs or parsed.param_pairs):
-        compute_import.start()
-    plan = make_plan(checkpoint, parsed, options, partial(same_values, parsed.file), tokenizer=choice,
-                     quant_states=read_quant_states(checkpoint))
-    return dataclasses.replace(plan, notes=notes + plan.notes)
+    return dataclasses.replace(open_adapter(adapter_folder, weights=weights), hub=adapter_hub)
+
+
+def _same_values_across(adapters: list[Adapter]):
+    """`same_values` for tensors of several adapters' files: tensors of two files are never the same."""
+    owner = {id(e): one.file for one in adapters for e in one.file.entries}
+
+    def compare(x: TensorEntry, y: TensorEntry, transposed: bool) -> bool:
+        file = owner.get(id(x))
+        return file is not None and file is owner.get(id(y)) and same_values(file, x, y, transposed)
+    return compare
+
+
+def _same_bytes(file_a: TensorFile, a: TensorEntry, file_b: TensorFile, b: TensorEntry) -> bool:
+    """Whether two tensors of two files hold the same bytes (an adapter's saved copy of a base tensor), read
+    in chunks; only asked where two adapters change one tensor and one of them saved it whole."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape) or not file_b.path.is_file():  # a Hub shard not downloaded yet
+        return False
+    chunk = 1 << 24
+    with open(file_a.path, "rb") as fa, open(file_b.path, "rb") as fb:
+        for start in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - start)
+            fa.seek(file_a.data_offset + a.start + start)
+            fb.seek(file_b.data_offset + b.start + start)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
+def _adapters(plan: MergePlan) -> tuple[Adapter, ...]:
+    return plan.adapters or (plan.adapter,)
 
 
 def _open_base(base: PathLike) -> Checkpoint:
@@ -341,9 +439,9 @@ def _tokenizer(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> Tok
     return choose(options.tokenizer, base.side_files, found)
 
 
-def local_inputs(base: PathLike | None, adapter: PathLike, options: MergeOptions) -> list[Path]:
+def local_inputs(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions) -> list[Path]:
     """The inputs given as local paths (a Hub repo id is not one), which a destination must stay out of."""
-    local = [Path(p) for p in (base, adapter) if p is not None and hub.repo_ref(p) is None]
+    local = [Path(p) for p in (base, *adapter_paths(adapter)) if p is not None and hub.repo_ref(p) is None]
     if options.tokenizer not in TOKENIZER_CHOICES:  # a tokenizer folder is an input too
         local.append(Path(options.tokenizer))
     return local

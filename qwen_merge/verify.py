@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +28,10 @@ from .files import MANIFEST_NAME, MODEL_CONFIG
 from .inputs.sources import Files, read_exact
 from .inputs.tensorfile import TensorEntry, TensorFile, read_header
 from .options import MergeOptions
-from .planning.manifest import recorded_options
+from .planning.manifest import read_manifest, recorded_options
 from .planning.plan import OpKind, ShardPlan, TensorOp
 from .planning.ties import TieInfo
-from .run import LazyComputer, Run, open_run, without_gc
+from .run import LazyComputer, Run, adapter_spec, open_run, without_gc
 from .units import human_bytes
 
 PathLike = str | os.PathLike
@@ -61,7 +61,8 @@ class VerifyReport:
                 f"compared; merged tensors recomputed on {how}")
 
 
-def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike, *, full: bool = False,
+def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike | Sequence[PathLike], *,
+                 weights: Sequence[float] | None = None, full: bool = False,
                  options: MergeOptions | None = None, rounding: str | None = None,
                  key_map: dict[str, str] | None = None, allow_pickle: bool | None = None,
                  block_bytes: int | None = None, dtype: str | None = None,
@@ -89,6 +90,8 @@ def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike, *, 
             tokenizer: those of the merge, as for `plan_merge`; an option given here (as a keyword argument, or
             a value of `options` other than the default) must equal the one the manifest records.
         full: recompute every row block of computed tensors instead of a sample.
+        weights: with several adapters (`adapter` a list, as for `plan_merge`), their weights; None: those
+            the manifest records for them (1.0 each without a manifest).
 
     Returns:
         A `VerifyReport`; `report.ok` is False when anything differs.
@@ -114,7 +117,9 @@ def verify_merge(output: PathLike, base: PathLike | None, adapter: PathLike, *, 
     options, problem = _with_recorded_options(out, MergeOptions.of(options, **keywords), given)
     # allow_nonfinite: verification compares bytes, so a merge written with --allow-nonfinite checks too
     options = dataclasses.replace(options, allow_nonfinite=True)
-    with open_run(base, adapter, options) as run, without_gc():
+    if weights is None and not isinstance(adapter, str | os.PathLike):
+        weights = _recorded_weights(out, len(adapter))
+    with open_run(base, adapter_spec(adapter, weights), options) as run, without_gc():
         run.fetch_side_files()
         checker = _Checker(run, out, full)
         if problem:
@@ -149,6 +154,19 @@ def _with_recorded_options(out: Path, options: MergeOptions, given: set[str]) ->
                               f"value this folder was merged with; leave the option out to verify with the recorded "
                               f"one", option=key)
     return dataclasses.replace(options, **{k: getattr(recorded, k) for k in RECORDED_OPTIONS if k not in given}), None
+
+
+def _recorded_weights(out: Path, count: int) -> list[float] | None:
+    """The weights the manifest records for `count` adapters, or None (not recorded, or for another count:
+    the adapters given then decide, and a difference shows as the bytes that differ)."""
+    try:
+        found = read_manifest(out)
+    except FormatError:
+        return None
+    records = found.identity.adapters if found is not None else ()
+    if len(records) != count or any(r.weight is None for r in records):
+        return None
+    return [r.weight for r in records]
 
 
 def _shown(key: str, value: object) -> str:

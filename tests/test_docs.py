@@ -446,7 +446,9 @@ def _runnable(command: str) -> bool:
         args = _parser()[0].parse_known_args(words)[0]
     except _UsageError:  # a command named in the text, without its arguments
         return False
-    return all(getattr(args, name, None) in (None, *PLACEHOLDERS) for name in ("base", "adapter", "out", "keep"))
+    values = [getattr(args, name, None) for name in ("base", "adapter", "out", "keep")]
+    values = [v for value in values for v in (value if isinstance(value, list) else [value])]  # --adapter repeats
+    return all(value in (None, *PLACEHOLDERS) for value in values)
 
 
 RUNNABLE = sorted(c for c in CONCRETE | INLINE if not is_synopsis(shlex.split(c)) and _runnable(c))

@@ -52,7 +52,7 @@ def test_mistyped_flag_is_one_error_line_with_a_hint_and_the_subcommand_usage(tm
     (["plan", "a", "b", "--detial"], "plan", "did you mean --detail?"),
     (["plan", "a", "b", "--rounding", "pef"], "plan", "did you mean peft?"),
     (["--debug", "merge", "a", "b", "c", "--resme"], "merge", "did you mean --resume?"),
-    (["merge", "a", "b", "c", "d"], "merge", "unrecognized argument: d"),
+    (["demo", "a"], "demo", "unrecognized argument: a"),
     (["mrge", "a", "b", "c"], None, "did you mean merge?"),
     ([], None, "required: command"),
 ])

@@ -475,3 +475,30 @@ def compute_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def sum_factors(parts: list[tuple[Factors, float]], wide: bool) -> Factors:
+    """One set of factors for Σ wᵢ·(sᵢ·Bᵢ@Aᵢ), from each adapter's factors (`make_factors`, `expert_factors`:
+    sᵢ applied or still to apply) and its weight wᵢ: the factors concatenated along the rank, with
+    cᵢ = wᵢ·sᵢ folded into each left factor. PEFT's `add_weighted_adapter(combination_type="cat")` builds the
+    same concatenation (with cᵢ folded into Bᵢ, in two fp32 roundings).
+
+    Why one concatenated product and not a sum of per-adapter products: it is one GEMM and one add per
+    block, so the merge costs what one adapter of the summed rank costs, and the result is rounded once
+    wherever the products are exact. For an fp32 output (`wide`) cᵢ·lhsᵢ is formed in float64 (rounded at
+    2^-53, far below what `widen` keeps: its split drops what lies 2ρ bits below a vector's largest value)
+    and the concatenated product is exact, so the bytes are W + Σ cᵢ·Bᵢ@Aᵢ in float64, rounded once, on
+    every host, up to the split's bound. For a bf16/f16 output, fl32(cᵢ·lhsᵢ) (one rounding from the
+    float64 product) and an fp32 GEMM over the summed rank, then W added in fp32 and rounded once to the
+    output: the fp32 errors (about (R + 2)·2^-24 of the summed magnitudes) move the result across a
+    rounding boundary of the output only where the exact sum lies that close to one, as in a single
+    adapter's merge."""
+    first = parts[0][0]
+    lhs, rhs = [], []
+    for factors, weight in parts:
+        scaled = factors.lhs.to(torch.float64) * (factors.scale * weight)
+        lhs.append(scaled if wide else scaled.to(torch.float32))
+        rhs.append(factors.rhs.to(torch.float64) if wide else factors.rhs)
+    summed = Factors(torch.cat(lhs, dim=-1).contiguous(), torch.cat(rhs, dim=-2).contiguous(), 1.0,
+                     first.round_delta, group_rows=first.group_rows, row_vector=first.row_vector)
+    return widen(summed) if wide else summed

@@ -20,10 +20,11 @@ from ..inputs.sources import Files, ReadAhead, read_exact
 from ..inputs.tensorfile import TensorEntry, TensorFile
 from ..planning.plan import OpKind, TensorOp
 from ..planning.quant import BlockScale, PackedWeight
+from ..planning.recipe import Pair, SumPair
 from . import blockquant, bnb4dequant
 from .arithmetic import (TORCH_DTYPES, ExpertFactors, Factors, Workspace, ZeroNormFound, add_experts, add_vector,
                          all_finite, as_tensor, batched_exact, cast_rows, column_sumsq, expert_factors, expert_rows,
-                         finish_column_norms, make_factors, merge_rows, split_experts, widen)
+                         finish_column_norms, make_factors, merge_rows, split_experts, sum_factors, widen)
 from .pieces import Block, BlockRing
 
 CACHED_FACTORS = 4  # split fused-expert LoRAs kept: a layer's gate_up and down, and the next layer's
@@ -34,12 +35,15 @@ class Computer:
     and what is kept between tensors (scratch buffers, split expert factors, which adapter tensors were
     already checked for NaN/Inf)."""
 
-    def __init__(self, adapter: TensorFile, files: Files, ring: BlockRing) -> None:
+    def __init__(self, adapter: TensorFile, files: Files, ring: BlockRing, others: tuple[TensorFile, ...] = ()
+                 ) -> None:
         self.adapter, self.files, self.ring = adapter, files, ring
+        # several adapters: the file of each adapter tensor (the first adapter's is `adapter`)
+        self._owner = {id(e): f for f in others for e in f.entries}
         self.workspace = Workspace()
         self.reader = ReadAhead(files)  # source rows: the next block is read while this one is merged
-        self._experts: dict[tuple[str, str], ExpertFactors] = {}
-        self._checked: set[str] = set()
+        self._experts: dict[tuple[str, str, str], ExpertFactors] = {}
+        self._checked: set[tuple[str, str]] = set()
         self._new_scales: dict[str, torch.Tensor] = {}  # requantized weight -> its scales, until written
 
     def blocks(self, op: TensorOp, only: Container[int] | None = None) -> Iterator[Block]:
@@ -76,7 +80,11 @@ class Computer:
     def _bias(self, op: TensorOp) -> Iterator[Block]:
         """fl32(lora_B.bias · fl32(s)) added as PEFT does; an fp32 output in float64 (`TensorOp.wide`)."""
         reader = self._row_reader(op)
-        vector = self._load(op.pair.bias, op, "F64" if op.wide else "F32").mul_(op.pair.scale)
+        if isinstance(op.pair, SumPair):  # Σ wᵢ·sᵢ·biasᵢ in float64, rounded once to the working precision
+            vector = sum(self._load(t.pair.bias, op, "F64").mul_(t.factor) for t in op.pair.terms)
+            vector = vector.to(torch.float64 if op.wide else torch.float32)
+        else:
+            vector = self._load(op.pair.bias, op, "F64" if op.wide else "F32").mul_(op.pair.scale)
         yield self._block(op, 0, 1, lambda buffers, row0, rows: add_vector(reader.rows(0, 1), vector, buffers))
 
     def _requantized(self, op: TensorOp, only: Container[int] | None) -> Iterator[Block]:
@@ -298,6 +306,8 @@ class Computer:
 
     def _factors(self, op: TensorOp, reader: _RowReader | None) -> Factors:
         pair = op.pair
+        if isinstance(pair, SumPair):  # several adapters: one concatenated product (`sum_factors`)
+            return sum_factors([(self._term_factors(op, t.pair), t.weight) for t in pair.terms], op.wide)
         if pair.kind == Kind.EXPERTS:  # the fused factors serve every expert of a layer: split them once
             factors = expert_factors(self._split(op), expert=pair.expert, rows=pair.rows,
                                      transposed=pair.transposed, round_delta=op.round_delta)
@@ -319,11 +329,19 @@ class Computer:
         except ZeroNormFound as e:
             raise _zero_norm(op, e) from e
 
-    def _split(self, op: TensorOp) -> ExpertFactors:
-        """The fused-expert LoRA of `op` split per expert, kept while the next tensors use it (the experts
-        of a layer are stored together, so a few entries suffice)."""
-        pair = op.pair
-        key = (pair.a.name, pair.b.name)
+    def _term_factors(self, op: TensorOp, pair: Pair) -> Factors:
+        """One adapter's fp32 factors for a term of a sum (never DoRA), its scale applied or left to apply."""
+        if pair.kind == Kind.EXPERTS:
+            return expert_factors(self._split(op, pair), expert=pair.expert, rows=pair.rows,
+                                  transposed=pair.transposed, round_delta=op.round_delta)
+        return make_factors(self._load(pair.a, op), self._load(pair.b, op), pair.scale, op.transpose,
+                            round_delta=op.round_delta)
+
+    def _split(self, op: TensorOp, pair: Pair | None = None) -> ExpertFactors:
+        """The fused-expert LoRA of `op` (or `pair`, a term of its sum) split per expert, kept while the next
+        tensors use it (the experts of a layer are stored together, so a few entries suffice)."""
+        pair = pair or op.pair
+        key = (str(self._file_of(pair.a).path), pair.a.name, pair.b.name)
         if key not in self._experts:
             if len(self._experts) >= CACHED_FACTORS:
                 self._experts.pop(next(iter(self._experts)))
@@ -340,11 +358,16 @@ class Computer:
     def _load(self, entry: TensorEntry, op: TensorOp, dtype: str | None = None) -> torch.Tensor:
         """A whole (small) adapter tensor for `op`: factors, magnitudes, biases, token rows. The first time a
         run loads it, it is checked for NaN/Inf (unless the op allows them)."""
-        tensor = self._whole(self.adapter, entry)
-        if op.check_finite and entry.name not in self._checked:
-            self._checked.add(entry.name)
-            _check_finite(op, tensor, f"{self.adapter.path}: tensor {entry.name!r} (for {op.name})")
+        file = self._file_of(entry)
+        tensor = self._whole(file, entry)
+        if op.check_finite and (str(file.path), entry.name) not in self._checked:
+            self._checked.add((str(file.path), entry.name))
+            _check_finite(op, tensor, f"{file.path}: tensor {entry.name!r} (for {op.name})")
         return tensor.to(TORCH_DTYPES[dtype]) if dtype else tensor
+
+    def _file_of(self, entry: TensorEntry) -> TensorFile:
+        """The adapter file holding `entry` (the first adapter's, unless another one's)."""
+        return self._owner.get(id(entry), self.adapter)
 
 
 def _item(op: TensorOp) -> int:

@@ -154,3 +154,35 @@ def _revision_note(named: str, revision: object, base: Checkpoint) -> str | None
 
 def _shown(base: Checkpoint) -> str:
     return str(base.hub) if base.hub is not None else str(base.root)
+
+
+def combined_notes(adapters: list[tuple[dict, Path]], base: Checkpoint) -> tuple[str, ...]:
+    """For several adapters (each its config and the path of its adapter_config.json): a note for each that
+    names another model than `base` (as `base_note`), and one when their names differ from each other in a
+    way that may still be one model (local paths, copies under other names).
+
+    Raises:
+        AdapterError: two adapters name Hub repos of different models (their repo names differ, a
+            quantization suffix aside): deltas trained on different models do not add up.
+    """
+    named = [(config.get(FIELD).strip(), path) for config, path in adapters
+             if isinstance(config.get(FIELD), str) and config.get(FIELD).strip()]
+    repos: dict[str, tuple[str, Path]] = {}
+    for name, path in named:
+        if not os.path.exists(name) and hub.repo_ref(name) is not None:
+            repos.setdefault(_model(name), (name, path))
+    if len(repos) > 1:
+        (first, first_path), (second, second_path) = list(repos.values())[:2]
+        raise AdapterError(f"{first_path} names the base model {first} and {second_path} names {second} ({FIELD}): "
+                           f"adapters trained on different models do not add up; combine adapters of one base model")
+    notes = [f"{path.parent}: {note}" for config, path in adapters if (note := base_note(config, base))]
+    if len({_model(name) for name, _ in named}) > 1:
+        shown = ", ".join(dict.fromkeys(name for name, _ in named))
+        notes.append(f"the adapters name different base models ({FIELD}: {shown}); combined deltas are only "
+                     f"meaningful when all were trained on BASE")
+    return tuple(notes)
+
+
+def _model(name: str) -> str:
+    """A model's name without its owner, path or quantization suffix, in lower case."""
+    return QUANTIZED.sub("", _last(name))

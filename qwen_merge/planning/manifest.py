@@ -57,6 +57,8 @@ STRINGS = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinst
 SIZES = Kind("an object of sizes (integers)", lambda v: isinstance(v, dict) and all(map(_is_int, v.values())))
 DIGESTS = Kind("an object of SHA-256 strings",
                lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
+NUMBER = Kind("a number", lambda v: type(v) in (int, float))
+OBJECTS = Kind("a list of objects", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))
 PAIRS = Kind("a list of [from, to] pairs of strings",
              lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2
                                                    and all(isinstance(x, str) for x in p) for p in v))
@@ -140,22 +142,27 @@ class BaseRecord:
 
 @dataclass(frozen=True, slots=True)
 class AdapterRecord:
-    """The adapter: its weights file's SHA-256 and size, adapter_config.json's SHA-256, its Hub origin."""
+    """The adapter: its weights file's SHA-256 and size, adapter_config.json's SHA-256, its Hub origin; and
+    its weight, for one of several adapters merged as a weighted sum (None, and not written, otherwise)."""
 
     weights_sha256: str | None
     weights_size: int | None
     config_sha256: str | None
     hub: HubRecord | None
+    weight: float | None = None
 
     def to_json(self) -> dict:
+        weight = {"weight": self.weight} if self.weight is not None else {}
         return {"weights_sha256": self.weights_sha256, "weights_size": self.weights_size,
-                "config_sha256": self.config_sha256} | _hub_json(self.hub)
+                "config_sha256": self.config_sha256} | _hub_json(self.hub) | weight
 
     @classmethod
     def from_json(cls, doc: Mapping, path: Path, where: str = "") -> AdapterRecord:
         read = Fields(doc, path, where)
+        weight = read.get("weight", NUMBER)
         return cls(read.get("weights_sha256", STRING), read.get("weights_size", INTEGER),
-                   read.get("config_sha256", STRING), read.record("hub", HubRecord.from_json))
+                   read.get("config_sha256", STRING), read.record("hub", HubRecord.from_json),
+                   float(weight) if weight is not None else None)
 
 
 def _hub_json(hub: HubRecord | None) -> dict:
@@ -166,7 +173,9 @@ def _hub_json(hub: HubRecord | None) -> dict:
 class MergeIdentity:
     """Everything that determines the output bytes, and nothing else: the tool and its version, the base,
     the adapter, the options (`MergeOptions.identity()`: a tokenizer folder recorded as "folder") and the
-    tokenizer files the output takes from the adapter or a folder (None: the base's)."""
+    tokenizer files the output takes from the adapter or a folder (None: the base's). `adapters`: every
+    adapter with its weight, in order, when several were merged as a weighted sum (`adapter` is then the
+    first, without its weight); empty, and not written, for one adapter merged as it is."""
 
     tool: str | None
     version: str | None
@@ -174,10 +183,13 @@ class MergeIdentity:
     adapter: AdapterRecord
     options: dict[str, Any] | None
     tokenizer: TokenizerRecord | None
+    adapters: tuple[AdapterRecord, ...] = ()
 
     def to_json(self) -> dict:
         ident = {"tool": self.tool, "version": self.version, "base": self.base.to_json(),
                  "adapter": self.adapter.to_json(), "options": self.options}
+        if self.adapters:
+            ident["adapters"] = [record.to_json() for record in self.adapters]
         if self.tokenizer is not None:  # absent when the output keeps the base's
             ident["tokenizer"] = {"source": self.tokenizer.source, "files": dict(self.tokenizer.files)}
         return ident
@@ -185,9 +197,11 @@ class MergeIdentity:
     @classmethod
     def from_json(cls, doc: Mapping, path: Path, where: str = "") -> MergeIdentity:
         read = Fields(doc, path, where)
+        listed = read.get("adapters", OBJECTS) or []
+        adapters = tuple(AdapterRecord.from_json(doc, path, f"{where}adapters[{k}].") for k, doc in enumerate(listed))
         return cls(read.get("tool", STRING), read.get("version", STRING), read.section("base", BaseRecord.from_json),
                    read.section("adapter", AdapterRecord.from_json), read.get("options", OBJECT),
-                   read.record("tokenizer", _tokenizer_from_json))
+                   read.record("tokenizer", _tokenizer_from_json), adapters)
 
 
 def _tokenizer_from_json(doc: Mapping, path: Path, where: str) -> TokenizerRecord:
@@ -266,12 +280,16 @@ def _identity(plan: MergePlan, digest: Callable[[Path], str]) -> MergeIdentity:
     """The identity, with the input files it names by content hashed by `digest`."""
     base, adapter = plan.base, plan.adapter
     files = {s.path.name: s.size for s in base.shards} | {p.name: base.file_size(p) for p in base.side_files}
+    adapters = tuple(_adapter_record(one, digest, weight) for one, weight in zip(plan.adapters, plan.weights))
     return MergeIdentity(
         TOOL, VERSION, BaseRecord(files, previous_adapters(base.root), _hub(base.hub)),
-        AdapterRecord(digest(adapter.file.path), adapter.file.size, digest(adapter.root / ADAPTER_CONFIG),
-                      _hub(adapter.hub)),
-        plan.options.identity(),
-        tokenizer_identity(plan.tokenizer, digest))  # the adapter's or a folder's tokenizer files it takes
+        _adapter_record(adapter, digest), plan.options.identity(),
+        tokenizer_identity(plan.tokenizer, digest), adapters)  # the adapter's or a folder's tokenizer files it takes
+
+
+def _adapter_record(adapter, digest: Callable[[Path], str], weight: float | None = None) -> AdapterRecord:
+    return AdapterRecord(digest(adapter.file.path), adapter.file.size, digest(adapter.root / ADAPTER_CONFIG),
+                         _hub(adapter.hub), weight)
 
 
 def _hub(origin: HubOrigin | None) -> HubRecord | None:
@@ -294,13 +312,15 @@ def previous_adapters(folder: Path) -> tuple[str, ...]:
     found = read_manifest(folder)
     if found is None:
         return ()
-    return (*(found.identity.base.merged_adapters or ()), found.identity.adapter.weights_sha256 or "?")
+    merged = found.identity.adapters or (found.identity.adapter,)
+    return (*(found.identity.base.merged_adapters or ()), *(record.weights_sha256 or "?" for record in merged))
 
 
 def check_not_merged_twice(ident: MergeIdentity, base: Path, force: bool) -> None:
     """Refuse to merge an adapter into a checkpoint that already contains it (unsloth #3633)."""
-    sha256 = ident.adapter.weights_sha256
-    if force or sha256 not in (ident.base.merged_adapters or ()):
+    merged = ident.base.merged_adapters or ()
+    sha256 = next((r.weights_sha256 for r in ident.adapters or (ident.adapter,) if r.weights_sha256 in merged), None)
+    if force or sha256 is None:
         return
     raise AlreadyMergedError(f"{base / MANIFEST_NAME}: this base was already merged with this adapter "
                         f"(sha256 {sha256[:12]}…); merging again applies the delta "
@@ -366,11 +386,20 @@ def differences(old: MergeIdentity, new: MergeIdentity, old_stats: Mapping[str, 
         if was != now:
             changes.append(f"{role} {_hub_text(was)} -> {_hub_text(now)}")
     changes += _base_changes(old.base, new.base, old_stats, new_stats) + _adapter_changes(old.adapter, new.adapter)
+    if old.adapters != new.adapters:
+        changes.append(f"the adapters or their weights changed ({_weights_text(old)} -> {_weights_text(new)})")
     if old.tokenizer != new.tokenizer:
         changes.append("the tokenizer files the output takes changed")
     if not changes and (old, old_stats) != (new, new_stats):  # a field no phrase describes (the tool's name)
         changes.append("the recorded identity differs")
     return changes
+
+
+def _weights_text(ident: MergeIdentity) -> str:
+    if not ident.adapters:
+        return "one adapter"
+    weights = ", ".join("?" if r.weight is None else f"{r.weight:g}" for r in ident.adapters)
+    return f"{len(ident.adapters)} adapters, weights {weights}"
 
 
 def _hub_text(hub: HubRecord | None) -> str:

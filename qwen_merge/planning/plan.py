@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,12 +28,13 @@ from .layout import PendingEntry, index_json
 from .names import NameMap, resolve_names
 from .quant import (FP8, BlockScale, PackedWeight, Quantization, bnb4_note, bnb4_weights, fp8_scales, refuse_target,
                     scale_name)
-from .recipe import Pair, Part, Recipe, Source
+from .recipe import Pair, Part, Recipe, Source, SumPair, combine
 
 if TYPE_CHECKING:  # the planner is handed the tokenizer decision and the quant_states; it reads neither
     from ..inputs.bnb4 import QuantState
     from .tokenizer import TokenizerChoice
 
+SameBytes = Callable[[TensorFile, TensorEntry, TensorFile, TensorEntry], bool]
 BATCH_TENSOR_BYTES = 1 << 20  # larger tensors amortise their own overhead and are merged one by one
 
 # Architectures whose adapted layers are GPT-2 style Conv1D, storing W as (in, out); PEFT forces
@@ -201,7 +203,9 @@ class MergePlan:
     `index_name` the output's index file (None when the output is a single file without one);
     `dropped` base tensors the output leaves out (the block scales of a dequantized FP8 checkpoint);
     `tokenizer` the tokenizer files the output gets (`qwen_merge.tokenizer`); `notes` facts about the inputs
-    worth a line of their own (the adapter names another base model, BASE was taken from the adapter)."""
+    worth a line of their own (the adapter names another base model, BASE was taken from the adapter).
+    `adapters` and `weights`: set when several adapters (or one with a weight) are merged as a weighted sum
+    of their deltas; empty for one adapter merged as it is."""
 
     base: Checkpoint
     adapter: Adapter
@@ -218,6 +222,8 @@ class MergePlan:
     dropped: tuple[str, ...] = ()
     tokenizer: TokenizerChoice | None = None
     notes: tuple[str, ...] = ()
+    adapters: tuple[Adapter, ...] = ()  # several adapters, weighted (`weights`): `adapter` is the first
+    weights: tuple[float, ...] = ()
 
     @property
     def side_files(self) -> tuple[Path, ...]:
@@ -253,8 +259,9 @@ class MergePlan:
 
 
 def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_values: ties.SameValues,
-              tokenizer: TokenizerChoice | None = None, quant_states: dict[str, QuantState] | None = None
-              ) -> MergePlan:
+              tokenizer: TokenizerChoice | None = None, quant_states: dict[str, QuantState] | None = None, *,
+              others: tuple[Adapter, ...] = (), weights: tuple[float, ...] | None = None,
+              same_bytes: SameBytes | None = None) -> MergePlan:
     """Map every adapter tensor to the output tensor it changes, check shapes and dtypes, decide tied
     embeddings and vocabulary size, and lay out the output — from headers and JSON only.
 
@@ -262,7 +269,10 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     which the tied-embedding decision needs. `tokenizer`: the tokenizer files the output gets (None: the
     base's side files as they are). `quant_states`: the quant_state JSON of a bitsandbytes 4-bit base's
     weights (`inputs.bnb4.read_quant_states`); such a base is written dequantized, in its compute dtype
-    unless `options.dtype` says another.
+    unless `options.dtype` says another. `others` and `weights`: several adapters (`adapter` first, then
+    `others`), weighted, their LoRA deltas summed (`recipe.combine`); None: `adapter` alone, as it is.
+    `same_bytes(file, entry, file, entry)`: whether two tensors hold the same bytes, for an adapter's saved
+    copy of a base tensor that another adapter changes too.
 
     Raises:
         MismatchError: an adapter tensor lands nowhere, or shapes/dtypes do not fit.
@@ -272,20 +282,17 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     entries = base.entries()
     tie_info = ties.TieInfo.of(base.config, entries)
     holds = experts.HeldParameters(entries)
-    targets.refuse_multihead_attention(adapter, entries)
-    wanted = targets.wanted(adapter)
-    names = resolve_names(wanted, lambda name: name in entries or name in holds.modules(), dict(options.key_map),
-                          base.config, optional=tie_info.may_create, base_names=entries,
-                          describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
-    adapter = settle_parameters(adapter, lambda module: holds(names(module)))
     where = base.locations()
-    recipes = _recipes(adapter, names, where)
-    for name, pair in experts.expert_intents(adapter, names, entries, holds).items():
-        if name in recipes:
-            raise AdapterError(f"{adapter.file.path}: {name!r} gets both a per-module LoRA and a target_parameters "
-                               f"LoRA; PEFT applies one adapter kind per module")
-        recipes[name] = Recipe(_base_source(where, name), pair)
-    targets.check_untrained_targets(adapter, names, names.inverse, entries, holds, base.config)
+    settled, per_adapter, renames = [], [], []
+    for one in (adapter, *others):
+        one, recipes, names = _adapter_recipes(base, one, options, entries, holds, where, tie_info)
+        settled.append(one)
+        per_adapter.append(recipes)
+        renames += [r for r in names.renames if r not in renames]
+    adapter, recipes = settled[0], per_adapter[0]
+    if weights is not None:
+        recipes = combine(per_adapter, settled, weights, lambda name, source: _base_source(where, name) if (
+            same_bytes is not None and name in where and same_bytes(source.file, source.entry, *where[name])) else None)
     recipes, added, tie = ties.decide(tie_info, recipes, adapter.config, lambda n: _base_source(where, n),
                                       same_values)
     quant = Quantization.of(base.config, str(base.root / MODEL_CONFIG))
@@ -297,6 +304,8 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     try:
         ops = {name: builder.op(name, recipe) for name, recipe in recipes.items()}
     except MismatchError as e:  # the checks speak of tensors; name the adapter they come from too
+        if weights is not None:
+            raise
         raise MismatchError(f"{adapter.file.path}: {e}") from e
     ops.update(builder.conversions(ops))
     ops.update(builder.scale_ops(ops))
@@ -308,10 +317,32 @@ def make_plan(base: Checkpoint, adapter: Adapter, options: MergeOptions, same_va
     in_order = tuple(op for s in shards for op in _ops_in_order(s))
     tensors = sum(len(s.entries) for s in shards)
     return MergePlan(base, adapter, options, shards, in_order, copied=tensors - len(in_order), config=config,
-                     renames=names.renames, tie=tie, predicted_peak_bytes=memory.predict_peak(in_order, tensors),
+                     renames=tuple(renames), tie=tie, predicted_peak_bytes=memory.predict_peak(in_order, tensors),
                      index_json=index_json(_index_document(base, shards, tuple(dropped))) if index_name else b"",
                      index_name=index_name, dropped=tuple(dropped), tokenizer=tokenizer,
+                     adapters=tuple(settled) if weights is not None else (), weights=weights or (),
                      notes=(bnb4_note(options.dtype, base.config, packed),) if quant.bnb4 else ())
+
+
+def _adapter_recipes(base: Checkpoint, adapter: Adapter, options: MergeOptions, entries: dict[str, TensorEntry],
+                     holds: experts.HeldParameters, where: dict[str, tuple[TensorFile, TensorEntry]],
+                     tie_info: ties.TieInfo) -> tuple[Adapter, dict[str, Recipe], NameMap]:
+    """One adapter's recipes by on-disk tensor name, before the tied-embedding decision; with the adapter
+    as its target_parameters settle on this base, and its name map."""
+    targets.refuse_multihead_attention(adapter, entries)
+    wanted = targets.wanted(adapter)
+    names = resolve_names(wanted, lambda name: name in entries or name in holds.modules(), dict(options.key_map),
+                          base.config, optional=tie_info.may_create, base_names=entries,
+                          describe=lambda target: f"{adapter.file.path}: {wanted[target]}")
+    adapter = settle_parameters(adapter, lambda module: holds(names(module)))
+    recipes = _recipes(adapter, names, where)
+    for name, pair in experts.expert_intents(adapter, names, entries, holds).items():
+        if name in recipes:
+            raise AdapterError(f"{adapter.file.path}: {name!r} gets both a per-module LoRA and a target_parameters "
+                               f"LoRA; PEFT applies one adapter kind per module")
+        recipes[name] = Recipe(_base_source(where, name), pair)
+    targets.check_untrained_targets(adapter, names, names.inverse, entries, holds, base.config)
+    return adapter, recipes, names
 
 
 def _total_size(shards: tuple[ShardPlan, ...]) -> int:
@@ -401,8 +432,8 @@ class _OpBuilder:
         if recipe.pair is not None:
             if dtype not in FLOATS and dequant is None:
                 raise refuse_target(name, existing or source.entry, self.quant, scale_name(name) in self.entries)
-            transpose = _check_pair(name, "F32" if dequant else dtype, shape, recipe.pair, recipe.part,
-                                    (self.base.config or {}).get("model_type"))
+            transpose = _check_pairs(name, "F32" if dequant else dtype, shape, recipe.pair, recipe.part,
+                                     (self.base.config or {}).get("model_type"))
         if recipe.tokens is not None:
             if requant is not None:
                 raise MismatchError(f"{name}: trainable tokens on an FP8 tensor cannot be merged; merge with "
@@ -513,6 +544,7 @@ def _batchable(kind: OpKind, recipe: Recipe, source: Source, dtype: str) -> bool
     merged in float64 (`TensorOp.wide`, fp32 outputs): it can be merged in one batched product with the
     experts stored after it (`pieces.shard_runs`)."""
     return (kind is OpKind.MERGE and recipe.pair.kind == Kind.EXPERTS and recipe.pair.expert is not None
+            and not isinstance(recipe.pair, SumPair)
             and recipe.tokens is None and source.entry.dtype == dtype != "F32"
             and source.entry.nbytes <= BATCH_TENSOR_BYTES)
 
@@ -537,6 +569,8 @@ def _peft_rounds_delta(pair: Pair, config: dict) -> bool:
     """Whether PEFT rounds ΔW to W's dtype before adding it: for embedding LoRA, target_parameters and
     MiCA (init_lora_weights="mica"); Linear and convolution LoRA add the fp32 delta, rounding once, and
     DoRA rounds its product once."""
+    if isinstance(pair, SumPair):
+        return any(_peft_rounds_delta(term.pair, term.adapter.config) for term in pair.terms)
     if pair.magnitude is not None:
         return False
     return pair.kind in (Kind.EMBEDDING, Kind.EXPERTS) or config.get("init_lora_weights") == "mica"
@@ -552,6 +586,19 @@ def _check_replacement(name: str, existing: TensorEntry | None, source: Source, 
     if len(entry.shape) != len(existing.shape) or entry.shape[1:] != existing.shape[1:]:
         raise MismatchError(f"{name}: adapter tensor {entry.name!r} has shape {list(entry.shape)}, the base has "
                             f"{list(existing.shape)}; only the row count (vocabulary) may change")
+
+
+def _check_pairs(name: str, dtype: str, shape: tuple[int, ...], pair: Pair, part: Part, model_type: str | None
+                 ) -> bool:
+    """`_check_pair` for a pair, or for each term of a sum, the error naming that term's adapter."""
+    if not isinstance(pair, SumPair):
+        return _check_pair(name, dtype, shape, pair, part, model_type)
+    for term in pair.terms:
+        try:
+            transpose = _check_pair(name, dtype, shape, term.pair, part, model_type)
+        except MismatchError as e:
+            raise MismatchError(f"{term.adapter.file.path}: {e}") from e
+    return transpose
 
 
 def _check_pair(name: str, dtype: str, shape: tuple[int, ...], pair: Pair, part: Part, model_type: str | None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..inputs.tensorfile import TensorEntry
-from .recipe import Pair, Part, Recipe, Source
+from .recipe import Pair, Part, Recipe, Source, SumPair
 
 SameValues = Callable[[TensorEntry, TensorEntry, bool], bool]  # (x, y, y transposed) -> bit-equal
 
@@ -124,6 +124,8 @@ def _head_recipe(e: Recipe, h: Recipe | None, config: dict, same_values: SameVal
 
 
 def _transposed_twins(embed_pair: Pair, head_pair: Pair, same_values: SameValues) -> bool:
+    if isinstance(embed_pair, SumPair) or isinstance(head_pair, SumPair):  # several adapters: deltas of their own
+        return False
     if head_pair.a.shape != embed_pair.b.shape[::-1] or head_pair.b.shape != embed_pair.a.shape[::-1]:
         return False
     return same_values(head_pair.a, embed_pair.b, True) and same_values(head_pair.b, embed_pair.a, True)
