@@ -72,19 +72,11 @@ class Inputs:
     input_hashes: dict | None = None  # every file of base and adapter, before any run
 
 
-@pytest.fixture(scope="session")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash-inputs")
-    base, adapter = root / "base", root / "adapter"
-    # alpha/r = 1.5: not a power of two, so the scale is a separate pass (more work per tensor)
-    write_linear_pair(base, adapter, {shard_name(s): [(f"model.layers.{s * PER_SHARD + t}.mlp.up_proj.weight", ROWS,
-                                                       COLS, True) for t in range(PER_SHARD)] for s in range(SHARDS)},
-                      rank=RANK, alpha=24, seed=7, factor_std=0.01, target_modules=["up_proj"],
-                      base_config={"model_type": "qwen3", "num_hidden_layers": SHARDS * PER_SHARD})
-
-    input_hashes = {"base": tree_hash(base), "adapter": tree_hash(adapter)}
-    os.sync()  # the timed reference run must not pay for writing back the inputs just built
-    reference = root / "reference"
+def _timed_run(base: Path, adapter: Path, reference: Path, again: bool) -> tuple[float, float]:
+    """An uninterrupted CLI run into `reference` (replaced `again`): (seconds until its partial folder
+    appears, seconds from then until the destination appears)."""
+    if again:
+        shutil.rmtree(reference)
     begin = time.monotonic()
     proc = start_cli(*merge_args(Inputs(base, adapter, reference, {}, 0, 0), reference))
     startup = published = None
@@ -98,7 +90,26 @@ def inputs(tmp_path_factory):
     _, stderr = proc.communicate()
     assert proc.returncode == 0, stderr
     assert startup is not None and published is not None
-    yield Inputs(base, adapter, reference, tree_hash(reference), startup, published - startup, input_hashes)
+    return startup, published - startup
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash-inputs")
+    base, adapter = root / "base", root / "adapter"
+    # alpha/r = 1.5: not a power of two, so the scale is a separate pass (more work per tensor)
+    write_linear_pair(base, adapter, {shard_name(s): [(f"model.layers.{s * PER_SHARD + t}.mlp.up_proj.weight", ROWS,
+                                                       COLS, True) for t in range(PER_SHARD)] for s in range(SHARDS)},
+                      rank=RANK, alpha=24, seed=7, factor_std=0.01, target_modules=["up_proj"],
+                      base_config={"model_type": "qwen3", "num_hidden_layers": SHARDS * PER_SHARD})
+
+    input_hashes = {"base": tree_hash(base), "adapter": tree_hash(adapter)}
+    os.sync()  # the timed reference run must not pay for writing back the inputs just built
+    reference = root / "reference"
+    # the faster of two runs: a first run slowed by what ran before it would spread the kills past the writes
+    timings = [_timed_run(base, adapter, reference, again=k > 0) for k in range(2)]
+    startup, merge = min(timings, key=lambda t: t[1])
+    yield Inputs(base, adapter, reference, tree_hash(reference), startup, merge, input_hashes)
     shutil.rmtree(root, ignore_errors=True)
 
 
