@@ -113,6 +113,23 @@ def _bytes(where) -> bytes:
         return f.read(end - start)
 
 
+def report(results: dict[str, list[dict]], gb: float, preset: str, repeat: int) -> None:
+    """One row per step: median wall time with its range, ratios to one adapter and to cp, CPU time."""
+    wall = {label: median([r["wall_s"] for r in runs]) for label, runs in results.items()}
+    one, cp = wall.get("ours-1"), wall.get("cp")
+    print(f"\n### Several adapters in one pass ({preset}, {gb:.2f} GB, {repeat} round(s); code {code_fingerprint()})\n")
+    print("| step | wall s, median (min–max) | ÷ 1 adapter | ÷ cp | CPU s | CPU s/GB | peak RssAnon MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, runs in results.items():
+        walls = [r["wall_s"] for r in runs]
+        cpu = median([r.get("cpu_s") for r in runs])
+        anon = max(r.get("anon_peak_mib") or 0 for r in runs)
+        name = "`cp -r` + sync" if label == "cp" else f"qwen-merge, {label.split('-')[1]} adapter(s)"
+        print(f"| {name} | {fmt(wall[label])} ({fmt(min(walls))}–{fmt(max(walls))}) | "
+              f"{fmt(wall[label] / one if one else None)} | {fmt(wall[label] / cp if cp else None)} | "
+              f"{fmt(cpu, '.1f')} | {fmt(cpu / gb if cpu else None)} | {anon:.0f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="4b")
@@ -135,14 +152,17 @@ def main(argv=None) -> int:
     warm_read(base)
     results: dict[str, list[dict]] = {}
     checks = {}
+    steps = ([] if args.no_cp else ["cp"]) + list(args.counts)
     with tempfile.TemporaryDirectory(prefix="bench-multi-", dir=base.parent) as scratch:
         out = Path(scratch) / "out"
-        for _ in range(args.repeat):
-            if not args.no_cp:
-                results.setdefault("cp", []).append(run_timed("cp", ["cp", "-r", str(base), str(out)],
-                                                              idle_wait=args.idle_wait))
-                shutil.rmtree(out)
-            for n in args.counts:
+        for r in range(args.repeat):
+            for step in steps[r % len(steps):] + steps[:r % len(steps)]:  # the order rotates each round
+                if step == "cp":
+                    results.setdefault("cp", []).append(run_timed("cp", ["cp", "-r", str(base), str(out)],
+                                                                  idle_wait=args.idle_wait))
+                    shutil.rmtree(out)
+                    continue
+                n = step
                 weights = [] if n == 1 else ["--weights", ",".join(f"{w:g}" for w in WEIGHTS[:n])]
                 run = run_timed(f"ours-{n}", [*cmd, "merge", str(base), *map(str, adapters[:n]), str(out), "--quiet",
                                              *weights], env=env, idle_wait=args.idle_wait)
@@ -151,18 +171,7 @@ def main(argv=None) -> int:
                     checks["n2"] = spot_check(base, adapters[:2], WEIGHTS[:2], out)
                     log(f"spot-check (2 adapters): {checks['n2']}")
                 shutil.rmtree(out, ignore_errors=True)
-    cp = median([r["wall_s"] for r in results.get("cp", [])])
-    print(f"\n### Several adapters in one pass ({cfg['key']}, {args.repeat} run(s), median; "
-          f"code {code_fingerprint()})\n")
-    print("| step | wall s | CPU s | peak RssAnon MiB | × cp |")
-    print("|---|---:|---:|---:|---:|")
-    for label, runs in results.items():
-        wall = median([r["wall_s"] for r in runs])
-        cpu = median([r.get("cpu_s") for r in runs])
-        anon = median([r.get("anon_peak_mib") for r in runs])
-        name = "`cp -r` + sync" if label == "cp" else f"qwen-merge, {label.split('-')[1]} adapter(s)"
-        print(f"| {name} | {fmt(wall)} | {fmt(cpu, '.1f')} | {fmt(anon, '.0f')} | "
-              f"{fmt(wall / cp if cp and wall else None)} |")
+    report(results, sum(p.stat().st_size for p in base.glob("*.safetensors")) / 1e9, cfg["key"], args.repeat)
     if args.json:
         args.json.write_text(json.dumps({"cfg": cfg, "results": results, "checks": checks}, indent=2, default=str))
     failed = any(r["rc"] != 0 for runs in results.values() for r in runs) or not all(c["ok"] for c in checks.values())
