@@ -221,6 +221,24 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def lora_tensors(cfg, specs, gen) -> dict:
+    """A LoRA adapter's tensors (PEFT names), fp32, r=16 on all seven projections of every layer."""
+    import torch
+
+    shapes = {name: shape for name, shape, _ in specs}
+    tensors = {}
+    for L in range(cfg["layers"]):
+        for t in TARGETS:
+            sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            mod = f"model.layers.{L}.{sub}.{t}"
+            out_f, in_f = shapes[mod + ".weight"]
+            a = torch.randn(LORA_R, in_f, generator=gen) * (1.0 / math.sqrt(in_f))
+            b = torch.randn(out_f, LORA_R, generator=gen) * 0.02
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = a.contiguous()
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = b.contiguous()
+    return tensors
+
+
 def ensure_inputs(cfg, seed=0) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import save_file
@@ -272,17 +290,7 @@ def ensure_inputs(cfg, seed=0) -> tuple[Path, Path]:
     # LoRA adapter (PEFT format), fp32, r=16 on all seven projections.
     tmpad = root / "adapter.tmp"
     tmpad.mkdir()
-    shapes = {name: shape for name, shape, _ in specs}
-    tensors = {}
-    for L in range(cfg["layers"]):
-        for t in TARGETS:
-            sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            mod = f"model.layers.{L}.{sub}.{t}"
-            out_f, in_f = shapes[mod + ".weight"]
-            a = torch.randn(LORA_R, in_f, generator=gen) * (1.0 / math.sqrt(in_f))
-            b = torch.randn(out_f, LORA_R, generator=gen) * 0.02
-            tensors[f"base_model.model.{mod}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{mod}.lora_B.weight"] = b.contiguous()
+    tensors = lora_tensors(cfg, specs, gen)
     save_file(tensors, str(tmpad / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_cfg = {
         "peft_type": "LORA", "r": LORA_R, "lora_alpha": LORA_ALPHA, "target_modules": TARGETS,

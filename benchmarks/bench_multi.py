@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -29,37 +28,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import (LORA_ALPHA, LORA_R, PRESETS, TARGETS, WEIGHT_DTYPES, checkpoint_tensors,  # noqa: E402
-                         code_fingerprint, ensure_inputs, fmt, log, median, model_cfg, ours_command, run_timed,
-                         tensor_specs, warm_read)
+from bench_merge import (LORA_ALPHA, LORA_R, PRESETS, WEIGHT_DTYPES, checkpoint_tensors,  # noqa: E402
+                         code_fingerprint, ensure_inputs, fmt, log, lora_tensors, median, model_cfg, ours_command,
+                         run_timed, tensor_specs, warm_read)
 
 COUNTS = (1, 2, 4)
 WEIGHTS = (0.6, 0.3, -0.2, 0.5)  # the first N are used
 
 
 def extra_adapters(cfg, first: Path, count: int) -> list[Path]:
-    """The first adapter and `count - 1` more beside it (built once, seeds 1, 2, …)."""
+    """The first adapter and `count - 1` more beside it (built once, generator seeds 1001, 1002, …)."""
     import torch
     from safetensors.torch import save_file
 
-    shapes = {name: shape for name, shape, _ in tensor_specs(cfg)}
     found = [first]
     for k in range(1, count):
         folder = first.parent / f"adapter-{k}"
         found.append(folder)
         if (folder / "adapter_model.safetensors").is_file():
             continue
-        gen = torch.Generator().manual_seed(1000 + k)
-        tensors = {}
-        for layer in range(cfg["layers"]):
-            for t in TARGETS:
-                sub = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                mod = f"model.layers.{layer}.{sub}.{t}"
-                out_f, in_f = shapes[mod + ".weight"]
-                tensors[f"base_model.model.{mod}.lora_A.weight"] = (torch.randn(LORA_R, in_f, generator=gen)
-                                                                    / math.sqrt(in_f)).contiguous()
-                tensors[f"base_model.model.{mod}.lora_B.weight"] = (torch.randn(out_f, LORA_R, generator=gen)
-                                                                    * 0.02).contiguous()
+        tensors = lora_tensors(cfg, tensor_specs(cfg), torch.Generator().manual_seed(1000 + k))
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
