@@ -338,8 +338,10 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"{report.output}: the merge is already complete (its qwen_merge.json matches these inputs and "
               f"options); nothing to resume")
     else:
-        print(f"merged {report.merged} tensors, copied {report.copied}; wrote {human_bytes(report.bytes_written)} "
-              f"in {len(report.files)} files to {report.output} in {time.perf_counter() - start:.1f} s")
+        converted = len(report.plan.conversions)
+        print(f"merged {report.merged} tensors, {f'converted {converted}, ' if converted else ''}copied "
+              f"{report.copied}; wrote {human_bytes(report.bytes_written)} in {len(report.files)} files to "
+              f"{report.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -243,6 +243,11 @@ class MergePlan:
         return tuple(op for op in self.ops if op.pair is not None)
 
     @property
+    def conversions(self) -> tuple[TensorOp, ...]:
+        """The tensors written in another dtype and otherwise unchanged (`--dtype`, a dequantized base)."""
+        return tuple(op for op in self.ops if op.kind is OpKind.CONVERT)
+
+    @property
     def total_size(self) -> int:
         """Tensor payload bytes, as the HF index's `metadata.total_size` counts them."""
         return _total_size(self.shards)
