@@ -38,8 +38,8 @@ from .planning.fetchplan import FetchPlan, fetch_plan
 from .planning.manifest import MergeIdentity, identity
 from .planning.plan import MergePlan, TensorOp, make_plan
 from .planning.recipe import refuse_uncombinable
-from .planning.tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, compares, files_in, tokenizer_files,
-                                 wants_adapter_files)
+from .planning.tokenizer import (TOKENIZER_FILES, TokenizerChoice, choose, choose_among, compares, files_in,
+                                 tokenizer_files, wants_adapter_files)
 from .progress import progress_bar
 from .sinks.base import Result, ShardStream, Sink
 from .sinks.output import check_destination, check_free_space, check_free_space_for
@@ -347,7 +347,7 @@ def _plan(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, sc
         refuse_uncombinable(parsed, weights)
         kept = notes if base is None else ()  # BASE taken from the first adapter; else a note per adapter
         notes = (*kept, *basemodel.combined_notes([(a.config, a.root / ADAPTER_CONFIG) for a in parsed], checkpoint))
-    choice = _tokenizer(checkpoint, parsed[0], options)
+    choice = _tokenizer(checkpoint, parsed, options)
     if hashes is not None:
         for one in parsed:
             hashes.start(one.file.path)
@@ -430,13 +430,16 @@ def _base_and_notes(checkpoint: Checkpoint | None, adapter: Adapter) -> tuple[Ch
     return checkpoint, (f"BASE is {name}, the adapter's {basemodel.FIELD} ({ADAPTER_CONFIG})",)
 
 
-def _tokenizer(base: Checkpoint, adapter: Adapter, options: MergeOptions) -> TokenizerChoice:
+def _tokenizer(base: Checkpoint, adapters: Sequence[Adapter], options: MergeOptions) -> TokenizerChoice:
     """Which tokenizer files the output gets; a Hub base's are downloaded when they must be compared."""
-    found = files_in(adapter.root) if wants_adapter_files(options.tokenizer) else ()
-    if base.hub is not None and compares(options.tokenizer, found):
+    found = [files_in(one.root) if wants_adapter_files(options.tokenizer) else () for one in adapters]
+    if base.hub is not None and any(compares(options.tokenizer, files) for files in found):
         for path in tokenizer_files(base.side_files):
             hub.fetch(base.hub, path.name)
-    return choose(options.tokenizer, base.side_files, found)
+    if len(adapters) == 1:
+        return choose(options.tokenizer, base.side_files, found[0])
+    named = [(f"adapter {k + 1} ({one.root})", files) for k, (one, files) in enumerate(zip(adapters, found))]
+    return choose_among(options.tokenizer, base.side_files, named)
 
 
 def local_inputs(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions) -> list[Path]:

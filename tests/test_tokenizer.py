@@ -249,3 +249,33 @@ def test_hub_adapter_and_base_bring_their_tokenizers(tok, tmp_path, monkeypatch)
     assert tokenizer_bytes(tmp_path / "hub") == tokenizer_bytes(local) == tokenizer_bytes(tok.added)
     assert output_files(tmp_path / "hub") == output_files(local)
     assert set(TOKENIZER_FILES) & output_files(local) == set(tokenizer_bytes(tok.added))
+
+
+# -- several adapters: the one tokenizer the output can have ----------------------------------------------
+
+def test_several_adapters_take_the_one_tokenizer_that_means_something_else(tok):
+    """With several adapters, "auto" takes the tokenizer of the adapter that brings one of its own, whatever its
+    place; adapters whose files mean the base's (or that have none) do not count, and two that bring the same
+    one are one choice."""
+    for adapters in ([tok.plain, tok.template], [tok.template, tok.reserialized], [tok.template, tok.template]):
+        plan = plan_merge(tok.base, adapters, weights=[0.5, 0.5])
+        k = adapters.index(tok.template) + 1
+        assert plan.tokenizer.source == "adapter" and plan.tokenizer.files == files_in(tok.template), adapters
+        assert plan.tokenizer.reason == f"adapter {k} ({tok.template})'s: chat template differs"
+    plan = plan_merge(tok.base, [tok.plain, tok.reserialized], weights=[0.5, 0.5])
+    assert plan.tokenizer.source == "base" and plan.tokenizer.files == files_in(tok.base)
+    plan = plan_merge(tok.base, [tok.template, tok.plain], weights=[0.5, 0.5], tokenizer="adapter")  # the first's
+    assert plan.tokenizer.source == "adapter" and plan.tokenizer.files == files_in(tok.template)
+    with pytest.raises(OptionError, match="'adapter': the adapter folder holds no whole tokenizer"):
+        plan_merge(tok.base, [tok.plain, tok.template], tokenizer="adapter")
+
+
+def test_two_adapters_with_different_tokenizers_are_refused_in_one_line(tok, capsys):
+    with pytest.raises(OptionError) as e:
+        plan_merge(tok.base, [tok.template, tok.added])
+    assert str(e.value).startswith(f"tokenizer: adapter 1 ({tok.template}) and adapter 2 ({tok.added}) each bring "
+                                   f"a tokenizer of their own, and they differ (")
+    assert str(e.value).endswith("choose it with the tokenizer option (the folder of the one to keep, or base)")
+    assert error_line(cli(capsys, "plan", tok.base, tok.template, tok.added)) == f"error: --{e.value}"
+    chosen = plan_merge(tok.base, [tok.template, tok.added], tokenizer=str(tok.added))
+    assert chosen.tokenizer.source == "folder" and chosen.tokenizer.files == files_in(tok.added)

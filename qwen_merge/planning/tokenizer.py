@@ -22,6 +22,7 @@ base's files of that kind are left out when another set is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,34 @@ def choose(option: str, base_side_files: Sequence[Path], adapter_files: Sequence
         _check_whole(files, repr(option), str(folder))
         return _taken("folder", files, base, "chosen with the tokenizer option")
     return _auto(base, adapter)
+
+
+def choose_among(option: str, base_side_files: Sequence[Path], adapters: Sequence[tuple[str, Sequence[Path]]]
+                 ) -> TokenizerChoice:
+    """`choose` for several adapters, each given as (its name for messages, its tokenizer files). "auto": the
+    base's, unless adapters bring a tokenizer that means something else; one such adapter's is taken, and
+    several are taken only when they mean the same. "adapter": the first adapter's.
+
+    Raises:
+        OptionError: under "auto", two adapters bring tokenizers that differ from each other (the output can
+            have one), or what `choose` raises.
+    """
+    if option != "auto":
+        return choose(option, base_side_files, adapters[0][1])
+    taken = [(name, choose(option, base_side_files, files)) for name, files in adapters]
+    taken = [(name, choice) for name, choice in taken if choice.source == "adapter"]
+    if not taken:
+        return TokenizerChoice("base", tokenizer_files(base_side_files), (),
+                               "no adapter brings a tokenizer that means something else")
+    first_name, first = taken[0]
+    for name, other in taken[1:]:
+        if not _same_bytes(first.files, other.files) and differences(facts(first.files), facts(other.files)):
+            raise OptionError(f"{first_name} and {name} each bring a tokenizer of their own, and they differ "
+                              f"({'; '.join(differences(facts(first.files), facts(other.files)))}); the output "
+                              f"takes one: choose it with the tokenizer option (the folder of the one to keep, "
+                              f"or base)",
+                              option="tokenizer")
+    return dataclasses.replace(first, reason=f"{first_name}'s: {first.reason}")
 
 
 def _auto(base: tuple[Path, ...], adapter: tuple[Path, ...]) -> TokenizerChoice:
