@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from .inputs import hub
 from .options import MergeOptions
 from .planning.manifest import base_file_stats, check_not_merged_twice
 from .planning.plan import MergePlan
-from .run import local_inputs, open_run, tell, without_gc
+from .run import adapter_spec, local_inputs, open_run, tell, without_gc
 from .sinks.card import Source, model_card
 from .sinks.folder import FolderSink, finished_merge
 from .sinks.hubrepo import (CARD, HubSink, HubTarget, Published, UploadRecord, check_credentials, check_repo_id,
@@ -47,8 +47,9 @@ class PushReport:
     plan: MergePlan
 
 
-def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: PathLike | None = None, *,
-               private: bool = False, revision: str | None = None, create_pr: bool = False,
+def push_merge(base: PathLike | None, adapter: PathLike | Sequence[PathLike], repo_id: str,
+               output: PathLike | None = None, *, weights: Sequence[float] | None = None, private: bool = False,
+               revision: str | None = None, create_pr: bool = False,
                commit_message: str | None = None, overwrite: bool = False, resume: bool = False,
                progress: bool = True, force: bool = False, options: MergeOptions | None = None,
                rounding: str | None = None, key_map: dict[str, str] | None = None,
@@ -64,7 +65,9 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
     (`hf auth login` or HF_TOKEN; HF_ENDPOINT).
 
     Args:
-        base, adapter: as for `merge_shards` (folders or Hub repo ids).
+        base, adapter: as for `merge_shards` (folders or Hub repo ids; `adapter` a list of several, with
+            `weights`, merges their weighted sum, and the card lists them all).
+        weights: one number per adapter, as for `merge_shards`.
         repo_id: the repo to publish to, "org/name"; created (`private` if asked) when missing.
         output: also keep the merged model in this folder (as `merge_shards` writes it). None: only a
             staging folder, each shard's bytes freed once uploaded (disk: about two output shards).
@@ -94,6 +97,7 @@ def push_merge(base: PathLike | None, adapter: PathLike, repo_id: str, output: P
                               dtype=dtype, max_shard_size=max_shard_size, low_disk=low_disk,
                               tokenizer=tokenizer)
     check_repo_id(repo_id)
+    adapter = adapter_spec(adapter, weights)
     target = HubTarget(repo_id, private, revision, create_pr, commit_message, overwrite)
     check_credentials(target)  # before planning, which may take a while
     keep_local = output is not None
@@ -179,11 +183,11 @@ def _new_files(plan: MergePlan) -> frozenset[str]:
 def _card(target: HubTarget, plan: MergePlan, folder: Path) -> bytes:
     manifest = read_json(folder / MANIFEST_NAME, MANIFEST_NAME)
     base = _source(plan.base.hub, plan.base.root)
-    adapter = _source(plan.adapter.hub, plan.adapter.root)
+    adapters = [_source(one.hub, one.root) for one in plan.adapters or (plan.adapter,)]
     named = plan.adapter.config.get("base_model_name_or_path")
     base_model = plan.base.hub.repo_id if plan.base.hub is not None else named if isinstance(named, str) else None
-    return model_card(target.repo_id, base, adapter, manifest.get("options", {}), base_model,
-                      _adapter_card(plan))
+    return model_card(target.repo_id, base, adapters, manifest.get("options", {}), base_model,
+                      _adapter_card(plan), weights=plan.weights)
 
 
 def _source(origin, root: Path) -> Source:

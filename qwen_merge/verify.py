@@ -37,7 +37,10 @@ from .units import human_bytes
 PathLike = str | os.PathLike
 COPY_CHECK_CHUNK_BYTES = 4 << 20  # bytes compared at a time for copied tensors and side files
 # Written by merge_shards beside the shards; its content is provenance, not part of the model.
-IGNORED_NAMES = frozenset({MANIFEST_NAME})
+# Beside the output's own files: the manifest, and what a merge published to the Hub has once downloaded
+# (`hf download REPO --local-dir DIR`, as its card says): the card, the repo's .gitattributes and
+# huggingface_hub's .cache folder of download metadata; none of them is read by a loader.
+IGNORED_NAMES = frozenset({MANIFEST_NAME, "README.md", ".gitattributes", ".cache"})
 # The options of the merge that verify takes from the manifest when not given (allow_nonfinite is not one:
 # verify compares bytes, so it accepts NaN/Inf where the output has them).
 RECORDED_OPTIONS = ("rounding", "key_map", "block_bytes", "dtype", "max_shard_size", "tokenizer")

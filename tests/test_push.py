@@ -74,7 +74,7 @@ def same_files(ours: dict[str, str], pushed: Path, reference: Path) -> None:
     assert mine == json.loads((reference / "qwen_merge.json").read_text())
 
 
-def test_push_is_one_commit_byte_identical_to_the_local_merge(hub, tmp_path, demo_merged):
+def test_push_is_one_commit_byte_identical_to_the_local_merge(hub, tmp_path, demo_merged, capsys):
     report = push_merge(BASE, LORA, TARGET, progress=False)
     assert hub.commits_of(TARGET) == 2  # the repo's creation, then ours
     assert hub.count("POST", f"/api/models/{TARGET}/commit/") == 1
@@ -85,8 +85,36 @@ def test_push_is_one_commit_byte_identical_to_the_local_merge(hub, tmp_path, dem
     card = (pushed / "README.md").read_text()
     assert card.startswith("---\nbase_model: org/tiny-base\nbase_model_relation: merge\nlibrary_name: transformers\n")
     assert f"`{BASE}`" in card and hub.commit_of(BASE) in card and hub.commit_of(LORA) in card
-    assert "qwen-merge verify merged --base" in card
+    command = next(line for line in card.splitlines() if line.startswith("qwen-merge verify merged --base "))
+    assert main(["verify", str(pushed), *command.split()[3:]]) == 0  # the card's check passes on the download
     assert not staging_folder_for(HubTarget(TARGET)).exists()  # the staging folder is gone
+
+
+def test_several_adapters_are_pushed_with_a_card_that_lists_them_and_verifies(hub, tmp_path, demo_inputs, capsys):
+    """push_merge of a weighted list: the files are the local merge of the same list, and the card names every
+    adapter with its weight and gives the verify command that checks the pushed model."""
+    hub.add_repo("org/other-lora", demo_inputs[1])
+    adapters, weights = [LORA, "org/other-lora"], [0.7, -0.2]
+    push_merge(BASE, adapters, TARGET, progress=False, weights=weights)
+    pushed = downloaded(tmp_path)
+    from qwen_merge import merge_shards
+
+    local = merge_shards(demo_inputs[0], [demo_inputs[1]] * 2, tmp_path / "local", progress=False, weights=weights)
+    ours = {name: digest for name, digest in tree_hash(pushed).items() if not name.startswith(".cache")}
+    theirs = tree_hash(local.output)
+    for name in ("README.md", ".gitattributes", "qwen_merge.json"):
+        ours.pop(name, None), theirs.pop(name, None)
+    assert ours == theirs
+    card = (pushed / "README.md").read_text()
+    commits = {repo: hub.commit_of(repo) for repo in (BASE, *adapters)}
+    assert "several LoRA adapters merged into its base model's weights (W + Σ wᵢ·ΔWᵢ, weighted as listed)" in card
+    assert (f"- Adapters:\n  - [`{LORA}`](https://huggingface.co/{LORA}) at commit `{commits[LORA]}`, weight 0.7\n"
+            f"  - [`org/other-lora`](https://huggingface.co/org/other-lora) at commit `{commits['org/other-lora']}`, "
+            f"weight -0.2\n") in card
+    command = next(line for line in card.splitlines() if line.startswith("qwen-merge verify merged "))
+    assert command == (f"qwen-merge verify merged --base {BASE}@{commits[BASE]} --adapter {LORA}@{commits[LORA]} "
+                       f"--adapter org/other-lora@{commits['org/other-lora']}")
+    assert main(["verify", str(pushed), *command.split()[3:]]) == 0, capsys.readouterr()
 
 
 def test_cli_push_keeps_out_and_commits_to_a_branch(hub, tmp_path, demo_merged, capsys):

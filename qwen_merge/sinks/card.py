@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..version import VERSION
@@ -27,10 +28,11 @@ class Source:
             else f"`{self.name}` (a local folder)"
 
 
-def model_card(repo_id: str, base: Source, adapter: Source, options: dict, base_model: str | None,
-               adapter_card: str | None) -> bytes:
-    """The card. `base_model`: the repo id the Hub links as the base (a Hub base's, else the one the
-    adapter's config names, when it reads as a repo id); `adapter_card`: the adapter's README.md, if any."""
+def model_card(repo_id: str, base: Source, adapters: Sequence[Source], options: dict, base_model: str | None,
+               adapter_card: str | None, *, weights: Sequence[float] = ()) -> bytes:
+    """The card. `adapters`: one, or several merged as a sum weighted by `weights`; `base_model`: the repo
+    id the Hub links as the base (a Hub base's, else the one the first adapter's config names, when it reads
+    as a repo id); `adapter_card`: the (first) adapter's README.md, if any."""
     meta = []
     if base_model and _REPO_ID.fullmatch(base_model):
         meta += [f"base_model: {base_model}", "base_model_relation: merge"]
@@ -38,24 +40,32 @@ def model_card(repo_id: str, base: Source, adapter: Source, options: dict, base_
     shown = {k: v for k, v in options.items() if v not in (None, {}, [], False)}
     option_text = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(shown.items())) or "the defaults"
     verify_base = base.name if base.commit is None else f"{base.name}@{base.commit}"
-    verify_adapter = adapter.name if adapter.commit is None else f"{adapter.name}@{adapter.commit}"
+    verify_adapters = " ".join(f"--adapter {a.name}" if a.commit is None else f"--adapter {a.name}@{a.commit}"
+                               for a in adapters)
+    if weights:  # several adapters: the sum of their changes, each weighted
+        what = "several LoRA adapters merged into its base model's weights (W + Σ wᵢ·ΔWᵢ, weighted as listed)"
+        adapter_lines = "- Adapters:\n" + "\n".join(f"  - {a}, weight {w:g}" for a, w in zip(adapters, weights))
+        owner = "adapters'"
+    else:
+        what, adapter_lines, owner = "a LoRA adapter merged into its base model's weights", \
+            f"- Adapter: {adapters[0]}", "adapter's"
     body = f"""# {repo_id.split("/")[-1]}
 
-This model is a LoRA adapter merged into its base model's weights by qwen-merge {VERSION}: it loads
+This model is {what} by qwen-merge {VERSION}: it loads
 like the base model, with no PEFT needed.
 
 - Base model: {base}
-- Adapter: {adapter}
+{adapter_lines}
 - Options: {option_text}
 
-`qwen_merge.json` records the inputs (sizes, the adapter's SHA-256, the commits), the options and every
+`qwen_merge.json` records the inputs (sizes, the {owner} SHA-256, the commits), the options and every
 shard's SHA-256.
 
 ## How to check it
 
 ```
 hf download {repo_id} --local-dir merged
-qwen-merge verify merged --base {verify_base} --adapter {verify_adapter}
+qwen-merge verify merged --base {verify_base} {verify_adapters}
 ```
 """
     text = "---\n" + "\n".join(meta) + "\n---\n\n" + body
