@@ -133,10 +133,10 @@ def describe(op: TensorOp, name: str | None = None) -> str:
     """One line: what is done to the tensor (`name` replaces the op's own, e.g. with the expert index
     replaced by `*`)."""
     parts = []
-    fp8 = op.dequant is not None or op.kind in _FP8_KINDS or op.packed is not None
+    quantized = op.dequant is not None or op.kind in _FP8_KINDS or op.packed is not None  # steps say it
     if op.source.in_adapter or op.source.entry.name != op.name:
         parts.append(f"from {op.source.entry.name}")
-    if op.source.entry.dtype != op.dtype and not fp8:
+    if op.source.entry.dtype != op.dtype and not quantized:
         parts.append(f"{op.source.entry.dtype}->{op.dtype}")
     if op.pair is not None:
         parts.append(_delta(op))
@@ -144,7 +144,7 @@ def describe(op: TensorOp, name: str | None = None) -> str:
             parts.append(f"delta rounded to {op.dtype} first (as PEFT)")
     if op.tokens is not None:
         parts.append(f"{len(op.tokens.indices)} token rows")
-    if fp8:
+    if quantized:
         parts.append(op.steps)
     verb = "merge   " if op.pair is not None else "replace " if op.source.in_adapter else "write   "
     return f"{verb} {name or op.name}  " + ", ".join(parts)

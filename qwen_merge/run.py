@@ -31,8 +31,8 @@ from .inputs.adapter import Adapter, open_adapter
 from .inputs.bnb4 import read_quant_states
 from .inputs.checkpoint import Checkpoint, HubOrigin, open_checkpoint
 from .inputs.digest import Hashes
-from .inputs.sources import Files, same_values
-from .inputs.tensorfile import TensorEntry, TensorFile
+from .inputs.sources import Files, same_bytes, same_values
+from .inputs.tensorfile import TensorEntry
 from .options import TOKENIZER_CHOICES, MergeOptions
 from .planning.fetchplan import FetchPlan, fetch_plan
 from .planning.manifest import MergeIdentity, identity
@@ -356,7 +356,7 @@ def _plan(base: PathLike | None, adapter: AdapterSpec, options: MergeOptions, sc
     compare = partial(same_values, parsed[0].file) if weights is None else _same_values_across(parsed)
     plan = make_plan(checkpoint, parsed[0], options, compare, tokenizer=choice,
                      quant_states=read_quant_states(checkpoint), others=tuple(parsed[1:]), weights=weights,
-                     same_bytes=_same_bytes)
+                     same_bytes=same_bytes)
     return dataclasses.replace(plan, notes=notes + plan.notes)
 
 
@@ -379,22 +379,6 @@ def _same_values_across(adapters: list[Adapter]):
         file = owner.get(id(x))
         return file is not None and file is owner.get(id(y)) and same_values(file, x, y, transposed)
     return compare
-
-
-def _same_bytes(file_a: TensorFile, a: TensorEntry, file_b: TensorFile, b: TensorEntry) -> bool:
-    """Whether two tensors of two files hold the same bytes (an adapter's saved copy of a base tensor), read
-    in chunks; only asked where two adapters change one tensor and one of them saved it whole."""
-    if (a.dtype, a.shape) != (b.dtype, b.shape) or not file_b.path.is_file():  # a Hub shard not downloaded yet
-        return False
-    chunk = 1 << 24
-    with open(file_a.path, "rb") as fa, open(file_b.path, "rb") as fb:
-        for start in range(0, a.nbytes, chunk):
-            n = min(chunk, a.nbytes - start)
-            fa.seek(file_a.data_offset + a.start + start)
-            fb.seek(file_b.data_offset + b.start + start)
-            if fa.read(n) != fb.read(n):
-                return False
-    return True
 
 
 def _adapters(plan: MergePlan) -> tuple[Adapter, ...]:

@@ -308,13 +308,8 @@ class Computer:
         pair = op.pair
         if isinstance(pair, SumPair):  # several adapters: one concatenated product (`sum_factors`)
             return sum_factors([(self._term_factors(op, t.pair), t.weight) for t in pair.terms], op.wide)
-        if pair.kind == Kind.EXPERTS:  # the fused factors serve every expert of a layer: split them once
-            factors = expert_factors(self._split(op), expert=pair.expert, rows=pair.rows,
-                                     transposed=pair.transposed, round_delta=op.round_delta)
-            return widen(factors) if op.wide else factors
         magnitude = self._load(pair.magnitude, op) if pair.magnitude is not None else None
-        factors = make_factors(self._load(pair.a, op), self._load(pair.b, op), pair.scale, op.transpose,
-                               round_delta=op.round_delta, magnitude=magnitude)
+        factors = self._term_factors(op, pair, magnitude)
         if op.wide:
             factors = widen(factors)
         if magnitude is None or not op.transpose:
@@ -329,13 +324,14 @@ class Computer:
         except ZeroNormFound as e:
             raise _zero_norm(op, e) from e
 
-    def _term_factors(self, op: TensorOp, pair: Pair) -> Factors:
-        """One adapter's fp32 factors for a term of a sum (never DoRA), its scale applied or left to apply."""
+    def _term_factors(self, op: TensorOp, pair: Pair, magnitude: torch.Tensor | None = None) -> Factors:
+        """One adapter's fp32 factors (`op`'s pair, or a term of its sum), its scale applied or left to apply.
+        A fused-expert LoRA is split once for every expert of its layer (`_split`)."""
         if pair.kind == Kind.EXPERTS:
             return expert_factors(self._split(op, pair), expert=pair.expert, rows=pair.rows,
                                   transposed=pair.transposed, round_delta=op.round_delta)
         return make_factors(self._load(pair.a, op), self._load(pair.b, op), pair.scale, op.transpose,
-                            round_delta=op.round_delta)
+                            round_delta=op.round_delta, magnitude=magnitude)
 
     def _split(self, op: TensorOp, pair: Pair | None = None) -> ExpertFactors:
         """The fused-expert LoRA of `op` (or `pair`, a term of its sum) split per expert, kept while the next

@@ -197,6 +197,15 @@ def same_values(file: TensorFile, x: TensorEntry, y: TensorEntry, transposed: bo
         return bool(numpy.array_equal(read(x), read(y).T))
 
 
+def same_bytes(file_a: TensorFile, a: TensorEntry, file_b: TensorFile, b: TensorEntry) -> bool:
+    """Whether two tensors of two files hold the same bytes (an adapter's saved copy of a base tensor), read
+    in chunks; False when `file_b` is not on disk (a Hub shard not downloaded yet)."""
+    if (a.dtype, a.shape) != (b.dtype, b.shape) or not file_b.path.is_file():
+        return False
+    with open(file_a.path, "rb") as fa, open(file_b.path, "rb") as fb:
+        return all(x == y for x, y in zip(_chunks(fa, file_a, a), _chunks(fb, file_b, b), strict=True))
+
+
 def _chunks(f, file: TensorFile, e: TensorEntry):
     for start in range(e.start, e.end, SAME_VALUES_CHUNK_BYTES):
         f.seek(file.data_offset + start)

@@ -144,9 +144,10 @@ def choose_among(option: str, base_side_files: Sequence[Path], adapters: Sequenc
                                "no adapter brings a tokenizer that means something else")
     first_name, first = taken[0]
     for name, other in taken[1:]:
-        if not _same_bytes(first.files, other.files) and differences(facts(first.files), facts(other.files)):
+        changes = [] if _same_bytes(first.files, other.files) else differences(facts(first.files), facts(other.files))
+        if changes:
             raise OptionError(f"{first_name} and {name} each bring a tokenizer of their own, and they differ "
-                              f"({'; '.join(differences(facts(first.files), facts(other.files)))}); the output "
+                              f"({'; '.join(changes)}); the output "
                               f"takes one: choose it with the tokenizer option (the folder of the one to keep, "
                               f"or base)",
                               option="tokenizer")

@@ -47,8 +47,8 @@ def model_card(repo_id: str, base: Source, adapters: Sequence[Source], options: 
         adapter_lines = "- Adapters:\n" + "\n".join(f"  - {a}, weight {w:g}" for a, w in zip(adapters, weights))
         owner = "adapters'"
     else:
-        what, adapter_lines, owner = "a LoRA adapter merged into its base model's weights", \
-            f"- Adapter: {adapters[0]}", "adapter's"
+        what = "a LoRA adapter merged into its base model's weights"
+        adapter_lines, owner = f"- Adapter: {adapters[0]}", "adapter's"
     body = f"""# {repo_id.split("/")[-1]}
 
 This model is {what} by qwen-merge {VERSION}: it loads
